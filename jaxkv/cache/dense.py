@@ -1,0 +1,44 @@
+"""The dense KV cache: an explicit pytree, with storage only for the layers that produce KV."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxkv.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    """K/V of every KV-producing layer plus how many positions each sequence holds.
+
+    k, v: [n_kv_layers, batch, max_len, kv_heads, head_dim]; lengths: int32 [batch].
+    Readers of another layer's KV (CLA, LCKV) have no slot here: that is the saving.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (cfg.n_kv_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Bytes held by K and V storage (the per-sequence lengths are negligible)."""
+        return self.k.nbytes + self.v.nbytes
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
+    """2 (K and V) x KV layers x kv_heads x head_dim x bytes per element."""
+    itemsize = np.dtype(jnp.dtype(dtype or cfg.dtype)).itemsize
+    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * cfg.head_dim * itemsize

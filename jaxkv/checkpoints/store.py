@@ -1,0 +1,118 @@
+"""jaxkv's own checkpoint: a directory with config.json, tokenizer files and an Orbax `params/`.
+
+Any source checkpoint (HF safetensors, GGUF) exposes `model_config`, `tokenizer`, `__len__`
+and `tensors()` (HF-named arrays, one at a time); `assemble_params` places them into the
+parameter tree, checking every shape against the model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from jaxkv.checkpoints.hf_layout import hf_to_param
+from jaxkv.config import ModelConfig
+from jaxkv.errors import JaxkvError
+from jaxkv.model.decoder import abstract_params
+from jaxkv.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def _flat(tree) -> dict[tuple[str, ...], object]:
+    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_params(cfg: ModelConfig, params) -> None:
+    """Raise a one-line error unless params has exactly the model's tree and shapes."""
+    want, got = _flat(abstract_params(cfg)), _flat(params)
+    missing = sorted("/".join(k) for k in set(want) - set(got))
+    extra = sorted("/".join(k) for k in set(got) - set(want))
+    if missing or extra:
+        raise JaxkvError(f"checkpoint does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    for key, spec in want.items():
+        if tuple(np.shape(got[key])) != tuple(spec.shape):
+            raise JaxkvError(f"parameter {'/'.join(key)} has shape {np.shape(got[key])}, the model expects {spec.shape}")
+
+
+def assemble_params(cfg: ModelConfig, source, dtype, allocate: Callable | None = None, desc: str = "loading") -> dict:
+    """Place every tensor of `source` into a parameter tree of numpy arrays of `dtype`.
+
+    `allocate(index, shape, dtype)` makes each destination array; the default keeps them in
+    RAM, a memmap allocator keeps a large conversion out of RAM.
+    """
+    allocate = allocate or (lambda _i, shape, dt: np.empty(shape, dt))
+    dtype = jnp.dtype(dtype)
+    tree: dict = {}
+    for index, (name, tensor) in enumerate(tqdm(source.tensors(), total=len(source), desc=desc, unit="tensor")):
+        placed = hf_to_param(name, tensor, cfg)
+        if placed is None:
+            continue
+        path, array = placed
+        out = allocate(index, array.shape, dtype)
+        out[...] = array.astype(dtype)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = out
+    check_params(cfg, tree)
+    return tree
+
+
+def save_checkpoint(out: str | Path, cfg: ModelConfig, tokenizer: Tokenizer, params) -> Path:
+    """Write config, tokenizer and an Orbax params checkpoint to `out` (replacing what is there)."""
+    out = Path(out).absolute()
+    if (out / PARAMS_DIR).exists():
+        shutil.rmtree(out / PARAMS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    tokenizer.save(out)
+    cfg.save(out / CONFIG_FILE)  # written last: its presence marks a complete checkpoint
+    return out
+
+
+def convert(source, out: str | Path, name: str | None = None, dtype=None) -> Path:
+    """Convert a source checkpoint to jaxkv's format, streaming tensors through disk-backed arrays."""
+    cfg = source.model_config(name)
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    cfg = cfg.replace(param_dtype=dtype.name, dtype=dtype.name)
+    out = Path(out)
+    (out / CONFIG_FILE).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".convert-") as scratch:
+        def memmap(index, shape, dt):
+            return np.memmap(Path(scratch) / f"{index}.bin", dtype=dt, mode="w+", shape=shape)
+
+        params = assemble_params(cfg, source, dtype, allocate=memmap, desc="converting")
+        return save_checkpoint(out, cfg, source.tokenizer(), params)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def load_checkpoint(path: str | Path, dtype=None) -> tuple[ModelConfig, Tokenizer, dict]:
+    """Read a jaxkv checkpoint; parameters come back as device arrays cast to `dtype`."""
+    path = Path(path).absolute()
+    if not is_checkpoint(path):
+        raise JaxkvError(f"{path} is not a jaxkv checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/)")
+    cfg = ModelConfig.load(path / CONFIG_FILE)
+    tokenizer = Tokenizer.load(path)
+    try:
+        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR)
+    except Exception as e:  # Orbax/tensorstore raise many types for a damaged directory
+        raise JaxkvError(f"cannot restore parameters from {path / PARAMS_DIR}: {str(e).splitlines()[0]}") from None
+    check_params(cfg, params)
+    return cfg, tokenizer, params

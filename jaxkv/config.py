@@ -1,0 +1,152 @@
+"""ModelConfig: the geometry of a Llama-family decoder, including which layers store KV.
+
+`kv_sources[i]` is the layer whose K/V layer i attends to. Identity is the standard
+model; any other map (CLA, LCKV, YOCO) makes some layers readers of another layer's KV,
+and only the layers that are their own source own K/V projections and cache storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxkv.errors import JaxkvError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _coerce_numbers(obj) -> None:
+    """Make int/float fields their declared type: YAML 1.1 reads `1e-5` as a string."""
+    for field in dataclasses.fields(obj):
+        kind = {"int": int, "float": float}.get(str(field.type))
+        value = getattr(obj, field.name)
+        if kind and not isinstance(value, kind):
+            try:
+                object.__setattr__(obj, field.name, kind(value))
+            except (TypeError, ValueError):
+                raise JaxkvError(f"{type(obj).__name__}.{field.name} must be a number, got {value!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling of RoPE (HF `rope_type: llama3`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+    def __post_init__(self):
+        _coerce_numbers(self)
+        if self.rope_type != "llama3":
+            raise JaxkvError(f"unsupported RoPE scaling type {self.rope_type!r} (supported: llama3)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    kv_sources: tuple[int, ...] | None = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        _coerce_numbers(self)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        sources = tuple(range(self.n_layers)) if self.kv_sources is None else tuple(int(s) for s in self.kv_sources)
+        object.__setattr__(self, "kv_sources", sources)
+        self._validate()
+
+    def _validate(self):
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_seq_len"):
+            if int(getattr(self, field)) <= 0:
+                raise JaxkvError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.n_heads % self.n_kv_heads:
+            raise JaxkvError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise JaxkvError(f"ModelConfig.{field} must be one of {DTYPES}, got {getattr(self, field)!r}")
+        if len(self.kv_sources) != self.n_layers:
+            raise JaxkvError(f"kv_sources has {len(self.kv_sources)} entries for {self.n_layers} layers")
+        for layer, src in enumerate(self.kv_sources):
+            if not 0 <= src < self.n_layers:
+                raise JaxkvError(f"kv_sources[{layer}] = {src} is not a layer index")
+            if self.kv_sources[src] != src:
+                raise JaxkvError(
+                    f"layer {layer} reads the KV of layer {src}, which does not produce KV itself "
+                    f"(kv_sources[{src}] = {self.kv_sources[src]})"
+                )
+
+    # --- derived geometry -------------------------------------------------------------
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """Layers that compute and store K/V, in order; their position is their cache slot."""
+        return tuple(i for i, s in enumerate(self.kv_sources) if s == i)
+
+    @property
+    def n_kv_layers(self) -> int:
+        return len(self.kv_layers)
+
+    def kv_slot(self, layer: int) -> int:
+        """Index into the cache's layer axis of the KV that `layer` attends to."""
+        return self.kv_layers.index(self.kv_sources[layer])
+
+    def has_upward_sources(self) -> bool:
+        return any(src > i for i, src in enumerate(self.kv_sources))
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["kv_sources"] = list(self.kv_sources)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JaxkvError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in data)
+        if missing:
+            raise JaxkvError(f"ModelConfig is missing fields: {', '.join(missing)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml") \
+            else json.dumps(self.to_dict(), indent=2)
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read a config written by `save`, or a preset file whose model lives under `model:`."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise JaxkvError(f"cannot read model config {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise JaxkvError(f"model config {path} is not a mapping")
+        return cls.from_dict(data.get("model", data))

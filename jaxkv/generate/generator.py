@@ -1,0 +1,195 @@
+"""Batched generation: a jitted prefill and a jitted multi-step decode over a donated dense cache.
+
+Shapes are bucketed (batch and prompt length to powers of two, the cache to a power of
+two above prompt bucket + new tokens), so a stream of varied prompts compiles once per
+bucket. Executables are compiled ahead of time and kept on the Generator, which also lets
+us report compile time apart from run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache.dense import KVCache
+from jaxkv.config import ModelConfig
+from jaxkv.errors import JaxkvError
+from jaxkv.generate.sampling import SamplingParams, sample
+from jaxkv.model.decoder import Decoder
+
+MIN_PROMPT_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """Smallest power of two >= max(n, minimum), capped at maximum."""
+    size = 1 << (max(int(n), int(minimum), 1) - 1).bit_length()
+    return min(size, maximum) if maximum else size
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timings of the last generate call; run times exclude compilation."""
+
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        run = self.prefill_s + self.decode_s
+        return self.new_tokens / run if run > 0 else 0.0
+
+
+class Generator:
+    """Generates from token ids with one model's parameters; owns its compiled executables."""
+
+    def __init__(self, cfg: ModelConfig, params, eos_ids: Sequence[int] = (), decode_chunk: int = 8,
+                 kv_dtype=None):
+        self.cfg = cfg
+        self.params = params
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.decode_chunk = decode_chunk
+        self.kv_dtype = jnp.dtype(kv_dtype or cfg.dtype)
+        self._model = Decoder(cfg)
+        self._executables: dict = {}
+        self.stats = GenerationStats()
+
+    # --- device functions ---------------------------------------------------------------
+    def _prefill(self, params, tokens, n_new, seed, temperature, top_k, top_p, *, greedy, cache_len):
+        """Fresh cache and per-row PRNG keys, the prompt written in, and the first new token."""
+        batch = tokens.shape[0]
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
+        cache = KVCache.init(self.cfg, batch, cache_len, self.kv_dtype)
+        logits, cache = self._model.apply({"params": params}, tokens, cache, n_new)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+        return sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy), cache, keys
+
+    def _decode(self, params, cache, tokens, step, keys, temperature, top_k, top_p, *, greedy):
+        def one_step(carry, i):
+            cache, tok = carry
+            logits, cache = self._model.apply({"params": params}, tok[:, None], cache)
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step + i)
+            nxt = sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy)
+            return (cache, nxt), nxt
+
+        (cache, _), toks = jax.lax.scan(one_step, (cache, tokens), jnp.arange(self.decode_chunk))
+        return toks.T, cache
+
+    def _run(self, fn, donate: tuple[int, ...], *args, **static):
+        """Run fn through an executable compiled once per (function, argument shapes, statics)."""
+        leaves, treedef = jax.tree.flatten(args)
+        key = (fn.__name__, tuple(sorted(static.items())), treedef,
+               tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        if key not in self._executables:
+            start = time.perf_counter()
+            jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate)
+            self._executables[key] = jitted.lower(*args, **static).compile()
+            self.stats.compile_s += time.perf_counter() - start
+        return self._executables[key](*args)
+
+    # --- host loop ----------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
+                 stop: Sequence[str] = (), decode=None) -> list[Completion]:
+        """Generate for each prompt (token ids). `decode` (ids -> text) is needed for stop strings."""
+        cfg = self.cfg
+        if not prompts:
+            raise JaxkvError("no prompts given")
+        if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise JaxkvError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise JaxkvError("a prompt is empty (it tokenized to zero tokens)")
+        if max(lengths) >= cfg.max_seq_len:
+            raise JaxkvError(f"prompt of {max(lengths)} tokens does not fit the model's context of "
+                             f"{cfg.max_seq_len} tokens (room is needed for at least one new token)")
+        if stop and decode is None:
+            raise JaxkvError("stop strings need a tokenizer to decode with")
+        budgets = [min(int(max_new_tokens), cfg.max_seq_len - n) for n in lengths]
+
+        n = len(prompts)
+        batch = bucket(n)
+        prompt_len = bucket(max(lengths), MIN_PROMPT_BUCKET, cfg.max_seq_len)
+        cache_len = bucket(prompt_len + max(budgets), MIN_PROMPT_BUCKET, cfg.max_seq_len)
+        tokens = np.zeros((batch, prompt_len), np.int32)
+        n_new = np.ones((batch,), np.int32)  # padding rows hold one dummy token
+        for row, ids in enumerate(prompts):
+            tokens[row, :len(ids)] = ids
+            n_new[row] = len(ids)
+        temperature = np.full((batch,), sampling.temperature, np.float32)
+        top_k = np.full((batch,), sampling.top_k, np.int32)
+        top_p = np.full((batch,), sampling.top_p, np.float32)
+        greedy = sampling.greedy
+        self.stats = GenerationStats()
+
+        start = time.perf_counter()
+        tok, cache, keys = self._run(self._prefill, (), self.params, tokens, n_new, np.int32(sampling.seed),
+                                     temperature, top_k, top_p, greedy=greedy, cache_len=cache_len)
+        tok = np.asarray(tok)
+        self.stats.prefill_s = time.perf_counter() - start - self.stats.compile_s
+
+        outputs = [_Output(budget, stop, decode) for budget in budgets]
+        for row, out in enumerate(outputs):
+            out.add(int(tok[row]), self.eos_ids)
+        step = 1
+        start = time.perf_counter()
+        compile_before = self.stats.compile_s
+        while not all(out.finish_reason for out in outputs):
+            toks, cache = self._run(self._decode, (1,), self.params, cache, tok, np.int32(step),
+                                    keys, temperature, top_k, top_p, greedy=greedy)  # cache donated
+            toks = np.asarray(toks)
+            for row, out in enumerate(outputs):
+                for t in toks[row]:
+                    if out.finish_reason:
+                        break
+                    out.add(int(t), self.eos_ids)
+            tok = toks[:, -1]
+            step += self.decode_chunk
+        self.stats.decode_s = time.perf_counter() - start - (self.stats.compile_s - compile_before)
+        self.stats.new_tokens = sum(len(out.ids) for out in outputs)
+        return [out.completion(length) for out, length in zip(outputs, lengths)]
+
+
+class _Output:
+    """One sequence's generated ids and why it stopped."""
+
+    def __init__(self, budget: int, stop: Sequence[str], decode):
+        self.budget, self.stop, self.decode = budget, tuple(s for s in stop if s), decode
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_at: int | None = None  # character offset of a matched stop string
+
+    def add(self, token: int, eos_ids) -> None:
+        self.ids.append(token)
+        if token in eos_ids:
+            self.finish_reason = "stop"
+        elif self.stop and self._match_stop():
+            self.finish_reason = "stop"
+        elif len(self.ids) >= self.budget:
+            self.finish_reason = "length"
+
+    def _match_stop(self) -> bool:
+        text = self.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stop_at = min(hits)
+        return bool(hits)
+
+    def completion(self, prompt_tokens: int) -> Completion:
+        text = self.decode(self.ids) if self.decode else ""
+        if self.stop_at is not None:
+            text = text[:self.stop_at]
+        return Completion(text, list(self.ids), prompt_tokens, self.finish_reason or "length")

@@ -1,0 +1,62 @@
+"""Token sampling: greedy, temperature, top-k and top-p, applied in HF's order.
+
+Sampling values are arrays, one per sequence, so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxkv.errors import JaxkvError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:  # also rejects NaN
+            raise JaxkvError(f"temperature must be >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+            raise JaxkvError(f"top_k must be a non-negative integer, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise JaxkvError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
+            raise JaxkvError(f"seed must be an integer, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Scale logits [B, V] by temperature, then mask (to -inf) tokens outside top-k and top-p."""
+    logits = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+    sorted_logits = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)
+    # top-p: keep the smallest prefix whose mass reaches p (the top token always stays).
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((logits >= cutoff) & (logits >= kth), logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p, *, greedy: bool) -> jax.Array:
+    """Next token per row of logits [B, V]; `keys` [B] are per-sequence PRNG keys."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)

