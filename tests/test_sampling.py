@@ -58,6 +58,7 @@ def test_zero_temperature_rows_are_greedy_in_a_sampling_batch():
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(seed=1.5), "seed"),
+    (dict(seed=-1), "seed"), (dict(seed=2**32), "seed"),
 ])
 def test_invalid_sampling_values(bad, message):
     with pytest.raises(JaxkvError, match=message):

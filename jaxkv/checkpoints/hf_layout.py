@@ -32,8 +32,8 @@ def hf_to_param(name: str, w: np.ndarray, cfg: ModelConfig) -> tuple[tuple[str, 
         return ("embed", "embedding"), w
     if name == "model.norm.weight":
         return ("final_norm", "scale"), w
-    if name == "lm_head.weight":
-        return (None if cfg.tie_embeddings else (("lm_head", "kernel"), np.ascontiguousarray(w.T)))
+    if name == "lm_head.weight":  # a tied model reuses the embedding instead
+        return None if cfg.tie_embeddings else (("lm_head", "kernel"), np.ascontiguousarray(w.T))
     m = _LAYER.match(name)
     if not m:
         raise JaxkvError(f"unexpected tensor {name!r} in a Llama-family checkpoint")

@@ -136,7 +136,7 @@ class Generator:
         self.stats = GenerationStats()
 
         start = time.perf_counter()
-        tok, cache, keys = self._run(self._prefill, (), self.params, tokens, n_new, np.int32(sampling.seed),
+        tok, cache, keys = self._run(self._prefill, (), self.params, tokens, n_new, np.uint32(sampling.seed),
                                      temperature, top_k, top_p, greedy=greedy, cache_len=cache_len)
         tok = np.asarray(tok)
         self.stats.prefill_s = time.perf_counter() - start - self.stats.compile_s

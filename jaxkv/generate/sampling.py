@@ -29,8 +29,8 @@ class SamplingParams:
             raise JaxkvError(f"top_k must be a non-negative integer, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise JaxkvError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
-            raise JaxkvError(f"seed must be an integer, got {self.seed}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
+            raise JaxkvError(f"seed must be an integer in [0, 2**32), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
