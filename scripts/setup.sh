@@ -9,4 +9,4 @@ extra=""
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+.venv/bin/python -m pip install -qq --disable-pip-version-check -e ".${extra}"

