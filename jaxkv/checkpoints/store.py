@@ -33,17 +33,18 @@ def _flat(tree) -> dict[tuple[str, ...], object]:
     return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def check_params(cfg: ModelConfig, params) -> None:
-    """Raise a one-line error unless params has exactly the model's tree and shapes."""
+def check_params(cfg: ModelConfig, params, where) -> None:
+    """Raise a one-line error naming `where` unless params has exactly the model's tree and shapes."""
     want, got = _flat(abstract_params(cfg)), _flat(params)
     missing = sorted("/".join(k) for k in set(want) - set(got))
     extra = sorted("/".join(k) for k in set(got) - set(want))
     if missing or extra:
-        raise JaxkvError(f"checkpoint does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+        raise JaxkvError(f"checkpoint {where} does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                          f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     for key, spec in want.items():
         if tuple(np.shape(got[key])) != tuple(spec.shape):
-            raise JaxkvError(f"parameter {'/'.join(key)} has shape {np.shape(got[key])}, the model expects {spec.shape}")
+            raise JaxkvError(f"checkpoint {where}: parameter {'/'.join(key)} has shape {np.shape(got[key])}, "
+                             f"the model expects {spec.shape}")
 
 
 def assemble_params(cfg: ModelConfig, source, dtype, allocate: Callable | None = None, desc: str = "loading") -> dict:
@@ -66,7 +67,7 @@ def assemble_params(cfg: ModelConfig, source, dtype, allocate: Callable | None =
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = out
-    check_params(cfg, tree)
+    check_params(cfg, tree, source.path)
     return tree
 
 
@@ -74,9 +75,12 @@ def save_checkpoint(out: str | Path, cfg: ModelConfig, tokenizer: Tokenizer, par
     """Write config, tokenizer and an Orbax params checkpoint into a new directory `out`."""
     out = Path(out).absolute()
     out.mkdir(parents=True)
+    # One Orbax item per top-level module: Orbax stages a whole item in RAM while saving, so
+    # this bounds a conversion's memory by the largest layer rather than the whole model.
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+    for module, subtree in params.items():
+        checkpointer.save(out / PARAMS_DIR / module, subtree)
+        checkpointer.wait_until_finished()
     tokenizer.save(out)
     cfg.save(out / CONFIG_FILE)
     return out
@@ -124,9 +128,10 @@ def load_checkpoint(path: str | Path, dtype=None) -> tuple[ModelConfig, Tokenize
         raise JaxkvError(f"{path} is not a jaxkv checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/)")
     cfg = ModelConfig.load(path / CONFIG_FILE)
     tokenizer = Tokenizer.load(path)
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR)
+        params = {item.name: checkpointer.restore(item) for item in sorted((path / PARAMS_DIR).iterdir())}
     except Exception as e:  # Orbax/tensorstore raise many types for a damaged directory
         raise JaxkvError(f"cannot restore parameters from {path / PARAMS_DIR}: {str(e).splitlines()[0]}") from None
-    check_params(cfg, params)
+    check_params(cfg, params, path)
     return cfg, tokenizer, params
