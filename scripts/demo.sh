@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/jaxkv generate --chat --max-new-tokens 48 \
-    --prompt "${1:-What is the KV cache of a transformer, in two sentences?}"
+    --prompt "${1:-What is the capital of France?}"
