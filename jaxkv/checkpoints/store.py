@@ -33,14 +33,18 @@ def _flat(tree) -> dict[tuple[str, ...], object]:
     return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _some(names: list[str]) -> str:
+    return (", ".join(names[:3]) + (", ..." if len(names) > 3 else "")) or "none"
+
+
 def check_params(cfg: ModelConfig, params, where) -> None:
     """Raise a one-line error naming `where` unless params has exactly the model's tree and shapes."""
     want, got = _flat(abstract_params(cfg)), _flat(params)
     missing = sorted("/".join(k) for k in set(want) - set(got))
     extra = sorted("/".join(k) for k in set(got) - set(want))
     if missing or extra:
-        raise JaxkvError(f"checkpoint {where} does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        raise JaxkvError(f"checkpoint {where} does not match the model: missing {_some(missing)}; "
+                         f"unexpected {_some(extra)}")
     for key, spec in want.items():
         if tuple(np.shape(got[key])) != tuple(spec.shape):
             raise JaxkvError(f"checkpoint {where}: parameter {'/'.join(key)} has shape {np.shape(got[key])}, "
