@@ -43,6 +43,38 @@ def _convert(args) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def _plan(args) -> None:
+    from jaxkv.checkpoints.registry import resolve_config
+    from jaxkv.plan import format_bytes, parse_bytes, plan
+    from jaxkv.sharing import parse_spec, to_string
+
+    base = resolve_config(args.model)
+    memory = parse_bytes(args.memory) if args.memory else None
+    rows = {"baseline": plan(base, args.context, args.batch, args.kv_dtype, memory)}
+    if args.kv_sharing:
+        shared = base.replace(kv_sources=parse_spec(args.kv_sharing, base.n_layers))
+        rows[args.kv_sharing] = plan(shared, args.context, args.batch, args.kv_dtype, memory)
+    if args.json:
+        print(json.dumps({"model": base.name, "context": args.context, "batch": args.batch, "memory": memory,
+                          "plans": rows}))
+        return
+    print(f"{base.name}: {base.n_layers} layers, {base.n_kv_heads} KV heads of {base.head_dim}; "
+          f"batch {args.batch} x context {args.context}")
+    fields = [("KV layers", lambda r: str(r["kv_layers"])),
+              ("KV bytes/token", lambda r: f"{r['kv_bytes_per_token']:,} ({r['kv_dtype']})"),
+              ("KV for batch x context", lambda r: format_bytes(r["kv_bytes"])),
+              ("parameters", lambda r: f"{r['parameters']:,}"),
+              ("weights", lambda r: format_bytes(r["weight_bytes"]))]
+    if memory is not None:
+        fields.append((f"max batch in {format_bytes(memory)}", lambda r: f"{r['max_batch']:,}"))
+    width = max(len(name) for name, _ in fields)
+    print(" " * width + "".join(f"  {name:>24}" for name in rows))
+    for name, show in fields:
+        print(f"{name:<{width}}" + "".join(f"  {show(r):>24}" for r in rows.values()))
+    if args.kv_sharing:
+        print(f"kv_sources: {to_string(rows[args.kv_sharing]['kv_sources'])}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxkv", description="JAX LLM inference where the KV cache is the limit.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -72,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                       help="stored parameter dtype (default: float32)")
     conv.set_defaults(func=_convert)
+
+    plan = sub.add_parser("plan", help="KV cache memory of a model, with and without KV sharing")
+    plan.add_argument("--model", default="smollm2-135m", help="preset, config file, checkpoint dir, HF dir or GGUF")
+    plan.add_argument("--kv-sharing", default=None, metavar="SPEC",
+                      help='cla2, cla:3, lckv:2 (warmup layers), yoco, or a map such as "0_0_2_2"')
+    plan.add_argument("--context", type=int, default=4096)
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--kv-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                      help="KV cache dtype (default: the model's compute dtype)")
+    plan.add_argument("--memory", default=None, metavar="BYTES", help="device memory, e.g. 24GiB: report the largest batch")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -132,3 +132,18 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
         return "checkpoint", preset_checkpoint(name_or_path)
     raise JaxkvError(f"unknown model {name_or_path!r}: not a file, a directory or a preset "
                      f"({', '.join(sorted(preset_files()))})")
+
+
+def resolve_config(name_or_path: str) -> ModelConfig:
+    """A model's config without loading weights: preset, config file, checkpoint, HF dir or GGUF."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if name_or_path in preset_files():
+            return preset(name_or_path)[0]
+        raise JaxkvError(f"unknown model {name_or_path!r}: not a file, a directory or a preset "
+                         f"({', '.join(sorted(preset_files()))})")
+    if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
+        return ModelConfig.load(path)
+    if path.is_dir() and is_checkpoint(path):
+        return ModelConfig.load(path / "config.json")
+    return open_source(path).model_config()

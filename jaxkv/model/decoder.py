@@ -103,7 +103,7 @@ class Decoder(nn.Module):
         (non-padding) tokens per row. Returns float32 logits, [B, T, V] if all_logits else
         [B, 1, V] at each row's last real token, and the cache with lengths advanced by n_new."""
         cfg = self.cfg
-        if cfg.has_upward_sources():
+        if cfg.has_upward_sources() and not self.is_initializing():  # parameters are well defined
             raise JaxkvError("upward KV sources (a layer reading a later layer's KV) need LCKV's "
                              "iterative forward, which this version does not implement yet")
         B, T = tokens.shape

@@ -1,0 +1,60 @@
+"""KV memory planning: bytes per token, bytes for a batch and context, and the batch that fits.
+
+Everything follows from the config alone (no weights are loaded), so a plan for a 7B model
+runs anywhere in a second.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.config import ModelConfig
+from jaxkv.errors import JaxkvError
+from jaxkv.model.decoder import abstract_params
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '80GB', '1.5e9' or '1073741824' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise JaxkvError(f"bad memory size {text!r}: use e.g. 24GiB, 80GB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg))))
+
+
+def plan(cfg: ModelConfig, context: int, batch: int, kv_dtype=None, memory: int | None = None) -> dict:
+    """The KV and weight budget of one model geometry (its kv_sources included)."""
+    if context < 1 or batch < 1:
+        raise JaxkvError(f"context and batch must be positive, got {context} and {batch}")
+    kv_dtype = jnp.dtype(kv_dtype or cfg.dtype)
+    per_token = kv_bytes_per_token(cfg, kv_dtype)
+    params = parameter_count(cfg)
+    weight_bytes = params * jnp.dtype(cfg.param_dtype).itemsize
+    out = {
+        "kv_layers": cfg.n_kv_layers, "kv_sources": list(cfg.kv_sources),
+        "kv_bytes_per_token": per_token, "kv_bytes": per_token * context * batch,
+        "parameters": params, "weight_bytes": weight_bytes, "kv_dtype": kv_dtype.name,
+    }
+    if memory is not None:
+        room = memory - weight_bytes
+        out["max_batch"] = max(room // (per_token * context), 0)
+    return out

@@ -1,0 +1,116 @@
+"""KV-sharing maps and `jaxkv plan` against the papers' own figures and strings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import relative_error
+from jaxkv.cache.dense import KVCache, kv_bytes_per_token
+from jaxkv.checkpoints.registry import resolve_config
+from jaxkv.config import ModelConfig
+from jaxkv.errors import JaxkvError
+from jaxkv.model.decoder import Decoder, init_params
+from jaxkv.plan import parameter_count, parse_bytes, plan
+from jaxkv.sharing import cla, from_string, lckv, parse_spec, to_string, yoco
+
+JAXKV = str(Path(sys.executable).parent / "jaxkv")
+
+
+def test_maps_match_published_lckv_configs():
+    # The LCKV authors' README spells these for their 22-layer TinyLlama.
+    assert to_string(lckv(22, 2)) == "0_" + "_".join(["20"] * 20) + "_21"
+    assert to_string(cla(22, 2)) == "0_0_2_2_4_4_6_6_8_8_10_10_12_12_14_14_16_16_18_18_20_20"
+    # methods.md: w=2 on 22 layers stores KV for layers 0, 20, 21.
+    cfg = ModelConfig(vocab_size=8, d_model=8, n_layers=22, n_heads=1, n_kv_heads=1, head_dim=8, mlp_dim=8,
+                      kv_sources=lckv(22, 2))
+    assert cfg.kv_layers == (0, 20, 21)
+    assert yoco(8) == (0, 1, 2, 3, 4, 4, 4, 4)
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=40))
+def test_string_round_trip(raw):
+    sources = tuple(min(s, i) for i, s in enumerate(raw))
+    assert from_string(to_string(sources)) == sources
+
+
+@pytest.mark.parametrize("kv_heads, factor, want", [
+    (16, 1, 163_840), (4, 1, 40_960), (1, 1, 10_240), (1, 2, 5_120), (1, 3, 3_584), (1, 4, 2_560),
+])
+def test_cla_paper_bytes_per_token(kv_heads, factor, want):
+    """CLA paper, 1B models (d_model 2048, 20 layers, head dim 128), 16-bit KV."""
+    cfg = ModelConfig(vocab_size=50_000, d_model=2048, n_layers=20, n_heads=16, n_kv_heads=kv_heads, head_dim=128,
+                      mlp_dim=5632, dtype="bfloat16", param_dtype="bfloat16", kv_sources=cla(20, factor))
+    assert kv_bytes_per_token(cfg) == want
+
+
+def test_llama2_plan_and_parameter_counts():
+    llama2 = resolve_config("llama-2-7b")
+    p = plan(llama2, context=4096, batch=1)
+    assert p["kv_bytes"] == 2 * 1024**3
+    assert p["parameters"] == 6_738_415_616  # Meta's published count for Llama-2-7B
+    shared = llama2.replace(kv_sources=cla(32, 2))
+    removed = 16 * 2 * 4096 * 32 * 128  # 16 layers lose K and V projections [d_model, kv_heads, head_dim]
+    assert parameter_count(llama2) - parameter_count(shared) == removed
+
+
+def test_max_batch_fits_memory():
+    cfg = resolve_config("smollm2-135m").replace(kv_sources=lckv(30, 2))
+    memory = parse_bytes("24GiB")
+    p = plan(cfg, context=8192, batch=1, memory=memory)
+    per_sequence = 2 * 3 * 3 * 64 * 4 * 8192  # 3 KV layers, fp32
+    assert p["max_batch"] == (memory - p["weight_bytes"]) // per_sequence
+    assert (p["max_batch"] + 1) * per_sequence + p["weight_bytes"] > memory
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cla", "needs a number"), ("lckv:40", "warmup"), ("0_1", "has 2 layers"), ("0s_1s_2s_3s", "sliding"),
+    ("yoco3", "no number"), ("x_y", "bad KV-sharing string"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(JaxkvError, match=message):
+        parse_spec(spec, 4)
+
+
+def test_upward_map_has_parameters_but_no_forward_yet():
+    cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32,
+                      kv_sources=lckv(4, 0))
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    assert [i for i in range(4) if "k_proj" in params[f"layers_{i}"]["attn"]] == [3]
+    with pytest.raises(JaxkvError, match="iterative"):
+        Decoder(cfg).apply({"params": params}, jnp.zeros((1, 2), jnp.int32), KVCache.init(cfg, 1, 4))
+
+
+def test_cla_model_decodes_consistently():
+    """A CLA2 model stores half the KV and its incremental decode equals its full forward."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                      kv_sources=cla(4, 2))
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    model = Decoder(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 12)))
+    full, _ = model.apply({"params": params}, tokens, KVCache.init(cfg, 2, 16), all_logits=True)
+    cache = KVCache.init(cfg, 2, 16)
+    assert cache.k.shape[0] == 2
+    steps = []
+    for t in range(12):
+        logits, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache, all_logits=True)
+        steps.append(logits)
+    assert relative_error(jnp.concatenate(steps, axis=1), full) < 1e-5
+
+
+def test_plan_cli():
+    out = subprocess.run([JAXKV, "plan", "--model", "llama-2-7b", "--kv-sharing", "cla2", "--memory", "80GB",
+                          "--json"], capture_output=True, text=True, check=True)
+    plans = json.loads(out.stdout)["plans"]
+    assert plans["baseline"]["kv_bytes"] == 2 * 1024**3 and plans["cla2"]["kv_bytes"] == 1024**3
+    bad = subprocess.run([JAXKV, "plan", "--memory", "12XB"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "memory size" in bad.stderr
