@@ -8,6 +8,10 @@ import os
 import sys
 
 
+# As jaxkv.config.DTYPES, spelled here so that `jaxkv --help` does not import JAX.
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    gen.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(func=_generate)
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hf", metavar="DIR", help="HF Llama-family directory (config.json + safetensors)")
     conv.add_argument("--out", required=True, metavar="DIR")
     conv.add_argument("--name", default=None, help="model name stored in the config")
-    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    conv.add_argument("--dtype", choices=_DTYPES, default=None,
                       help="stored parameter dtype (default: float32)")
     conv.set_defaults(func=_convert)
 
@@ -111,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='cla2, cla:3, lckv:2 (warmup layers), yoco, or a map such as "0_0_2_2"')
     plan.add_argument("--context", type=int, default=4096)
     plan.add_argument("--batch", type=int, default=1)
-    plan.add_argument("--kv-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    plan.add_argument("--kv-dtype", choices=_DTYPES, default=None,
                       help="KV cache dtype (default: the model's compute dtype)")
     plan.add_argument("--memory", default=None, metavar="BYTES", help="device memory, e.g. 24GiB: report the largest batch")
     plan.add_argument("--json", action="store_true")

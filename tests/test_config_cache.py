@@ -78,3 +78,10 @@ def test_params_carry_logical_axes():
     assert tuple(axes["layers_0"]["attn"]["k_proj"]["kernel"]) == ("embed", "kv_heads", "head_dim")
     assert tuple(axes["layers_0"]["mlp"]["down_proj"]["kernel"]) == ("mlp", "embed")
     assert tuple(axes["embed"]["embedding"]) == ("vocab", "embed")
+
+
+def test_cli_offers_exactly_the_config_dtypes():
+    from jaxkv.cli import _DTYPES
+    from jaxkv.config import DTYPES
+
+    assert _DTYPES == DTYPES

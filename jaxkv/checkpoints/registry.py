@@ -123,6 +123,11 @@ def preset_checkpoint(name: str) -> Path:
     return out
 
 
+def _unknown_model(name: str) -> JaxkvError:
+    return JaxkvError(f"unknown model {name!r}: not a file, a directory or a preset "
+                      f"({', '.join(sorted(preset_files()))})")
+
+
 def resolve(name_or_path: str) -> tuple[str, Path]:
     """('checkpoint', dir) for a jaxkv checkpoint or a preset, ('source', path) for HF/GGUF."""
     path = Path(name_or_path).expanduser()
@@ -130,8 +135,7 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
         return ("checkpoint", path) if path.is_dir() and is_checkpoint(path) else ("source", path)
     if name_or_path in preset_files():
         return "checkpoint", preset_checkpoint(name_or_path)
-    raise JaxkvError(f"unknown model {name_or_path!r}: not a file, a directory or a preset "
-                     f"({', '.join(sorted(preset_files()))})")
+    raise _unknown_model(name_or_path)
 
 
 def resolve_config(name_or_path: str) -> ModelConfig:
@@ -140,8 +144,7 @@ def resolve_config(name_or_path: str) -> ModelConfig:
     if not path.exists():
         if name_or_path in preset_files():
             return preset(name_or_path)[0]
-        raise JaxkvError(f"unknown model {name_or_path!r}: not a file, a directory or a preset "
-                         f"({', '.join(sorted(preset_files()))})")
+        raise _unknown_model(name_or_path)
     if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
         return ModelConfig.load(path)
     if path.is_dir() and is_checkpoint(path):
