@@ -50,13 +50,13 @@ def _convert(args) -> None:
 def _plan(args) -> None:
     from jaxkv.checkpoints.registry import resolve_config
     from jaxkv.plan import format_bytes, parse_bytes, plan
-    from jaxkv.sharing import parse_spec, to_string
+    from jaxkv.sharing import to_string, with_sharing
 
     base = resolve_config(args.model)
     memory = parse_bytes(args.memory) if args.memory else None
     rows = {"baseline": plan(base, args.context, args.batch, args.kv_dtype, memory)}
     if args.kv_sharing:
-        shared = base.replace(kv_sources=parse_spec(args.kv_sharing, base.n_layers))
+        shared = with_sharing(base, args.kv_sharing)
         rows[args.kv_sharing] = plan(shared, args.context, args.batch, args.kv_dtype, memory)
     if args.json:
         print(json.dumps({"model": base.name, "context": args.context, "batch": args.batch, "memory": memory,
@@ -76,7 +76,16 @@ def _plan(args) -> None:
     for name, show in fields:
         print(f"{name:<{width}}" + "".join(f"  {show(r):>24}" for r in rows.values()))
     if args.kv_sharing:
-        print(f"kv_sources: {to_string(rows[args.kv_sharing]['kv_sources'])}")
+        print(f"kv_sources: {to_string(shared.kv_sources, shared.window_layers)}")
+
+
+def _train(args) -> None:
+    from jaxkv.train import train
+
+    result = train(args.config, steps=args.steps, out=args.out)
+    print(f"wrote {result.final}: step {result.steps}, loss {result.loss:.4f}, val_loss {result.val_loss:.4f} "
+          f"(ppl {result.val_ppl:.2f}), {result.parameters:,} parameters, {result.tokens_per_s:,.0f} tok/s",
+          file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="KV cache memory of a model, with and without KV sharing")
     plan.add_argument("--model", default="smollm2-135m", help="preset, config file, checkpoint dir, HF dir or GGUF")
     plan.add_argument("--kv-sharing", default=None, metavar="SPEC",
-                      help='cla2, cla:3, lckv:2 (warmup layers), yoco, or a map such as "0_0_2_2"')
+                      help='cla2, cla:3, lckv:2 (warmup layers), yoco, sandwich-middle:3 (one of the nine '
+                           '<pizza|sandwich|lasagna>-<bottom|middle|top>:KV_LAYERS), or a map such as "0_0_2_2"')
     plan.add_argument("--context", type=int, default=4096)
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--kv-dtype", choices=_DTYPES, default=None,
@@ -120,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory", default=None, metavar="BYTES", help="device memory, e.g. 24GiB: report the largest batch")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)
+
+    tr = sub.add_parser("train", help="train or uptrain a model from a YAML train config (resumes automatically)")
+    tr.add_argument("--config", required=True, metavar="FILE", help="train config (see configs/train/)")
+    tr.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the config's)")
+    tr.add_argument("--out", default=None, metavar="DIR", help="run directory (default: the config's out)")
+    tr.set_defaults(func=_train)
     return parser
 
 

@@ -3,6 +3,9 @@
 `kv_sources[i]` is the layer whose K/V layer i attends to. Identity is the standard
 model; any other map (CLA, LCKV, YOCO) makes some layers readers of another layer's KV,
 and only the layers that are their own source own K/V projections and cache storage.
+A source above the reader (LCKV) is computed by iterating the forward pass:
+`upward_passes_no_grad` passes without gradient, then `upward_passes_grad` with it.
+Layers in `window_layers` attend only to the last `sliding_window` positions.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     kv_sources: tuple[int, ...] | None = None
+    upward_passes_no_grad: int = 7
+    upward_passes_grad: int = 2
+    window_layers: tuple[int, ...] = ()
+    sliding_window: int | None = None
     name: str = "custom"
 
     def __post_init__(self):
@@ -72,6 +79,9 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         sources = tuple(range(self.n_layers)) if self.kv_sources is None else tuple(int(s) for s in self.kv_sources)
         object.__setattr__(self, "kv_sources", sources)
+        object.__setattr__(self, "window_layers", tuple(sorted({int(i) for i in self.window_layers})))
+        if self.sliding_window is not None:
+            object.__setattr__(self, "sliding_window", int(self.sliding_window))
         self._validate()
 
     def _validate(self):
@@ -93,6 +103,13 @@ class ModelConfig:
                     f"layer {layer} reads the KV of layer {src}, which does not produce KV itself "
                     f"(kv_sources[{src}] = {self.kv_sources[src]})"
                 )
+        if self.upward_passes_no_grad < 0 or self.upward_passes_grad < 1:
+            raise JaxkvError(f"upward passes must be >= 0 without gradient and >= 1 with it, got "
+                             f"{self.upward_passes_no_grad} and {self.upward_passes_grad}")
+        if any(not 0 <= i < self.n_layers for i in self.window_layers):
+            raise JaxkvError(f"window_layers {list(self.window_layers)} are not all layer indices")
+        if self.window_layers and (self.sliding_window or 0) < 1:
+            raise JaxkvError("window_layers need a positive sliding_window (in tokens)")
 
     # --- derived geometry -------------------------------------------------------------
     @property
@@ -109,7 +126,15 @@ class ModelConfig:
         return self.kv_layers.index(self.kv_sources[layer])
 
     def has_upward_sources(self) -> bool:
-        return any(src > i for i, src in enumerate(self.kv_sources))
+        return bool(self.upward_targets)
+
+    @property
+    def upward_targets(self) -> tuple[int, ...]:
+        """KV layers that some lower layer reads: their KV must be iterated to a fixed point."""
+        return tuple(sorted({src for i, src in enumerate(self.kv_sources) if src > i}))
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if layer in self.window_layers else None
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -118,6 +143,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["kv_sources"] = list(self.kv_sources)
+        out["window_layers"] = list(self.window_layers)
         return out
 
     @classmethod

@@ -37,10 +37,11 @@ def test_maps_match_published_lckv_configs():
     assert yoco(8) == (0, 1, 2, 3, 4, 4, 4, 4)
 
 
-@given(st.lists(st.integers(0, 40), min_size=1, max_size=40))
+@given(st.lists(st.tuples(st.integers(0, 40), st.booleans()), min_size=1, max_size=40))
 def test_string_round_trip(raw):
-    sources = tuple(min(s, i) for i, s in enumerate(raw))
-    assert from_string(to_string(sources)) == sources
+    sources = tuple(s for s, _ in raw)
+    windowed = tuple(i for i, (_, w) in enumerate(raw) if w)
+    assert from_string(to_string(sources, windowed)) == (sources, windowed)
 
 
 @pytest.mark.parametrize("kv_heads, factor, want", [
@@ -73,21 +74,13 @@ def test_max_batch_fits_memory():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("cla", "needs a number"), ("lckv:40", "warmup"), ("0_1", "has 2 layers"), ("0s_1s_2s_3s", "sliding"),
-    ("yoco3", "no number"), ("x_y", "bad KV-sharing string"),
+    ("cla", "needs a number"), ("lckv:40", "warmup"), ("0_1", "has 2 layers"), ("0x_1_2_3", "sliding-window"),
+    ("yoco3", "no number"), ("x_y", "bad KV-sharing string"), ("pizza-top", "needs a number"),
+    ("lasagna-middle:1", "2..4 KV layers"), ("pizza-side:2", "bad KV-sharing string"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(JaxkvError, match=message):
         parse_spec(spec, 4)
-
-
-def test_upward_map_has_parameters_but_no_forward_yet():
-    cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32,
-                      kv_sources=lckv(4, 0))
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    assert [i for i in range(4) if "k_proj" in params[f"layers_{i}"]["attn"]] == [3]
-    with pytest.raises(JaxkvError, match="iterative"):
-        Decoder(cfg).apply({"params": params}, jnp.zeros((1, 2), jnp.int32), KVCache.init(cfg, 1, 4))
 
 
 def test_cla_model_decodes_consistently():

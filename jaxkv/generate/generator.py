@@ -20,7 +20,7 @@ from jaxkv.cache.dense import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.sampling import SamplingParams, sample
-from jaxkv.model.decoder import Decoder
+from jaxkv.model.decoder import forward
 
 MIN_PROMPT_BUCKET = 16
 
@@ -64,7 +64,6 @@ class Generator:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.decode_chunk = decode_chunk
         self.kv_dtype = jnp.dtype(kv_dtype or cfg.dtype)
-        self._model = Decoder(cfg)
         self._executables: dict = {}
         self.stats = GenerationStats()
 
@@ -74,14 +73,14 @@ class Generator:
         batch = tokens.shape[0]
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
         cache = KVCache.init(self.cfg, batch, cache_len, self.kv_dtype)
-        logits, cache = self._model.apply({"params": params}, tokens, cache, n_new)
+        logits, cache = forward(self.cfg, params, tokens, cache, n_new)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
         return sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy), cache, keys
 
     def _decode(self, params, cache, tokens, step, keys, temperature, top_k, top_p, *, greedy):
         def one_step(carry, i):
             cache, tok = carry
-            logits, cache = self._model.apply({"params": params}, tok[:, None], cache)
+            logits, cache = forward(self.cfg, params, tok[:, None], cache)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step + i)
             nxt = sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy)
             return (cache, nxt), nxt

@@ -1,8 +1,10 @@
 """Llama-family decoder as functional Flax Linen modules.
 
-`Decoder.apply({"params": p}, tokens, cache)` appends `tokens` to each sequence in the
-explicit `cache` and returns logits and the new cache. Parameters carry logical axis
-names (see `param_logical_axes`), so one rules table can shard them later.
+`forward(cfg, params, tokens, cache)` appends `tokens` to each sequence in the explicit
+`cache` and returns logits and the new cache; `sequence_logits` is the training forward.
+`Decoder` is one pass over the layers; models whose layers read the KV of a later layer
+(LCKV) need several, which `forward` runs. Parameters carry logical axis names (see
+`param_logical_axes`), so one rules table can shard them later.
 """
 
 from __future__ import annotations
@@ -44,10 +46,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention of one layer; it writes K/V only if it is its own KV source."""
+    """Self-attention of one layer; it writes K/V only if it is its own KV source.
+
+    A layer below its source reads the source's KV of earlier tokens only: within a pass
+    that KV still holds the previous pass's values, which is what LCKV iterates on.
+    """
 
     cfg: ModelConfig
     layer: int
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, positions, k_all, v_all):
@@ -64,7 +71,10 @@ class Attention(nn.Module):
             # Positions past the cache's end (bucket padding) are dropped, never clamped.
             k_all = k_all.at[slot, rows, positions].set(k.astype(k_all.dtype), mode="drop")
             v_all = v_all.at[slot, rows, positions].set(v.astype(v_all.dtype), mode="drop")
-        out = cached_attention(q, k_all[slot].astype(q.dtype), v_all[slot].astype(q.dtype), positions)
+        attend = functools.partial(cached_attention, strict=cfg.kv_sources[self.layer] > self.layer,
+                                   window=cfg.window(self.layer))
+        attend = jax.checkpoint(attend) if self.remat else attend
+        out = attend(q, k_all[slot].astype(q.dtype), v_all[slot].astype(q.dtype), positions)
         out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
         return out, k_all, v_all
 
@@ -81,32 +91,41 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """remat recomputes the attention probabilities and the MLP in the backward pass instead
+    of storing them; the cache itself is never saved per layer."""
+
     cfg: ModelConfig
     layer: int
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, positions, k_all, v_all):
         cfg = self.cfg
-        h, k_all, v_all = Attention(cfg, self.layer, name="attn")(
+        h, k_all, v_all = Attention(cfg, self.layer, self.remat, name="attn")(
             RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x), positions, k_all, v_all)
         x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
+        mlp = nn.remat(MLP) if self.remat else MLP
+        x = x + mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
         return x, k_all, v_all
 
 
 class Decoder(nn.Module):
     cfg: ModelConfig
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, tokens, cache: KVCache, n_new=None, all_logits: bool = False):
-        """Append tokens [B, T] at each sequence's cache length; n_new [B] counts the real
-        (non-padding) tokens per row. Returns float32 logits, [B, T, V] if all_logits else
-        [B, 1, V] at each row's last real token, and the cache with lengths advanced by n_new."""
+    def __call__(self, tokens, cache: KVCache, n_new=None, all_logits: bool = False, kv_only: bool = False,
+                 single_pass: bool = False):
+        """One pass: append tokens [B, T] at each sequence's cache length; n_new [B] counts the
+        real (non-padding) tokens per row. Returns float32 logits, [B, T, V] if all_logits else
+        [B, 1, V] at each row's last real token, and the cache with lengths advanced by n_new.
+        kv_only: run the layers up to the last upward KV source and return just the cache with
+        its KV refreshed (lengths unchanged): one iteration of LCKV's parallel forward."""
         cfg = self.cfg
-        if cfg.has_upward_sources() and not self.is_initializing():  # parameters are well defined
-            raise JaxkvError("upward KV sources (a layer reading a later layer's KV) need LCKV's "
-                             "iterative forward, which this version does not implement yet")
         B, T = tokens.shape
+        if cfg.has_upward_sources() and T > 1 and not (kv_only or single_pass or self.is_initializing()):
+            raise JaxkvError("this model has layers that read a later layer's KV: run several tokens "
+                             "through jaxkv.model.decoder.forward, which iterates to LCKV's fixed point")
         n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
@@ -114,8 +133,11 @@ class Decoder(nn.Module):
                          embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         x = embed(tokens)
         k_all, v_all = cache.k, cache.v
-        for layer in range(cfg.n_layers):
-            x, k_all, v_all = Block(cfg, layer, name=f"layers_{layer}")(x, positions, k_all, v_all)
+        n_run = cfg.upward_targets[-1] + 1 if kv_only else cfg.n_layers
+        for layer in range(n_run):
+            x, k_all, v_all = Block(cfg, layer, self.remat, name=f"layers_{layer}")(x, positions, k_all, v_all)
+        if kv_only:
+            return cache.replace(k=k_all, v=v_all)
         x = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
         if not all_logits:
             x = x[jnp.arange(B), jnp.maximum(n_new - 1, 0)][:, None, :]
@@ -125,6 +147,40 @@ class Decoder(nn.Module):
         else:
             logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
         return logits.astype(jnp.float32), KVCache(k_all, v_all, cache.lengths + n_new)
+
+
+def forward(cfg: ModelConfig, params, tokens, cache: KVCache, n_new=None, all_logits: bool = False,
+            remat: bool = False):
+    """The model on `tokens` [B, T] appended to `cache`: (float32 logits, new cache), as `Decoder`.
+
+    With upward KV sources and T > 1 this is LCKV's parallel forward: the sources' KV of
+    the new tokens starts at zeros, `upward_passes_no_grad` passes refine it without
+    gradient (and without building a backward pass), `upward_passes_grad - 1` more with
+    gradient, and a last pass writes the cache and gives logits. After k passes the first
+    k tokens are exact, so it converges to what token-by-token decoding gives.
+    """
+    model = Decoder(cfg, remat=remat)
+    if cfg.has_upward_sources() and tokens.shape[1] > 1:
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        k, v = cache.k, cache.v
+        for slot in (cfg.kv_slot(t) for t in cfg.upward_targets):
+            k = k.at[slot, rows, positions].set(0, mode="drop")
+            v = v.at[slot, rows, positions].set(0, mode="drop")
+        cache = cache.replace(k=jax.lax.stop_gradient(k), v=jax.lax.stop_gradient(v))
+        frozen = jax.lax.stop_gradient(params)
+        cache = jax.lax.fori_loop(
+            0, cfg.upward_passes_no_grad,
+            lambda _, c: model.apply({"params": frozen}, tokens, c, n_new, kv_only=True), cache)
+        for _ in range(cfg.upward_passes_grad - 1):
+            cache = model.apply({"params": params}, tokens, cache, n_new, kv_only=True)
+    return model.apply({"params": params}, tokens, cache, n_new, all_logits, single_pass=True)
+
+
+def sequence_logits(cfg: ModelConfig, params, tokens, remat: bool = False) -> jax.Array:
+    """Float32 logits [B, T, V] of every position: the causal forward that training differentiates."""
+    cache = KVCache.init(cfg, tokens.shape[0], tokens.shape[1])
+    return forward(cfg, params, tokens, cache, all_logits=True, remat=remat)[0]
 
 
 def _init_variables(cfg: ModelConfig, rng: jax.Array) -> dict:
