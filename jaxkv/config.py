@@ -66,7 +66,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     dtype: str = "float32"
     param_dtype: str = "float32"
-    kv_sources: tuple[int, ...] | None = None
+    kv_sources: tuple[int, ...] | str | None = None
     upward_passes_no_grad: int = 7
     upward_passes_grad: int = 2
     window_layers: tuple[int, ...] = ()
@@ -77,7 +77,16 @@ class ModelConfig:
         _coerce_numbers(self)
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        sources = tuple(range(self.n_layers)) if self.kv_sources is None else tuple(int(s) for s in self.kv_sources)
+        sources = self.kv_sources
+        if isinstance(sources, str):  # the underscore form of published LCKV configs
+            from jaxkv.sharing import from_string
+
+            sources, windowed = from_string(sources)
+            object.__setattr__(self, "window_layers", tuple(self.window_layers) + windowed)
+        if sources is not None and not isinstance(sources, (list, tuple)):
+            raise JaxkvError(f"kv_sources must be a list of layer indices or an underscore string such as "
+                             f"\"0_0_2_2\" (quote it in YAML), got {sources!r}")
+        sources = tuple(range(self.n_layers)) if sources is None else tuple(int(s) for s in sources)
         object.__setattr__(self, "kv_sources", sources)
         object.__setattr__(self, "window_layers", tuple(sorted({int(i) for i in self.window_layers})))
         if self.sliding_window is not None:

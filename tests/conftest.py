@@ -43,6 +43,22 @@ def byte_tokenizer_files(directory: Path) -> None:
                           "{% if add_generation_prompt %}assistant:{% endif %}"}))
 
 
+def write_text_corpus(directory: Path, n_docs: int = 6, lines: int = 60, seed: int = 0) -> list[Path]:
+    """n_docs .txt files of short sentences from a small grammar: learnable by a tiny model in a few steps."""
+    import random
+
+    rng = random.Random(seed)
+    subjects, verbs, objects = ["the king", "the queen", "a lord", "my lady"], ["sees", "loves", "fears"], \
+        ["the crown.", "the sword.", "the night.", "her castle."]
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n_docs):
+        files.append(directory / f"doc{i}.txt")
+        files[-1].write_text("\n".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}"
+                                       for _ in range(lines)) + "\n")
+    return files
+
+
 def write_tiny_hf_llama(directory: Path, *, tie: bool, n_kv_heads: int = 2, rope_parameters=None,
                         seed: int = 0, shard: bool = True):
     """A random LlamaForCausalLM written by transformers itself (sharded safetensors)."""

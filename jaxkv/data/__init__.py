@@ -1,0 +1,1 @@
+"""Training data: corpora (Shakespeare, local .txt/.jsonl), tokenizer training, packing and batches."""
