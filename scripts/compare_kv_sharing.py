@@ -20,9 +20,14 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 
+from jaxkv.checkpoints.store import load_checkpoint
+from jaxkv.data.corpus import load_split
+from jaxkv.data.tokens import eval_batches, packed_rows
 from jaxkv.train import train
 from jaxkv.train.config import TrainConfig
+from jaxkv.train.trainer import mean_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MAPS = ("standard", "cla:2", "lckv:2", "sandwich-middle:4")
@@ -37,18 +42,36 @@ def run(base: TrainConfig, specs: list[str], out: Path, steps: int | None) -> di
     return results
 
 
-def table(results: dict) -> str:
+def fixed_point_ppl(base: TrainConfig, result, n_batches: int = 4) -> tuple[float, float] | None:
+    """Validation perplexity of a model with upward KV sources on the first `n_batches` batches:
+    with its trained number of passes, and at the fixed point that token-by-token decoding
+    gives (seq_len passes make every position exact). None for maps without upward sources."""
+    cfg, tokenizer, params = load_checkpoint(result.final)
+    if not cfg.has_upward_sources():
+        return None
+    d = base.data
+    split = load_split(d.source, d.validation, d.validation_fraction, d.jsonl_field)
+    batches = eval_batches(packed_rows(split.validation, tokenizer, d.seq_len, "validation"),
+                           base.train.microbatch, n_batches)
+    nll = jax.jit(mean_nll, static_argnums=0)
+    exact = cfg.replace(upward_passes_no_grad=d.seq_len)
+    return tuple(float(np.exp(np.mean([nll(c, params, b) for b in batches]))) for c in (cfg, exact))
+
+
+def table(base_cfg: TrainConfig, results: dict, fixed_point_batches: int) -> str:
     base = results[next(iter(results))]
-    lines = ["| KV sharing | KV layers / layers | val ppl | val loss | KV bytes/token | parameters | step time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| KV sharing | KV layers / layers | val ppl | val loss | KV bytes/token | parameters | step time (s) "
+             f"| val ppl, {fixed_point_batches} batches: trained passes / fixed point |", "|---|---|---|---|---|---|---|---|"]
     for spec, r in results.items():
         cfg = json.loads((r.final / "config.json").read_text())
         kv_layers = sum(1 for i, s in enumerate(cfg["kv_sources"]) if i == s)
+        fixed = fixed_point_ppl(base_cfg, r, fixed_point_batches)
         lines.append(
             f"| {spec} | {kv_layers} / {cfg['n_layers']} | {r.val_ppl:.2f} ({r.val_ppl / base.val_ppl:.3f}x) "
             f"| {r.val_loss:.4f} | {r.kv_bytes_per_token:,} ({r.kv_bytes_per_token / base.kv_bytes_per_token:.2f}x) "
             f"| {r.parameters:,} ({r.parameters / base.parameters:.3f}x) "
-            f"| {r.step_time_s:.3f} ({r.step_time_s / base.step_time_s:.2f}x) |")
+            f"| {r.step_time_s:.3f} ({r.step_time_s / base.step_time_s:.2f}x) "
+            f"| {f'{fixed[0]:.3f} / {fixed[1]:.3f}' if fixed else 'n/a (no upward sources)'} |")
     return "\n".join(lines)
 
 
@@ -76,6 +99,8 @@ def main() -> None:
     parser.add_argument("--maps", default=",".join(DEFAULT_MAPS), help="comma-separated kv_sharing specs")
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
     parser.add_argument("--out", default=str(ROOT / "runs" / "compare-kv-sharing"), help="run directories")
+    parser.add_argument("--fixed-point-batches", type=int, default=4,
+                        help="validation batches for the fixed-point perplexity of upward maps")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results"), help="where the table and PNG go")
     args = parser.parse_args()
 
@@ -90,7 +115,7 @@ def main() -> None:
             f"Machine: {platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s), "
             f"{len(os.sched_getaffinity(0))} cores. Steps {results[next(iter(results))].steps}, batch "
             f"{t.batch_size} x {base.data.seq_len} tokens, seed {t.seed}; ratios are against the first row.\n\n"
-            f"{table(results)}\n\n![validation loss](kv_sharing_val_loss.png)\n")
+            f"{table(base, results, args.fixed_point_batches)}\n\n![validation loss](kv_sharing_val_loss.png)\n")
     (out / "kv_sharing.md").write_text(text)
     print(text)
 
