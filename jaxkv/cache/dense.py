@@ -32,6 +32,19 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def write(self, slot: int, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array) -> KVCache:
+        """k, v [B, T, kv_heads, head_dim] at positions [B, T] into KV layer `slot`; tokens
+        t >= n_new[b] (bucket padding) and positions past the end are dropped, never clamped."""
+        rows = jnp.arange(positions.shape[0])[:, None]
+        real = jnp.arange(positions.shape[1])[None, :] < n_new[:, None]
+        positions = jnp.where(real, positions, self.max_len)
+        return self.replace(k=self.k.at[slot, rows, positions].set(k.astype(self.k.dtype), mode="drop"),
+                            v=self.v.at[slot, rows, positions].set(v.astype(self.v.dtype), mode="drop"))
+
+    def read(self, slot: int) -> tuple[jax.Array, jax.Array]:
+        """K, V [B, max_len, kv_heads, head_dim] of KV layer `slot`, position-indexed."""
+        return self.k[slot], self.v[slot]
+
     @property
     def kv_nbytes(self) -> int:
         """Bytes held by K and V storage (the per-sequence lengths are negligible)."""

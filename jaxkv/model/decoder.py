@@ -1,7 +1,8 @@
 """Llama-family decoder as functional Flax Linen modules.
 
 `forward(cfg, params, tokens, cache)` appends `tokens` to each sequence in the explicit
-`cache` and returns logits and the new cache; `sequence_logits` is the training forward.
+`cache` (dense `KVCache` or `PagedKVCache`: both write and read K/V by slot) and returns
+logits and the new cache; `sequence_logits` is the training forward.
 `Decoder` is one pass over the layers; models whose layers read the KV of a later layer
 (LCKV) need several, which `forward` runs. Parameters carry logical axis names (see
 `param_logical_axes`), so one rules table can shard them later.
@@ -57,7 +58,7 @@ class Attention(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, k_all, v_all):
+    def __call__(self, x, positions, n_new, cache):
         cfg = self.cfg
         inv_freq = inverse_frequencies(cfg)
         q = _dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x)
@@ -67,16 +68,14 @@ class Attention(nn.Module):
             kv_shape, kv_axes = (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
             k = apply_rope(_dense(cfg, kv_shape, kv_axes, "k_proj")(x), positions, inv_freq)
             v = _dense(cfg, kv_shape, kv_axes, "v_proj")(x)
-            rows = jnp.arange(x.shape[0])[:, None]
-            # Positions past the cache's end (bucket padding) are dropped, never clamped.
-            k_all = k_all.at[slot, rows, positions].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[slot, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+            cache = cache.write(slot, k, v, positions, n_new)
         attend = functools.partial(cached_attention, strict=cfg.kv_sources[self.layer] > self.layer,
                                    window=cfg.window(self.layer))
         attend = jax.checkpoint(attend) if self.remat else attend
-        out = attend(q, k_all[slot].astype(q.dtype), v_all[slot].astype(q.dtype), positions)
+        k_src, v_src = cache.read(slot)
+        out = attend(q, k_src.astype(q.dtype), v_src.astype(q.dtype), positions)
         out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
-        return out, k_all, v_all
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -99,14 +98,14 @@ class Block(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, k_all, v_all):
+    def __call__(self, x, positions, n_new, cache):
         cfg = self.cfg
-        h, k_all, v_all = Attention(cfg, self.layer, self.remat, name="attn")(
-            RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x), positions, k_all, v_all)
+        h, cache = Attention(cfg, self.layer, self.remat, name="attn")(
+            RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x), positions, n_new, cache)
         x = x + h
         mlp = nn.remat(MLP) if self.remat else MLP
         x = x + mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
-        return x, k_all, v_all
+        return x, cache
 
 
 class Decoder(nn.Module):
@@ -132,12 +131,11 @@ class Decoder(nn.Module):
                          param_dtype=jnp.dtype(cfg.param_dtype), name="embed",
                          embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         x = embed(tokens)
-        k_all, v_all = cache.k, cache.v
         n_run = cfg.upward_targets[-1] + 1 if kv_only else cfg.n_layers
         for layer in range(n_run):
-            x, k_all, v_all = Block(cfg, layer, self.remat, name=f"layers_{layer}")(x, positions, k_all, v_all)
+            x, cache = Block(cfg, layer, self.remat, name=f"layers_{layer}")(x, positions, n_new, cache)
         if kv_only:
-            return cache.replace(k=k_all, v=v_all)
+            return cache
         x = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
         if not all_logits:
             x = x[jnp.arange(B), jnp.maximum(n_new - 1, 0)][:, None, :]
@@ -146,7 +144,7 @@ class Decoder(nn.Module):
             logits = jnp.einsum("vd,btd->btv", embed.embedding.astype(x.dtype), x)
         else:
             logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
-        return logits.astype(jnp.float32), KVCache(k_all, v_all, cache.lengths + n_new)
+        return logits.astype(jnp.float32), cache.replace(lengths=cache.lengths + n_new)
 
 
 def forward(cfg: ModelConfig, params, tokens, cache: KVCache, n_new=None, all_logits: bool = False,
@@ -160,14 +158,14 @@ def forward(cfg: ModelConfig, params, tokens, cache: KVCache, n_new=None, all_lo
     k tokens are exact, so it converges to what token-by-token decoding gives.
     """
     model = Decoder(cfg, remat=remat)
-    if cfg.has_upward_sources() and tokens.shape[1] > 1:
-        rows = jnp.arange(tokens.shape[0])[:, None]
-        positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-        k, v = cache.k, cache.v
+    B, T = tokens.shape
+    if cfg.has_upward_sources() and T > 1:
+        n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
+        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        zeros = jnp.zeros((B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
         for slot in (cfg.kv_slot(t) for t in cfg.upward_targets):
-            k = k.at[slot, rows, positions].set(0, mode="drop")
-            v = v.at[slot, rows, positions].set(0, mode="drop")
-        cache = cache.replace(k=jax.lax.stop_gradient(k), v=jax.lax.stop_gradient(v))
+            cache = cache.write(slot, zeros, zeros, positions, n_new)
+        cache = jax.tree.map(jax.lax.stop_gradient, cache)
         frozen = jax.lax.stop_gradient(params)
         cache = jax.lax.fori_loop(
             0, cfg.upward_passes_no_grad,

@@ -1,0 +1,104 @@
+"""The paged KV cache: page pools only for KV-producing layers, block tables and lengths.
+
+k_pages, v_pages: [n_kv_layers, kv_heads, num_pages, page_size, head_dim], one pool per KV
+layer in the layout of `pallas_kernels.paged_attention`; a CLA or LCKV model allocates
+proportionally fewer pools. A sequence's position p lives in page block_tables[b, p //
+page_size] at offset p % page_size. int8 pages carry one float32 scale per (token, head):
+symmetric absmax, quantized on write and dequantized by the reader.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxkv.config import DTYPES, ModelConfig
+from jaxkv.errors import JaxkvError
+from pallas_kernels.paged_attention.reference import dequantize
+
+KV_DTYPES = DTYPES + ("int8",)
+
+
+@struct.dataclass
+class PagedKVCache:
+    k_pages: jax.Array
+    v_pages: jax.Array
+    k_scales: jax.Array | None
+    v_scales: jax.Array | None
+    block_tables: jax.Array  # int32 [batch, pages_per_seq]
+    lengths: jax.Array  # int32 [batch]
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, num_pages: int, page_size: int, pages_per_seq: int,
+             kv_dtype: str | None = None) -> PagedKVCache:
+        kv_dtype = kv_dtype or cfg.dtype
+        if kv_dtype not in KV_DTYPES:
+            raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        shape = (cfg.n_kv_layers, cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
+        scales = (jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32)) \
+            if kv_dtype == "int8" else (None, None)
+        return cls(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype), *scales,
+                   block_tables=jnp.zeros((batch, pages_per_seq), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[3]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scales is not None
+
+    def write(self, slot: int, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array) -> PagedKVCache:
+        return write(self, slot, k, v, positions, n_new)
+
+    def read(self, slot: int) -> tuple[jax.Array, jax.Array]:
+        """K, V [B, pages_per_seq * page_size, kv_heads, head_dim] of KV layer `slot` gathered
+        through the block tables and dequantized: the pure-JAX path the model takes on CPU."""
+        def gather(pages, scales):
+            dense = dequantize(pages[slot], None if scales is None else scales[slot], jnp.float32 if
+                               self.quantized else pages.dtype)[:, self.block_tables]  # [K, B, P, S, D]
+            return jnp.moveaxis(dense.reshape(*dense.shape[:2], -1, dense.shape[-1]), 0, 2)
+        return gather(self.k_pages, self.k_scales), gather(self.v_pages, self.v_scales)
+
+
+def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric absmax over the last axis: (int8 values, float32 scale) with x ~ values * scale."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x / safe[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def write(cache: PagedKVCache, slot: int, k: jax.Array, v: jax.Array, positions: jax.Array,
+          n_new: jax.Array | None = None) -> PagedKVCache:
+    """Scatter new k, v [B, T, kv_heads, head_dim] at `positions` [B, T] into KV layer `slot`'s
+    pages. Tokens t >= n_new[b] (bucket padding) are dropped, never written. Jit with the
+    cache donated: the pools are updated in place."""
+    B, T = positions.shape
+    n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
+    page_size = cache.page_size
+    page_index = jnp.clip(positions // page_size, 0, cache.block_tables.shape[1] - 1)
+    pages = jnp.take_along_axis(cache.block_tables, page_index, axis=1)
+    real = jnp.arange(T)[None, :] < n_new[:, None]
+    pages = jnp.where(real, pages, cache.k_pages.shape[2])  # out of range: dropped
+    offsets = positions % page_size
+    # [K, B, T, D] so the scatter indexes (slot, head, page, offset).
+    k, v = jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0)
+    heads = jnp.arange(k.shape[0])[:, None, None]
+    at = (slot, heads, pages[None], offsets[None])
+    if cache.quantized:
+        (k, k_scale), (v, v_scale) = quantize_int8(k), quantize_int8(v)
+        cache = cache.replace(k_scales=cache.k_scales.at[at].set(k_scale, mode="drop"),
+                              v_scales=cache.v_scales.at[at].set(v_scale, mode="drop"))
+    return cache.replace(k_pages=cache.k_pages.at[at].set(k.astype(cache.k_pages.dtype), mode="drop"),
+                         v_pages=cache.v_pages.at[at].set(v.astype(cache.v_pages.dtype), mode="drop"))
+
+
+def paged_kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str | None = None) -> int:
+    """Bytes per token in the pools: K and V x KV layers x kv_heads x (head_dim values, plus a
+    float32 scale per (token, head) when int8)."""
+    kv_dtype = kv_dtype or cfg.dtype
+    per_head = cfg.head_dim + 4 if kv_dtype == "int8" else cfg.head_dim * np.dtype(jnp.dtype(kv_dtype)).itemsize
+    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * per_head

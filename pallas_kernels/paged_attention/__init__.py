@@ -1,0 +1,74 @@
+"""Decode attention over a paged KV cache: one entry point, a pure-JAX reference and per-platform kernels.
+
+A sequence's tokens live in fixed-size pages of a shared pool; its block table row lists the pool
+pages in token order. Every backend computes the same thing; the reference is the ground truth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxkv.errors import JaxkvError
+from pallas_kernels.paged_attention import gpu, reference
+
+# jax.default_backend() name -> kernel; "auto" uses the one for the current platform, else the reference.
+_KERNELS = {"gpu": gpu.paged_attention}
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None, v_scales=None, scale=None,
+                    sinks: int = 0, window: int | None = None, backend: str = "auto", interpret: bool = False):
+    """Attention of one new query per sequence over its paged K/V; returns [batch, q_heads, head_dim] in q.dtype.
+
+    q [B, H, Dh]; k_pages, v_pages [K, N, S, Dh] (one pool per KV layer); block_tables int32 [B, P];
+    lengths int32 [B]: the query is token lengths-1 and sees positions 0..lengths-1 (length 0: zeros).
+    k_scales, v_scales float32 [K, N, S] dequantize int8 pages (value = int8 * scale per token and head).
+    scale multiplies the logits (default 1/sqrt(Dh)). With a window, only the first `sinks` and the last
+    `window` positions are visible. Query head h reads KV head h // (H // K); softmax is float32.
+    backend: "reference", "gpu" (Pallas Triton; interpret=True runs it on CPU) or "auto" (the kernel for
+    jax.default_backend() when there is one, else the reference).
+    """
+    _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window)
+    if backend == "auto":
+        backend = jax.default_backend() if jax.default_backend() in _KERNELS else "reference"
+    options = dict(k_scales=k_scales, v_scales=v_scales, sinks=sinks, window=window,
+                   scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
+    if backend == "reference":
+        return reference.paged_attention(q, k_pages, v_pages, block_tables, lengths, **options)
+    if backend not in _KERNELS:
+        raise JaxkvError(f"paged_attention: unknown backend {backend!r}; choose auto, reference or "
+                         f"{', '.join(_KERNELS)}")
+    return _KERNELS[backend](q, k_pages, v_pages, block_tables, lengths, interpret=interpret, **options)
+
+
+def _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window) -> None:
+    """One clear line for each way the inputs can disagree, before anything is traced."""
+    def check(ok, message):
+        if not ok:
+            raise JaxkvError(f"paged_attention: {message}")
+
+    check(q.ndim == 3, f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
+    check(k_pages.ndim == 4, f"k_pages must be [kv_heads, num_pages, page_size, head_dim], got {k_pages.shape}")
+    check(v_pages.shape == k_pages.shape, f"v_pages shape {v_pages.shape} != k_pages shape {k_pages.shape}")
+    check(v_pages.dtype == k_pages.dtype, f"v_pages dtype {v_pages.dtype} != k_pages dtype {k_pages.dtype}")
+    check(block_tables.ndim == 2, f"block_tables must be [batch, pages_per_seq], got {block_tables.shape}")
+    check(lengths.ndim == 1, f"lengths must be [batch], got shape {lengths.shape}")
+    check(block_tables.dtype == jnp.int32 and lengths.dtype == jnp.int32,
+          f"block_tables and lengths must be int32, got {block_tables.dtype} and {lengths.dtype}")
+    batch, n_heads, head_dim = q.shape
+    n_kv, n_pages, page_size, kv_head_dim = k_pages.shape
+    check(block_tables.shape[0] == batch and lengths.shape[0] == batch,
+          f"batch sizes differ: q {batch}, block_tables {block_tables.shape[0]}, lengths {lengths.shape[0]}")
+    check(kv_head_dim == head_dim, f"head_dim differs: q {head_dim}, k/v pages {kv_head_dim}")
+    check(n_kv > 0 and n_heads % n_kv == 0, f"q_heads {n_heads} is not a multiple of kv_heads {n_kv}")
+    check(jnp.issubdtype(q.dtype, jnp.floating), f"q must be a float array, got {q.dtype}")
+    if k_pages.dtype == jnp.int8:
+        for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+            check(scales is not None, f"int8 pages need {name}")
+            check(scales.shape == (n_kv, n_pages, page_size) and scales.dtype == jnp.float32,
+                  f"{name} must be float32 {(n_kv, n_pages, page_size)}, got {scales.dtype} {scales.shape}")
+    else:
+        check(k_scales is None and v_scales is None, f"k_scales/v_scales are for int8 pages, not {k_pages.dtype}")
+        check(k_pages.dtype == q.dtype, f"k/v pages dtype {k_pages.dtype} != q dtype {q.dtype} (or use int8)")
+    check(sinks >= 0, f"sinks must be >= 0, got {sinks}")
+    check(window is None or window >= 1, f"window must be None or >= 1, got {window}")

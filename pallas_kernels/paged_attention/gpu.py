@@ -1,0 +1,128 @@
+"""Decode paged attention as a Pallas Triton kernel: block-sparse online softmax over pages, split-K, then a combine."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxkv.errors import JaxkvError
+from pallas_kernels.paged_attention.reference import MASKED, visible
+
+_BLOCK_TOKENS = 32  # tokens per loop step: Triton's dot wants every dimension >= 16
+_MAX_SPLITS = 8  # split-K programs per (sequence, KV head), so short batches still fill the GPU
+
+
+def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, window, pages_per_block,
+            n_splits, quantized):
+    """One (sequence, KV head, split): loop over this split's share of the pages the query can see.
+
+    The visible pages are numbered 0..n_visible-1 ("logical" pages: the sink pages, then the window's
+    pages), so masked-out middles of long sequences are never loaded.
+    """
+    k_scales_ref, v_scales_ref, acc_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
+    n_pages, page_size, head_dim = k_ref.shape
+    pages_per_seq = tables_ref.shape[0]
+    block_k = pages_per_block * page_size
+    length = lengths_ref[0]
+
+    n_sink = pl.cdiv(jnp.minimum(length, sinks), page_size)
+    window_start = 0 if window is None else jnp.maximum(length - window, 0) // page_size
+    window_first = jnp.maximum(window_start, n_sink)
+    n_visible = n_sink + jnp.maximum(jnp.minimum(pl.cdiv(length, page_size), pages_per_seq) - window_first, 0)
+    per_split = pl.cdiv(pl.cdiv(n_visible, n_splits), pages_per_block) * pages_per_block
+    start = pl.program_id(2) * per_split
+    stop = jnp.minimum(start + per_split, n_visible)
+
+    q = q_ref[...]
+    compute_dtype = q.dtype if quantized else k_ref.dtype
+
+    def body(i, carry):
+        acc, m, l = carry
+        logical = start + i * pages_per_block + jnp.arange(pages_per_block)
+        slot = jnp.where(logical < n_sink, logical, logical - n_sink + window_first)
+        slot = jnp.minimum(slot, pages_per_seq - 1)  # the tail of the last block: masked, but read in bounds
+        pages = jnp.clip(tables_ref[slot], 0, n_pages - 1)  # never read outside the pool, whatever the table holds
+        positions = (slot[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
+        in_split = jnp.broadcast_to((logical < stop)[:, None], (pages_per_block, page_size)).reshape(block_k)
+        keep = (visible(positions, length, sinks, window) & in_split)[None, :]
+
+        k = k_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
+        logits = plgpu.dot(q, k, trans_b=True)  # [G, block_k] float32
+        if quantized:
+            logits *= k_scales_ref[pages].reshape(1, block_k)
+        logits = jnp.where(keep, logits * scale, MASKED)
+        m_next = jnp.maximum(m, logits.max(axis=-1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
+        l_next = alpha * l + p.sum(axis=-1)
+        if quantized:
+            p *= v_scales_ref[pages].reshape(1, block_k)
+        v = v_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
+        acc_next = alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v)
+        return acc_next, m_next, l_next
+
+    group = q.shape[0]
+    init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group,), MASKED, jnp.float32),
+            jnp.zeros((group,), jnp.float32))
+    n_blocks = pl.cdiv(jnp.maximum(stop - start, 0), pages_per_block)
+    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    acc_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret"))
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, sinks, window,
+                    interpret):
+    """The Triton kernel over (sequence, KV head, split), then the partial (acc, max, sum) of splits combined."""
+    batch, n_heads, head_dim = q.shape
+    n_kv, n_pages, page_size, _ = k_pages.shape
+    pages_per_seq = block_tables.shape[1]
+    for name, size in (("page_size", page_size), ("head_dim", head_dim)):
+        if size & (size - 1):
+            raise JaxkvError(f"paged_attention: the gpu backend needs a power-of-two {name}, got {size}")
+    group = n_heads // n_kv
+    padded_group = max(16, pl.next_power_of_2(group))  # Triton's dot and loads want powers of two >= 16
+    pages_per_block = max(1, _BLOCK_TOKENS // page_size)
+    n_splits = min(_MAX_SPLITS, pl.cdiv(pages_per_seq, pages_per_block))
+    quantized = k_scales is not None
+
+    qg = jnp.pad(q.reshape(batch, n_kv, group, head_dim), ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
+    pool_spec = pl.BlockSpec((None, n_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
+    scales_spec = pl.BlockSpec((None, n_pages, page_size), lambda b, h, s: (h, 0, 0))
+    in_specs = [
+        pl.BlockSpec((1,), lambda b, h, s: (b,)),
+        pl.BlockSpec((None, pages_per_seq), lambda b, h, s: (b, 0)),
+        pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pool_spec, pool_spec,
+    ]
+    args = [lengths, block_tables, qg, k_pages, v_pages]
+    if quantized:
+        in_specs += [scales_spec, scales_spec]
+        args += [k_scales, v_scales]
+    partial_shape = (batch, n_kv, n_splits, padded_group)
+    kernel = functools.partial(_kernel, scale=scale, sinks=sinks, window=window, pages_per_block=pages_per_block,
+                               n_splits=n_splits, quantized=quantized)
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=(batch, n_kv, n_splits),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, None, padded_group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, padded_group), lambda b, h, s: (b, h, s, 0)),
+                   pl.BlockSpec((None, None, None, padded_group), lambda b, h, s: (b, h, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+                   jax.ShapeDtypeStruct(partial_shape, jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="jaxkv_paged_attention",
+    )(*args)
+
+    weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # rescale every split to the common max
+    total = (l * weight).sum(axis=2)
+    out = (acc * weight[..., None]).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]  # length 0: zeros
+    return out[:, :, :group].reshape(q.shape).astype(q.dtype)

@@ -1,0 +1,134 @@
+"""Paged decode attention: the reference against a naive float64 loop, the Pallas kernel (interpreted) against it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from jaxkv.errors import JaxkvError
+from pallas_kernels import paged_attention
+from conftest import relative_error
+
+KV_HEADS, PAGES_PER_SEQ = 2, 6
+
+
+def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths=None, int8=False, seed=0):
+    """Random q and pages, each sequence's pages scattered in random order through a pool with spares."""
+    rng = np.random.default_rng(seed)
+    if lengths is None:  # ragged: empty, one token, a page multiple, a full table, one in between
+        lengths = [0, 1, 2 * page_size, PAGES_PER_SEQ * page_size, 3 * page_size + 5]
+    batch, n_pages = len(lengths), len(lengths) * PAGES_PER_SEQ + 3
+    pool = (KV_HEADS, n_pages, page_size, head_dim)
+    q = jnp.asarray(rng.standard_normal((batch, KV_HEADS * ratio, head_dim)), dtype)
+    tables = jnp.asarray(rng.permutation(n_pages)[:batch * PAGES_PER_SEQ].reshape(batch, -1), jnp.int32)
+    inputs = dict(q=q, block_tables=tables, lengths=jnp.asarray(lengths, jnp.int32))
+    if int8:
+        inputs.update({name: jnp.asarray(rng.integers(-127, 128, pool), jnp.int8) for name in ("k_pages", "v_pages")})
+        inputs.update({name: jnp.asarray(rng.uniform(0.004, 0.012, pool[:3]), jnp.float32)
+                       for name in ("k_scales", "v_scales")})
+    else:
+        inputs.update({name: jnp.asarray(rng.standard_normal(pool), dtype) for name in ("k_pages", "v_pages")})
+    return inputs
+
+
+def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None, *, scale=None,
+                    sinks=0, window=None):
+    """Each sequence's dense K/V read token by token through its block table, attended in float64."""
+    q, block_tables, lengths = np.asarray(q, np.float64), np.asarray(block_tables), np.asarray(lengths)
+    k_pages, v_pages = np.asarray(k_pages, np.float64), np.asarray(v_pages, np.float64)
+    if k_scales is not None:
+        k_pages = k_pages * np.asarray(k_scales, np.float64)[..., None]
+        v_pages = v_pages * np.asarray(v_scales, np.float64)[..., None]
+    n_kv, _, page_size, head_dim = k_pages.shape
+    group = q.shape[1] // n_kv
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = np.zeros(q.shape)
+    for b, length in enumerate(lengths):
+        seen = [p for p in range(length) if window is None or p < sinks or p >= length - window]
+        if not seen:
+            continue
+        pages = [block_tables[b, p // page_size] for p in seen]
+        k = np.stack([k_pages[:, page, p % page_size] for page, p in zip(pages, seen)], axis=1)  # [K, T, Dh]
+        v = np.stack([v_pages[:, page, p % page_size] for page, p in zip(pages, seen)], axis=1)
+        for h in range(q.shape[1]):
+            logits = k[h // group] @ q[b, h] * scale
+            weights = np.exp(logits - logits.max())
+            out[b, h] = weights @ v[h // group] / weights.sum()
+    return out
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(page_size=16, ratio=3, scale=0.3),
+    dict(ratio=8, sinks=4, window=11),
+    dict(page_size=16, sinks=0, window=1),
+    dict(ratio=3, int8=True, sinks=9, window=20),
+], ids=str)
+def test_reference_matches_naive_loop(case):
+    options = {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
+    inputs = make_inputs(**case)
+    got = paged_attention(**inputs, **options, backend="reference")
+    np.testing.assert_allclose(np.asarray(got), naive_attention(**inputs, **options), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=jnp.float32, page_size=8, ratio=1),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=3),
+    dict(dtype=jnp.float32, page_size=16, ratio=8, head_dim=128),
+    dict(dtype=jnp.bfloat16, page_size=8, ratio=8, sinks=4, window=20),
+    dict(dtype=jnp.float32, page_size=16, ratio=1, sinks=0, window=5, scale=0.3),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, sinks=10, window=1),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, int8=True),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, int8=True, sinks=3, window=30),
+], ids=str)
+def test_gpu_kernel_matches_reference(case):
+    options = {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
+    inputs = make_inputs(**case)
+    want = paged_attention(**inputs, **options, backend="reference")
+    got = paged_attention(**inputs, **options, backend="gpu", interpret=True)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert relative_error(got, want) < (2e-2 if case["dtype"] == jnp.bfloat16 else 1e-5)
+    assert not np.asarray(got[0]).any()  # length 0 gives zeros
+
+
+def test_gpu_kernel_reads_only_sink_and_window_pages():
+    """NaN pages between the sinks and the window would poison the output if the kernel loaded them."""
+    inputs = make_inputs(lengths=[PAGES_PER_SEQ * 8, 5 * 8 + 3])
+    skipped = np.asarray(inputs["block_tables"])[:, 1:3].ravel()  # positions 8..23: neither sinks (< 5) nor window
+    poisoned = {name: inputs[name].at[:, skipped].set(jnp.nan) for name in ("k_pages", "v_pages")}
+    got = paged_attention(**{**inputs, **poisoned}, sinks=5, window=12, backend="gpu", interpret=True)
+    want = paged_attention(**inputs, sinks=5, window=12, backend="reference")
+    assert relative_error(got, want) < 1e-5
+
+
+def test_auto_is_the_reference_on_cpu():
+    inputs = make_inputs(ratio=3)
+    np.testing.assert_array_equal(paged_attention(**inputs), paged_attention(**inputs, backend="reference"))
+
+
+BAD_INPUTS = {  # name -> what to change in good inputs
+    "backend": lambda q, k, tables, lengths: dict(backend="tpu-v9"),
+    "q rank": lambda q, k, tables, lengths: dict(q=q[0]),
+    "v shape": lambda q, k, tables, lengths: dict(v_pages=k[:, :-1]),
+    "head_dim": lambda q, k, tables, lengths: dict(q=q[..., :32]),
+    "head ratio": lambda q, k, tables, lengths: dict(q=q[:, :5]),
+    "batch": lambda q, k, tables, lengths: dict(lengths=lengths[:-1]),
+    "table dtype": lambda q, k, tables, lengths: dict(block_tables=tables.astype(jnp.float32)),
+    "page dtype": lambda q, k, tables, lengths: dict(k_pages=k.astype(jnp.bfloat16), v_pages=k.astype(jnp.bfloat16)),
+    "scales on float pages": lambda q, k, tables, lengths: dict(k_scales=jnp.ones(k.shape[:3]),
+                                                                v_scales=jnp.ones(k.shape[:3])),
+    "int8 without scales": lambda q, k, tables, lengths: dict(k_pages=k.astype(jnp.int8), v_pages=k.astype(jnp.int8)),
+    "window": lambda q, k, tables, lengths: dict(window=0),
+    "gpu page size": lambda q, k, tables, lengths: dict(k_pages=k[:, :, :6], v_pages=k[:, :, :6], backend="gpu",
+                                                        interpret=True),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_raises(name):
+    inputs = make_inputs(ratio=3)
+    change = BAD_INPUTS[name](inputs["q"], inputs["k_pages"], inputs["block_tables"], inputs["lengths"])
+    with pytest.raises(JaxkvError):
+        paged_attention(**{**inputs, **change})
