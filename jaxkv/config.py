@@ -6,6 +6,8 @@ and only the layers that are their own source own K/V projections and cache stor
 A source above the reader (LCKV) is computed by iterating the forward pass:
 `upward_passes_no_grad` passes without gradient, then `upward_passes_grad` with it.
 Layers in `window_layers` attend only to the last `sliding_window` positions.
+`attention_backend` picks the paged decode kernel (pallas_kernels.paged_attention):
+"auto" is Pallas on GPU/TPU and the pure-JAX reference on CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 from jaxkv.errors import JaxkvError
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference", "gpu")
 
 
 def _coerce_numbers(obj) -> None:
@@ -71,6 +74,7 @@ class ModelConfig:
     upward_passes_grad: int = 2
     window_layers: tuple[int, ...] = ()
     sliding_window: int | None = None
+    attention_backend: str = "auto"
     name: str = "custom"
 
     def __post_init__(self):
@@ -117,6 +121,8 @@ class ModelConfig:
                              f"{self.upward_passes_no_grad} and {self.upward_passes_grad}")
         if any(not 0 <= i < self.n_layers for i in self.window_layers):
             raise JaxkvError(f"window_layers {list(self.window_layers)} are not all layer indices")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise JaxkvError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.window_layers and (self.sliding_window or 0) < 1:
             raise JaxkvError("window_layers need a positive sliding_window (in tokens)")
 

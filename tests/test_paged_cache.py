@@ -128,13 +128,15 @@ def test_int8_absmax_quantization():
 
 
 # --- the model on a paged cache ---------------------------------------------------------------
-@pytest.mark.parametrize("sources", [(0, 1, 2, 3), cla(4, 2), lckv(4, 2)], ids=["standard", "cla2", "lckv2"])
-def test_model_on_paged_cache_equals_dense(sources):
+@pytest.mark.parametrize("sources, windowed", [((0, 1, 2, 3), ()), (cla(4, 2), ()), (lckv(4, 2), ()),
+                                               ((0, 1, 2, 3), (1, 3)), (lckv(4, 2), (1, 3))],
+                         ids=["standard", "cla2", "lckv2", "window", "lckv2-window"])
+def test_model_on_paged_cache_equals_dense(sources, windowed):
     """Prefill of ragged prompts then decode steps: same logits through scattered pages as dense."""
     from jaxkv.cache.dense import KVCache
     from jaxkv.model.decoder import forward, init_params
 
-    cfg = _cfg(sources).replace(upward_passes_no_grad=12)
+    cfg = _cfg(sources).replace(upward_passes_no_grad=12, window_layers=windowed, sliding_window=3)
     params = init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, 32, size=(2, 14)))

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.cache.dense import KVCache
+from jaxkv.cache.paged import PagedKVCache
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.attention import cached_attention
 from jaxkv.model.rope import apply_rope, inverse_frequencies
+from pallas_kernels import paged_attention
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -69,11 +71,18 @@ class Attention(nn.Module):
             k = apply_rope(_dense(cfg, kv_shape, kv_axes, "k_proj")(x), positions, inv_freq)
             v = _dense(cfg, kv_shape, kv_axes, "v_proj")(x)
             cache = cache.write(slot, k, v, positions, n_new)
-        attend = functools.partial(cached_attention, strict=cfg.kv_sources[self.layer] > self.layer,
-                                   window=cfg.window(self.layer))
-        attend = jax.checkpoint(attend) if self.remat else attend
-        k_src, v_src = cache.read(slot)
-        out = attend(q, k_src.astype(q.dtype), v_src.astype(q.dtype), positions)
+        strict, window = cfg.kv_sources[self.layer] > self.layer, cfg.window(self.layer)
+        if isinstance(cache, PagedKVCache) and q.shape[1] == 1 and not (strict and window):
+            out = paged_attention(  # decode: the kernel reads only the pages it needs
+                q[:, 0], cache.k_pages[slot], cache.v_pages[slot], cache.block_tables,
+                positions[:, 0] + (0 if strict else 1), window=window, backend=cfg.attention_backend,
+                k_scales=None if cache.k_scales is None else cache.k_scales[slot],
+                v_scales=None if cache.v_scales is None else cache.v_scales[slot])[:, None]
+        else:
+            attend = functools.partial(cached_attention, strict=strict, window=window)
+            attend = jax.checkpoint(attend) if self.remat else attend
+            k_src, v_src = cache.read(slot)
+            out = attend(q, k_src.astype(q.dtype), v_src.astype(q.dtype), positions)
         out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
         return out, cache
 
