@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.cache.paged import paged_kv_bytes_per_token
 from jaxkv.checkpoints.registry import DEFAULT_MODEL, open_source, resolve
 from jaxkv.checkpoints.store import assemble_params, load_checkpoint
 from jaxkv.config import DTYPES, ModelConfig
@@ -20,15 +20,16 @@ from jaxkv.tokenizer import Tokenizer
 class LLM:
     """A loaded model: config, tokenizer, params, and generation with cached compilations."""
 
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params, kv_dtype: str | None = None,
+                 page_size: int | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.params = params
-        self.generator = Generator(config, params, eos_ids=tokenizer.eos_ids)
+        self.generator = Generator(config, params, eos_ids=tokenizer.eos_ids, kv_dtype=kv_dtype, page_size=page_size)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config)
+        return paged_kv_bytes_per_token(self.config, self.generator.kv_dtype)
 
     @property
     def stats(self):
@@ -55,11 +56,13 @@ class LLM:
         return out[0] if single else out
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LLM:
+def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
+         page_size: int | None = None) -> LLM:
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir or a GGUF file.
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
-    checkpoint's own.
+    checkpoint's own. page_size keeps the KV cache in pages of that many tokens; kv_dtype
+    "int8" quantizes it (paged, page_size 16 unless given).
     """
     if dtype is not None:
         dtype = _dtype_name(dtype)
@@ -73,7 +76,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None) -> LLM:
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=cfg.param_dtype), params)
-    return LLM(cfg, tokenizer, params)
+    if kv_dtype == "int8" and page_size is None:
+        page_size = 16
+    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size)
 
 
 def _dtype_name(dtype) -> str:

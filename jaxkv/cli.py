@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 def _generate(args) -> None:
     import jaxkv
 
-    llm = jaxkv.load(args.model, dtype=args.dtype)
+    llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size)
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
     stats = llm.stats
@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
+    gen.add_argument("--kv-dtype", choices=_DTYPES + ("int8",), default=None,
+                     help="KV cache dtype (default: the compute dtype); int8 uses the paged cache")
+    gen.add_argument("--page-size", type=int, default=None,
+                     help="keep the KV cache in pages of this many tokens (default: dense; 16 with int8)")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(func=_generate)
 

@@ -20,6 +20,7 @@ from jaxkv.cache.dense import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.sampling import SamplingParams, sample
+from jaxkv.cache.paged import KV_DTYPES, PagedKVCache
 from jaxkv.model.decoder import forward
 
 MIN_PROMPT_BUCKET = 16
@@ -58,12 +59,21 @@ class Generator:
     """Generates from token ids with one model's parameters; owns its compiled executables."""
 
     def __init__(self, cfg: ModelConfig, params, eos_ids: Sequence[int] = (), decode_chunk: int = 8,
-                 kv_dtype=None):
+                 kv_dtype: str | None = None, page_size: int | None = None):
+        """kv_dtype: the cache's dtype (default the compute dtype; "int8" needs pages).
+        page_size: keep K/V in a paged cache of pages of this many tokens (None: dense)."""
         self.cfg = cfg
         self.params = params
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.decode_chunk = decode_chunk
-        self.kv_dtype = jnp.dtype(kv_dtype or cfg.dtype)
+        self.kv_dtype = kv_dtype or cfg.dtype
+        if self.kv_dtype not in KV_DTYPES:
+            raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if page_size is not None and (page_size < 1 or page_size & (page_size - 1)):
+            raise JaxkvError(f"page_size must be a power of two, got {page_size}")
+        if self.kv_dtype == "int8" and page_size is None:
+            raise JaxkvError("int8 KV lives in the paged cache: give a page_size (e.g. 16)")
+        self.page_size = page_size
         self._executables: dict = {}
         self.stats = GenerationStats()
 
@@ -72,10 +82,18 @@ class Generator:
         """Fresh cache and per-row PRNG keys, the prompt written in, and the first new token."""
         batch = tokens.shape[0]
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
-        cache = KVCache.init(self.cfg, batch, cache_len, self.kv_dtype)
+        cache = self._new_cache(batch, cache_len)
         logits, cache = forward(self.cfg, params, tokens, cache, n_new)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
         return sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy), cache, keys
+
+    def _new_cache(self, batch: int, cache_len: int):
+        """An empty dense cache, or a paged one whose rows own consecutive pages."""
+        if self.page_size is None:
+            return KVCache.init(self.cfg, batch, cache_len, self.kv_dtype)
+        per_seq = -(-cache_len // self.page_size)
+        cache = PagedKVCache.init(self.cfg, batch, batch * per_seq, self.page_size, per_seq, self.kv_dtype)
+        return cache.replace(block_tables=jnp.arange(batch * per_seq, dtype=jnp.int32).reshape(batch, per_seq))
 
     def _decode(self, params, cache, tokens, step, keys, temperature, top_k, top_p, *, greedy):
         def one_step(carry, i):
