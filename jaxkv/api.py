@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.paged import paged_kv_bytes_per_token
+from jaxkv.cache.dense import kv_bytes_per_token
 from jaxkv.checkpoints.registry import DEFAULT_MODEL, open_source, resolve
 from jaxkv.checkpoints.store import assemble_params, load_checkpoint
 from jaxkv.config import DTYPES, ModelConfig
@@ -29,7 +29,7 @@ class LLM:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return paged_kv_bytes_per_token(self.config, self.generator.kv_dtype)
+        return kv_bytes_per_token(self.config, self.generator.kv_dtype)
 
     @property
     def stats(self):

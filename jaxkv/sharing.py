@@ -50,8 +50,7 @@ def lckv(n_layers: int, warmup: int) -> KVSources:
 
 def yoco(n_layers: int) -> KVSources:
     """YOCO-style: the first half keeps its own KV; the second half reads layer L//2's."""
-    half = n_layers // 2
-    return tuple(i if i < half else half for i in range(n_layers))
+    return _grouped(n_layers, [(n_layers // 2, n_layers)], "bottom")
 
 
 def _grouped(n_layers: int, groups: list[tuple[int, int]], target: str) -> KVSources:
@@ -106,7 +105,7 @@ def from_string(spec: str) -> LayerMap:
     return LayerMap(tuple(int(p.group(1)) for p in parts), tuple(i for i, p in enumerate(parts) if p.group(2)))
 
 
-_NAMED = re.compile(r"^(standard|yoco|cla|lckv|(?:pizza|sandwich|lasagna)-(?:bottom|middle|top))[:=]?(\d*)$")
+_NAMED = re.compile(rf"^(standard|yoco|cla|lckv|(?:{'|'.join(PARTITIONS)})-(?:{'|'.join(TARGETS)}))[:=]?(\d*)$")
 
 
 def parse_spec(spec: str, n_layers: int) -> LayerMap:

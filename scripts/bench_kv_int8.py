@@ -19,7 +19,8 @@ import numpy as np
 
 import jaxkv
 from jaxkv.cache.pages import PageAllocator
-from jaxkv.cache.paged import PagedKVCache, paged_kv_bytes_per_token
+from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.cache.paged import PagedKVCache
 from jaxkv.data.corpus import load_split
 from jaxkv.model.decoder import forward
 
@@ -61,14 +62,14 @@ def main() -> None:
     targets = ids[1:]
     rows = ["| KV dtype | KV bytes/token | vs bf16 | ppl | top-1 agreement with fp32 KV | mean KL(fp32 ‖ x) | max abs logit error / max abs logit |",
             "|---|---|---|---|---|---|---|"]
-    bf16_bytes = paged_kv_bytes_per_token(llm.config, "bfloat16")
+    bf16_bytes = kv_bytes_per_token(llm.config, "bfloat16")
     for dtype, logits in results.items():
         lp = log_softmax(logits)
         ppl = float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
         kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
         agree = float((lp.argmax(-1) == ref.argmax(-1)).mean())
         err = float(np.abs(logits - results["float32"]).max() / np.abs(results["float32"]).max())
-        nbytes = paged_kv_bytes_per_token(llm.config, dtype)
+        nbytes = kv_bytes_per_token(llm.config, dtype)
         rows.append(f"| {dtype} | {nbytes:,} | {nbytes / bf16_bytes:.3f}x | {ppl:.3f} | {agree:.4f} | {kl:.2e} | {err:.2e} |")
     text_out = (f"# int8 KV against bfloat16 KV ({args.model})\n\nCommand: `python scripts/bench_kv_int8.py "
                 f"--tokens {args.tokens} --chunk {args.chunk}`. The text is {len(ids)} tokens of the held-out "

@@ -251,7 +251,7 @@ def test_uptraining_averages_the_projections_of_sharing_layers():
         for proj in ("k_proj", "v_proj"):
             want = np.mean([params[f"layers_{i}"]["attn"][proj]["kernel"] for i in readers], axis=0)
             np.testing.assert_allclose(shared[f"layers_{kv_layer}"]["attn"][proj]["kernel"], want, rtol=1e-6)
-    assert "k_proj" not in shared[f"layers_1"]["attn"] and "k_proj" in params["layers_1"]["attn"]
+    assert "k_proj" not in shared["layers_1"]["attn"] and "k_proj" in params["layers_1"]["attn"]
     np.testing.assert_array_equal(shared["layers_1"]["mlp"]["up_proj"]["kernel"], params["layers_1"]["mlp"]["up_proj"]["kernel"])
     # From a model that already shares: each reader brings the projection it used before.
     lckv_cfg, again = share_kv(cfg, shared, lckv(4, 2))

@@ -9,7 +9,7 @@ import pytest
 
 from jaxkv.cache.dense import kv_bytes_per_token
 from jaxkv.cache.pages import OutOfPages, PageAllocator
-from jaxkv.cache.paged import PagedKVCache, paged_kv_bytes_per_token, quantize_int8, write
+from jaxkv.cache.paged import PagedKVCache, quantize_int8
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.sharing import cla, lckv
@@ -72,10 +72,10 @@ def test_pools_only_for_kv_layers():
         cfg = _cfg(sources)
         cache = PagedKVCache.init(cfg, batch=2, num_pages=10, page_size=4, pages_per_seq=3)
         assert cache.k_pages.shape == (n_kv, 2, 10, 4, 8)
-        assert paged_kv_bytes_per_token(cfg) == kv_bytes_per_token(cfg)
+        assert kv_bytes_per_token(cfg) == 2 * n_kv * 2 * 8 * 4  # K and V x KV layers x heads x dims x fp32
     # int8: 1 byte a value plus a float32 scale per (token, head): 0.53x of bf16 at head_dim 128
     big = ModelConfig(vocab_size=8, d_model=128, n_layers=2, n_heads=1, n_kv_heads=1, head_dim=128, mlp_dim=8)
-    assert paged_kv_bytes_per_token(big, "int8") / paged_kv_bytes_per_token(big, "bfloat16") == pytest.approx(132 / 256)
+    assert kv_bytes_per_token(big, "int8") / kv_bytes_per_token(big, "bfloat16") == pytest.approx(132 / 256)
 
 
 def _gather(cache, slot, b, length):
@@ -103,7 +103,7 @@ def test_chunked_writes_read_back_through_scattered_pages(kv_dtype):
     cache = cache.replace(block_tables=jnp.asarray(pool.block_table([0, 1, 2], 3)))
     k_all = rng.normal(size=(3, 12, 2, 8)).astype(np.float32)
     v_all = rng.normal(size=(3, 12, 2, 8)).astype(np.float32)
-    step = jax.jit(write, static_argnums=1, donate_argnums=0)
+    step = jax.jit(PagedKVCache.write, static_argnums=1, donate_argnums=0)
     for start in range(0, 12, 5):  # ragged chunks; rows past their length are padding
         pos = np.arange(start, start + 5)[None].repeat(3, 0)
         n_new = np.clip(np.asarray(lengths) - start, 0, 5).astype(np.int32)

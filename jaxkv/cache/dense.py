@@ -52,6 +52,8 @@ class KVCache:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
-    """2 (K and V) x KV layers x kv_heads x head_dim x bytes per element."""
-    itemsize = np.dtype(jnp.dtype(dtype or cfg.dtype)).itemsize
-    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+    """2 (K and V) x KV layers x kv_heads x head_dim x bytes per element; int8 (the paged
+    cache's quantized pools) adds a float32 scale per (token, head)."""
+    dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
+    scale_bytes = 4 if dtype == np.int8 else 0
+    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * (cfg.head_dim * dtype.itemsize + scale_bytes)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from jaxkv.config import DTYPES, ModelConfig
@@ -51,7 +50,26 @@ class PagedKVCache:
         return self.k_scales is not None
 
     def write(self, slot: int, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array) -> PagedKVCache:
-        return write(self, slot, k, v, positions, n_new)
+        """Scatter new k, v [B, T, kv_heads, head_dim] at `positions` [B, T] into KV layer `slot`'s
+        pages. Tokens t >= n_new[b] (bucket padding) are dropped, never written. Jit with the
+        cache donated: the pools are updated in place."""
+        T = positions.shape[1]
+        page_index = jnp.clip(positions // self.page_size, 0, self.block_tables.shape[1] - 1)
+        pages = jnp.take_along_axis(self.block_tables, page_index, axis=1)
+        real = jnp.arange(T)[None, :] < n_new[:, None]
+        pages = jnp.where(real, pages, self.k_pages.shape[2])  # out of range: dropped
+        offsets = positions % self.page_size
+        # [K, B, T, D] so the scatter indexes (slot, head, page, offset).
+        k, v = jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0)
+        heads = jnp.arange(k.shape[0])[:, None, None]
+        at = (slot, heads, pages[None], offsets[None])
+        cache = self
+        if self.quantized:
+            (k, k_scale), (v, v_scale) = quantize_int8(k), quantize_int8(v)
+            cache = cache.replace(k_scales=self.k_scales.at[at].set(k_scale, mode="drop"),
+                                  v_scales=self.v_scales.at[at].set(v_scale, mode="drop"))
+        return cache.replace(k_pages=self.k_pages.at[at].set(k.astype(self.k_pages.dtype), mode="drop"),
+                             v_pages=self.v_pages.at[at].set(v.astype(self.v_pages.dtype), mode="drop"))
 
     def read(self, slot: int) -> tuple[jax.Array, jax.Array]:
         """K, V [B, pages_per_seq * page_size, kv_heads, head_dim] of KV layer `slot` gathered
@@ -69,36 +87,3 @@ def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
     safe = jnp.where(scale > 0, scale, 1.0)
     return jnp.clip(jnp.round(x / safe[..., None]), -127, 127).astype(jnp.int8), scale
-
-
-def write(cache: PagedKVCache, slot: int, k: jax.Array, v: jax.Array, positions: jax.Array,
-          n_new: jax.Array | None = None) -> PagedKVCache:
-    """Scatter new k, v [B, T, kv_heads, head_dim] at `positions` [B, T] into KV layer `slot`'s
-    pages. Tokens t >= n_new[b] (bucket padding) are dropped, never written. Jit with the
-    cache donated: the pools are updated in place."""
-    B, T = positions.shape
-    n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
-    page_size = cache.page_size
-    page_index = jnp.clip(positions // page_size, 0, cache.block_tables.shape[1] - 1)
-    pages = jnp.take_along_axis(cache.block_tables, page_index, axis=1)
-    real = jnp.arange(T)[None, :] < n_new[:, None]
-    pages = jnp.where(real, pages, cache.k_pages.shape[2])  # out of range: dropped
-    offsets = positions % page_size
-    # [K, B, T, D] so the scatter indexes (slot, head, page, offset).
-    k, v = jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0)
-    heads = jnp.arange(k.shape[0])[:, None, None]
-    at = (slot, heads, pages[None], offsets[None])
-    if cache.quantized:
-        (k, k_scale), (v, v_scale) = quantize_int8(k), quantize_int8(v)
-        cache = cache.replace(k_scales=cache.k_scales.at[at].set(k_scale, mode="drop"),
-                              v_scales=cache.v_scales.at[at].set(v_scale, mode="drop"))
-    return cache.replace(k_pages=cache.k_pages.at[at].set(k.astype(cache.k_pages.dtype), mode="drop"),
-                         v_pages=cache.v_pages.at[at].set(v.astype(cache.v_pages.dtype), mode="drop"))
-
-
-def paged_kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str | None = None) -> int:
-    """Bytes per token in the pools: K and V x KV layers x kv_heads x (head_dim values, plus a
-    float32 scale per (token, head) when int8)."""
-    kv_dtype = kv_dtype or cfg.dtype
-    per_head = cfg.head_dim + 4 if kv_dtype == "int8" else cfg.head_dim * np.dtype(jnp.dtype(kv_dtype)).itemsize
-    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * per_head

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache.dense import KVCache
+from jaxkv.cache.paged import KV_DTYPES, PagedKVCache
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.sampling import SamplingParams, sample
-from jaxkv.cache.paged import KV_DTYPES, PagedKVCache
 from jaxkv.model.decoder import forward
 
 MIN_PROMPT_BUCKET = 16
