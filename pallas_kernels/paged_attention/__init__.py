@@ -42,23 +42,34 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
 
 
 def _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window) -> None:
-    """One clear line for each way the inputs can disagree, before anything is traced."""
+    check = checker("paged_attention")
+    check(q.ndim == 3, f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
+    check(block_tables.ndim == 2 and block_tables.shape[0] == q.shape[0],
+          f"block_tables must be [batch, pages_per_seq] with q's batch {q.shape[0]}, got {block_tables.shape}")
+    validate_pages(check, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window)
+
+
+def checker(name: str):
+    """check(ok, message): raise one clear JaxkvError line naming the entry point."""
     def check(ok, message):
         if not ok:
-            raise JaxkvError(f"paged_attention: {message}")
+            raise JaxkvError(f"{name}: {message}")
+    return check
 
-    check(q.ndim == 3, f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
+
+def validate_pages(check, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window) -> None:
+    """The checks every paged-attention entry point shares: pools, tables, lengths, scales, sinks and window
+    against q [..., q_heads, head_dim]; one clear line for each way they can disagree, before anything is traced."""
     check(k_pages.ndim == 4, f"k_pages must be [kv_heads, num_pages, page_size, head_dim], got {k_pages.shape}")
     check(v_pages.shape == k_pages.shape, f"v_pages shape {v_pages.shape} != k_pages shape {k_pages.shape}")
     check(v_pages.dtype == k_pages.dtype, f"v_pages dtype {v_pages.dtype} != k_pages dtype {k_pages.dtype}")
     check(block_tables.ndim == 2, f"block_tables must be [batch, pages_per_seq], got {block_tables.shape}")
-    check(lengths.ndim == 1, f"lengths must be [batch], got shape {lengths.shape}")
+    check(lengths.ndim == 1 and lengths.shape[0] == block_tables.shape[0],
+          f"lengths must be [batch] = [{block_tables.shape[0]}], got shape {lengths.shape}")
     check(block_tables.dtype == jnp.int32 and lengths.dtype == jnp.int32,
           f"block_tables and lengths must be int32, got {block_tables.dtype} and {lengths.dtype}")
-    batch, n_heads, head_dim = q.shape
+    n_heads, head_dim = q.shape[-2:]
     n_kv, n_pages, page_size, kv_head_dim = k_pages.shape
-    check(block_tables.shape[0] == batch and lengths.shape[0] == batch,
-          f"batch sizes differ: q {batch}, block_tables {block_tables.shape[0]}, lengths {lengths.shape[0]}")
     check(kv_head_dim == head_dim, f"head_dim differs: q {head_dim}, k/v pages {kv_head_dim}")
     check(n_kv > 0 and n_heads % n_kv == 0, f"q_heads {n_heads} is not a multiple of kv_heads {n_kv}")
     check(jnp.issubdtype(q.dtype, jnp.floating), f"q must be a float array, got {q.dtype}")

@@ -1,4 +1,4 @@
-"""Decode paged attention in pure JAX: gather each sequence's pages, mask, softmax. The ground truth for kernels."""
+"""Decode paged attention in pure JAX: gather each sequence's visible tokens, softmax. The ground truth for kernels."""
 
 from __future__ import annotations
 
@@ -8,12 +8,36 @@ import jax.numpy as jnp
 MASKED = -1e30  # finite, so a fully masked row or block stays NaN-free
 
 
+def table_slot(page: jax.Array, pages_per_seq: int, sinks: int, page_size: int) -> jax.Array:
+    """The block-table column that holds a sequence's page `page` (= position // page_size).
+
+    Pages inside the table map to themselves. Pages past it wrap around the slots after the
+    sink pages (a ring), so a sequence with sinks and a window (StreamingLLM) runs forever on a
+    table of cdiv(sinks, page_size) + cdiv(window, page_size) + 1 pages: a window page reuses the
+    slot of a page that fell out of the window.
+    """
+    sink_pages = min(-(-sinks // page_size), pages_per_seq - 1)
+    ring = pages_per_seq - sink_pages
+    return jnp.where(page < pages_per_seq, page, sink_pages + (page - sink_pages) % ring)
+
+
 def visible(positions: jax.Array, lengths: jax.Array, sinks: int, window: int | None) -> jax.Array:
     """Whether each position is attended to: inside the sequence, and a sink or inside the window."""
-    keep = positions < lengths
+    keep = (positions >= 0) & (positions < lengths)
     if window is not None:
         keep &= (positions < sinks) | (positions >= lengths - window)
     return keep
+
+
+def candidate_positions(lengths: jax.Array, pages_per_seq: int, page_size: int, sinks: int,
+                        window: int | None) -> jax.Array:
+    """Per sequence, the positions that may be visible [B, C]: the whole table without a window,
+    else the sinks then the window (a window position that is also a sink is pushed out of range)."""
+    if window is None:
+        return jnp.broadcast_to(jnp.arange(pages_per_seq * page_size), (lengths.shape[0], pages_per_seq * page_size))
+    recent = lengths[:, None] - window + jnp.arange(window)[None, :]
+    recent = jnp.where(recent < sinks, -1, recent)
+    return jnp.concatenate([jnp.broadcast_to(jnp.arange(sinks), (lengths.shape[0], sinks)), recent], axis=1)
 
 
 def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
@@ -23,16 +47,25 @@ def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
     return (pages.astype(jnp.float32) * scales[..., None]).astype(dtype)
 
 
+def gather_tokens(pages, scales, block_tables, positions, sinks):
+    """K or V [K, B, C, Dh] float32 at `positions` [B, C] of each sequence, read through its block table."""
+    page_size = pages.shape[2]
+    slot = table_slot(jnp.maximum(positions, 0) // page_size, block_tables.shape[1], sinks, page_size)
+    page = jnp.take_along_axis(block_tables, slot, axis=1)
+    offset = jnp.maximum(positions, 0) % page_size
+    return dequantize(pages[:, page, offset], None if scales is None else scales[:, page, offset], jnp.float32)
+
+
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, sinks, window):
     """q [B, H, Dh] over the pages block_tables [B, P] names in k/v_pages [K, N, S, Dh]; see the package docstring."""
     n_kv, _, page_size, head_dim = k_pages.shape
     batch, pages_per_seq = block_tables.shape
-    # [K, B, P, S, Dh] -> [B, K, P*S, Dh]: each sequence's tokens in order
-    k = dequantize(k_pages, k_scales, jnp.float32)[:, block_tables].reshape(n_kv, batch, -1, head_dim)
-    v = dequantize(v_pages, v_scales, jnp.float32)[:, block_tables].reshape(n_kv, batch, -1, head_dim)
+    positions = candidate_positions(lengths, pages_per_seq, page_size, sinks, window)
+    k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks)
+    v = gather_tokens(v_pages, v_scales, block_tables, positions, sinks)
     qg = q.astype(jnp.float32).reshape(batch, n_kv, -1, head_dim)
     logits = jnp.einsum("bkgd,kbsd->bkgs", qg, k) * scale
-    keep = visible(jnp.arange(pages_per_seq * page_size)[None, :], lengths[:, None], sinks, window)
+    keep = visible(positions, lengths[:, None], sinks, window)
     logits = jnp.where(keep[:, None, None], logits, MASKED)
     probs = jax.nn.softmax(logits, axis=-1) * keep[:, None, None]  # length 0: all zeros
     out = jnp.einsum("bkgs,kbsd->bkgd", probs, v)
