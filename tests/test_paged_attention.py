@@ -44,12 +44,17 @@ def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v
     n_kv, _, page_size, head_dim = k_pages.shape
     group = q.shape[1] // n_kv
     scale = head_dim ** -0.5 if scale is None else scale
+    pages_per_seq, sink_pages = block_tables.shape[1], -(-sinks // page_size)
+
+    def column(page):  # past the table, pages cycle through the columns after the sink pages
+        return page if page < pages_per_seq else sink_pages + (page - pages_per_seq) % (pages_per_seq - sink_pages)
+
     out = np.zeros(q.shape)
     for b, length in enumerate(lengths):
         seen = [p for p in range(length) if window is None or p < sinks or p >= length - window]
         if not seen:
             continue
-        pages = [block_tables[b, p // page_size] for p in seen]
+        pages = [block_tables[b, column(p // page_size)] for p in seen]
         k = np.stack([k_pages[:, page, p % page_size] for page, p in zip(pages, seen)], axis=1)  # [K, T, Dh]
         v = np.stack([v_pages[:, page, p % page_size] for page, p in zip(pages, seen)], axis=1)
         for h in range(q.shape[1]):
@@ -65,6 +70,7 @@ def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v
     dict(ratio=8, sinks=4, window=11),
     dict(page_size=16, sinks=0, window=1),
     dict(ratio=3, int8=True, sinks=9, window=20),
+    dict(lengths=[0, 30, 49, 100, 213], sinks=4, window=20),  # past the table: the window wraps round its ring
 ], ids=str)
 def test_reference_matches_naive_loop(case):
     options = {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
@@ -82,6 +88,8 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.float32, page_size=8, ratio=3, sinks=10, window=1),
     dict(dtype=jnp.float32, page_size=8, ratio=3, int8=True),
     dict(dtype=jnp.bfloat16, page_size=16, ratio=1, int8=True, sinks=3, window=30),
+    dict(dtype=jnp.float32, page_size=32, ratio=3, head_dim=128),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, lengths=[0, 30, 49, 100, 213], sinks=4, window=20),
 ], ids=str)
 def test_gpu_kernel_matches_reference(case):
     options = {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}

@@ -10,7 +10,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxkv.errors import JaxkvError
-from pallas_kernels.paged_attention.reference import MASKED, visible
+from pallas_kernels.paged_attention.reference import MASKED, table_slot, visible
 
 _BLOCK_TOKENS = 32  # tokens per loop step: Triton's dot wants every dimension >= 16
 _MAX_SPLITS = 8  # split-K programs per (sequence, KV head), so short batches still fill the GPU
@@ -32,7 +32,9 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
     n_sink = pl.cdiv(jnp.minimum(length, sinks), page_size)
     window_start = 0 if window is None else jnp.maximum(length - window, 0) // page_size
     window_first = jnp.maximum(window_start, n_sink)
-    n_visible = n_sink + jnp.maximum(jnp.minimum(pl.cdiv(length, page_size), pages_per_seq) - window_first, 0)
+    n_pages_seen = pl.cdiv(length, page_size) if window is not None else jnp.minimum(pl.cdiv(length, page_size),
+                                                                                      pages_per_seq)
+    n_visible = n_sink + jnp.maximum(n_pages_seen - window_first, 0)
     per_split = pl.cdiv(pl.cdiv(n_visible, n_splits), pages_per_block) * pages_per_block
     start = pl.program_id(2) * per_split
     stop = jnp.minimum(start + per_split, n_visible)
@@ -43,10 +45,11 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
     def body(i, carry):
         acc, m, l = carry
         logical = start + i * pages_per_block + jnp.arange(pages_per_block)
-        slot = jnp.where(logical < n_sink, logical, logical - n_sink + window_first)
-        slot = jnp.minimum(slot, pages_per_seq - 1)  # the tail of the last block: masked, but read in bounds
+        seen = jnp.minimum(logical, n_visible - 1)  # the tail of the last block re-reads a visible page, masked
+        page = jnp.where(seen < n_sink, seen, seen - n_sink + window_first)  # position // page_size
+        slot = table_slot(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
         pages = jnp.clip(tables_ref[slot], 0, n_pages - 1)  # never read outside the pool, whatever the table holds
-        positions = (slot[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
+        positions = (page[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
         in_split = jnp.broadcast_to((logical < stop)[:, None], (pages_per_block, page_size)).reshape(block_k)
         keep = (visible(positions, length, sinks, window) & in_split)[None, :]
 
