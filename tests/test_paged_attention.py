@@ -128,7 +128,7 @@ BAD_INPUTS = {  # name -> what to change in good inputs
     "scales on float pages": lambda q, k, tables, lengths: dict(k_scales=jnp.ones(k.shape[:3]),
                                                                 v_scales=jnp.ones(k.shape[:3])),
     "int8 without scales": lambda q, k, tables, lengths: dict(k_pages=k.astype(jnp.int8), v_pages=k.astype(jnp.int8)),
-    "window": lambda q, k, tables, lengths: dict(window=0),
+    "window": lambda q, k, tables, lengths: dict(window=-1),
     "gpu page size": lambda q, k, tables, lengths: dict(k_pages=k[:, :, :6], v_pages=k[:, :, :6], backend="gpu",
                                                         interpret=True),
 }

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.errors import JaxkvError
-from pallas_kernels.paged_attention import gpu, reference
+from pallas_kernels.paged_attention import gpu, reference, tpu
 
 # jax.default_backend() name -> kernel; "auto" uses the one for the current platform, else the reference.
-_KERNELS = {"gpu": gpu.paged_attention}
+_KERNELS = {"gpu": gpu.paged_attention, "tpu": tpu.paged_attention}
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None, v_scales=None, scale=None,
@@ -25,8 +25,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
     k_scales, v_scales float32 [K, N, S] dequantize int8 pages (value = int8 * scale per token and head).
     scale multiplies the logits (default 1/sqrt(Dh)). With a window, only the first `sinks` and the last
     `window` positions are visible. Query head h reads KV head h // (H // K); softmax is float32.
-    backend: "reference", "gpu" (Pallas Triton; interpret=True runs it on CPU) or "auto" (the kernel for
-    jax.default_backend() when there is one, else the reference).
+    backend: "reference", "gpu" (Pallas Triton), "tpu" (Pallas Mosaic TPU) or "auto" (the kernel for
+    jax.default_backend() when there is one, else the reference); interpret=True runs a kernel on CPU.
     """
     _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window)
     if backend == "auto":
@@ -82,4 +82,4 @@ def validate_pages(check, q, k_pages, v_pages, block_tables, lengths, k_scales, 
         check(k_scales is None and v_scales is None, f"k_scales/v_scales are for int8 pages, not {k_pages.dtype}")
         check(k_pages.dtype == q.dtype, f"k/v pages dtype {k_pages.dtype} != q dtype {q.dtype} (or use int8)")
     check(sinks >= 0, f"sinks must be >= 0, got {sinks}")
-    check(window is None or window >= 1, f"window must be None or >= 1, got {window}")
+    check(window is None or window >= 0, f"window must be None or >= 0, got {window}")

@@ -1,0 +1,179 @@
+"""Decode paged attention as a Pallas TPU kernel: block-sparse online softmax over pages, split-K, then a combine.
+
+The page pools stay in HBM. Each (sequence, KV head, split) program walks its share of the visible pages (the
+sink pages, then the window's; never the middle) in blocks of pages_per_block pages, DMA-ing block i+1 into one
+half of a double VMEM buffer while it computes on block i in the other. Pool page numbers come from the
+scalar-prefetched lengths and block tables (SMEM), through the reference's ring `table_slot`. Each split
+writes a partial (acc, max, sum) that JAX combines, as in gpu.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxkv.errors import JaxkvError
+from pallas_kernels.paged_attention.reference import MASKED, table_slot, visible
+
+_BLOCK_TOKENS = 128  # tokens per loop step: one MXU-wide block of keys, and DMAs big enough to hide latency
+_MAX_SPLITS = 2  # split-K programs per (sequence, KV head): one long sequence still spans a megacore's 2 cores
+
+
+def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_per_seq, pages_per_block,
+            n_splits, quantized):
+    """One (sequence, KV head, split): double-buffered loop over this split's share of the visible pages.
+
+    The visible pages are numbered 0..n_visible-1 ("logical" pages: the sink pages, then the window's
+    pages), so masked-out middles of long sequences are never copied out of HBM. Programs share no state
+    (unlike upstream's kernel, which prefetches across grid steps), so every grid axis can be parallel;
+    the price is one exposed DMA, the first block's, per program.
+    """
+    n_pools = 4 if quantized else 2  # k, v pages [, k, v scales]: in HBM, copied by hand
+    pools, (acc_ref, m_ref, l_ref), buffers, sems = (refs[:n_pools], refs[n_pools:n_pools + 3],
+                                                     refs[n_pools + 3:-1], refs[-1])
+    _, n_pages, page_size, head_dim = pools[0].shape
+    block_k = pages_per_block * page_size
+    b, h = pl.program_id(0), pl.program_id(1)
+    length = lengths_ref[b]
+
+    if window is None:  # every page of the table up to the length
+        n_sink = window_first = 0
+        n_visible = jnp.minimum(pl.cdiv(length, page_size), pages_per_seq)
+    else:  # the sink pages, then the window's (a page holding both is a sink page)
+        n_sink = pl.cdiv(jnp.minimum(length, sinks), page_size)
+        window_first = jnp.maximum(jnp.maximum(length - window, 0) // page_size, n_sink)
+        n_visible = n_sink + jnp.maximum(pl.cdiv(length, page_size) - window_first, 0)
+    per_split = pl.cdiv(pl.cdiv(n_visible, n_splits), pages_per_block) * pages_per_block
+    start = pl.program_id(2) * per_split
+    stop = jnp.minimum(start + per_split, n_visible)
+    n_blocks = pl.cdiv(jnp.maximum(stop - start, 0), pages_per_block)
+
+    def page_of(logical):
+        """The sequence page (= position // page_size) of a logical page."""
+        return jnp.where(logical < n_sink, logical, logical - n_sink + window_first)
+
+    def copies(block):
+        """The DMAs of a block's pages (and scales) into its buffer half. A last block's tail past `stop`
+        re-reads the split's last page, so every buffer row holds visible pool data (masked below)."""
+        half = block % 2
+        out = []
+        for j in range(pages_per_block):
+            logical = jnp.minimum(start + block * pages_per_block + j, stop - 1)
+            column = table_slot(page_of(logical), pages_per_seq, sinks, page_size)
+            page = jnp.clip(tables_ref[b * pages_per_seq + column], 0, n_pages - 1)  # never outside the pool
+            out += [pltpu.make_async_copy(pool.at[h, page], buffer.at[half, j], sems.at[half])
+                    for pool, buffer in zip(pools, buffers)]
+        return out
+
+    def merged(buffer, half, dtype):
+        """A K/V buffer half [pages, S, Dh] as one block [pages * S, Dh]: via float32, where merging pages is
+        a free reshape whenever page_size is a multiple of 8 (bf16 and int8 tiles are 16 and 32 rows)."""
+        return buffer[half].astype(jnp.float32).reshape(block_k, head_dim).astype(dtype)
+
+    q = q_ref[...]
+    compute_dtype = q.dtype if quantized else pools[0].dtype
+
+    def body(i, carry):
+        acc, m, l = carry
+
+        @pl.when(i + 1 < n_blocks)
+        def _prefetch():  # in flight while block i is computed
+            for copy in copies(i + 1):
+                copy.start()
+
+        for copy in copies(i):
+            copy.wait()
+        half = i % 2
+        tokens = jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        logical = start + i * pages_per_block + tokens // page_size
+        positions = page_of(logical) * page_size + tokens % page_size
+        keep = visible(positions, length, sinks, window) & (logical < stop)
+
+        k = merged(buffers[0], half, compute_dtype)
+        logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if quantized:
+            logits *= buffers[2][half].reshape(1, block_k)  # per-token K scales, as a row
+        logits = jnp.where(keep, logits * scale, MASKED)
+        m_next = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.where(keep, jnp.exp(logits - m_next), 0.0)
+        l_next = alpha * l + p.sum(axis=-1, keepdims=True)
+        if quantized:
+            p *= buffers[3][half].reshape(1, block_k)
+        v = merged(buffers[1], half, compute_dtype)
+        acc_next = alpha * acc + jnp.dot(p.astype(compute_dtype), v, preferred_element_type=jnp.float32)
+        return acc_next, m_next, l_next
+
+    @pl.when(n_blocks > 0)
+    def _first_fetch():
+        for copy in copies(0):
+            copy.start()
+
+    group = q.shape[0]
+    init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group, 1), MASKED, jnp.float32),
+            jnp.zeros((group, 1), jnp.float32))
+    acc_ref[...], m_ref[...], l_ref[...] = jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret", "block_tokens",
+                                             "max_splits"))
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, sinks, window,
+                    interpret, block_tokens=_BLOCK_TOKENS, max_splits=_MAX_SPLITS):
+    """The TPU kernel over (sequence, KV head, split), then the partial (acc, max, sum) of splits combined.
+
+    block_tokens and max_splits are tuning knobs: the tests shrink them so tiny inputs still run several
+    double-buffered blocks and splits. interpret=True runs the kernel on CPU in Pallas' TPU interpret mode,
+    which simulates the DMAs and semaphores (uninitialized VMEM reads as NaN there, so stray reads show).
+    """
+    batch, n_heads, head_dim = q.shape
+    n_kv, _, page_size, _ = k_pages.shape
+    pages_per_seq = block_tables.shape[1]
+    if page_size % 8:
+        raise JaxkvError(f"paged_attention: the tpu backend needs a page_size multiple of 8 (TPU sublane tiles), "
+                         f"got {page_size}")
+    group = n_heads // n_kv
+    padded_group = -(-group // 8) * 8  # whole (8, 128) tiles for q and the accumulator
+    max_visible = (pages_per_seq if window is None
+                   else pl.cdiv(sinks, page_size) + pl.cdiv(window, page_size) + 1)
+    pages_per_block = max(1, min(block_tokens // page_size, max_visible))
+    n_splits = max(1, min(max_splits, pl.cdiv(max_visible, pages_per_block)))
+    quantized = k_scales is not None
+
+    qg = jnp.pad(q.reshape(batch, n_kv, group, head_dim), ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
+    pools = [k_pages, v_pages] + ([k_scales, v_scales] if quantized else [])
+    buffers = [pltpu.VMEM((2, pages_per_block, *pool.shape[2:]), pool.dtype) for pool in pools]
+
+    def partial_spec(*tail):
+        return pl.BlockSpec((None, None, None, *tail), lambda b, h, s, *_: (b, h, s, 0, 0))
+
+    partial_shape = (batch, n_kv, n_splits, padded_group)
+    kernel = functools.partial(_kernel, scale=scale, sinks=sinks, window=window, pages_per_seq=pages_per_seq,
+                               pages_per_block=pages_per_block, n_splits=n_splits, quantized=quantized)
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,  # lengths and the flattened block tables, in SMEM
+            grid=(batch, n_kv, n_splits),
+            in_specs=[pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s, *_: (b, h, 0, 0)),
+                      *[pl.BlockSpec(memory_space=pl.ANY)] * len(pools)],
+            out_specs=[partial_spec(padded_group, head_dim), partial_spec(padded_group, 1),
+                       partial_spec(padded_group, 1)],
+            # one DMA semaphore per buffer half: a block waits for all its copies before reading any
+            scratch_shapes=[*buffers, pltpu.SemaphoreType.DMA((2,))],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((*partial_shape, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((*partial_shape, 1), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="jaxkv_paged_attention_tpu",
+    )(lengths, block_tables.reshape(-1), qg, *pools)
+
+    weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # rescale every split to the common max
+    total = (l * weight).sum(axis=2)
+    out = (acc * weight).sum(axis=2) / jnp.where(total > 0, total, 1.0)  # length 0: zeros
+    return out[:, :, :group].reshape(q.shape).astype(q.dtype)
