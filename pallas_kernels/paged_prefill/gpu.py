@@ -1,0 +1,181 @@
+"""Prefill paged attention as a Pallas Triton kernel: per query block, block-sparse online softmax over pages.
+
+Grid (query block, KV head). The ragged chunks are cut into blocks of `block_q` queries that never straddle two
+sequences; the grid has a static upper bound on their number (cdiv(T, block_q) + min(B, T), and at most T) and
+the programs past the last real block write nothing. A program takes its block's queries for every q head of one
+KV head's group together ([block_q * padded group, Dh] rows, so Triton's dot sees >= 16 rows) and loops only
+over the pages some of its queries can see: the sink pages, then the pages from the window start of its first
+query (page 0 without a window) up to the page of its last query.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxkv.errors import JaxkvError
+from pallas_kernels.paged_attention.reference import MASKED, table_slot, visible
+
+_BLOCK_ROWS = 64  # query rows (queries x padded group) per program
+_BLOCK_TOKENS = 64  # KV tokens per loop step: Triton's dot wants every dimension >= 16
+
+
+def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, window, pages_per_seq, pages_per_block,
+            group, block_rows, quantized):
+    """One (query block, KV head): the block's rows attend over the logical pages 0..n_visible-1 (the sink pages,
+    then the window's or causal prefix's pages), so pages no query of the block can see are never loaded."""
+    k_scales_ref, v_scales_ref, o_ref = refs if quantized else (None, None, *refs)
+    n_pages, page_size, head_dim = k_ref.shape
+    block_k = pages_per_block * page_size
+    seq, first, n_queries, first_pos = info_ref[0], info_ref[1], info_ref[2], info_ref[3]
+    last_pos = first_pos + n_queries - 1
+
+    query = jnp.arange(block_rows) // group  # row r is query r // group of the block, head r % group
+    real = query < n_queries
+    q_pos = first_pos + query
+
+    n_sink, window_first, n_visible = visible_pages(first_pos, last_pos, page_size=page_size,
+                                                    pages_per_seq=pages_per_seq, sinks=sinks, window=window)
+
+    # the union of the block's windows: the last `block_window` positions up to its last query
+    block_window = None if window is None else (last_pos - first_pos + window if window else 0)
+
+    q = q_ref[pl.ds(first * group, block_rows), :]
+    compute_dtype = q.dtype if quantized else k_ref.dtype
+
+    def body(i, carry):
+        acc, m, l = carry
+        logical = i * pages_per_block + jnp.arange(pages_per_block)
+        page = jnp.where(logical < n_sink, logical, logical - n_sink + window_first)  # position // page_size
+        slot = table_slot(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
+        pages = jnp.clip(tables_ref[seq * pages_per_seq + slot], 0, n_pages - 1)  # never outside the pool
+        positions = (page[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
+        in_range = jnp.broadcast_to((logical < n_visible)[:, None], (pages_per_block, page_size)).reshape(block_k)
+        # tokens some query of the block sees; the rest of a loaded page (past the sequence, between the sinks
+        # and the window) may hold anything, NaN included, so it is zeroed before it meets V
+        used = in_range & visible(positions, last_pos + 1, sinks, block_window)
+        keep = visible(positions[None, :], q_pos[:, None] + 1, sinks, window) & real[:, None] & used[None, :]
+
+        k = k_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
+        logits = plgpu.dot(q, k, trans_b=True)  # [block_rows, block_k] float32
+        if quantized:
+            logits *= k_scales_ref[pages].reshape(1, block_k)
+        logits = jnp.where(keep, logits * scale, MASKED)
+        m_next = jnp.maximum(m, logits.max(axis=-1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
+        l_next = alpha * l + p.sum(axis=-1)
+        if quantized:
+            p *= jnp.where(used, v_scales_ref[pages].reshape(block_k), 0.0)[None, :]
+        v = jnp.where(used[:, None], v_ref[pages].reshape(block_k, head_dim).astype(compute_dtype), 0)
+        acc_next = alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v)
+        return acc_next, m_next, l_next
+
+    init = (jnp.zeros((block_rows, head_dim), jnp.float32), jnp.full((block_rows,), MASKED, jnp.float32),
+            jnp.zeros((block_rows,), jnp.float32))
+    acc, _, l = jax.lax.fori_loop(0, pl.cdiv(n_visible, pages_per_block), body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # a query that sees nothing: zeros
+    plgpu.store(o_ref.at[pl.ds(first * group, block_rows), :], out.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(real[:, None], out.shape))  # the rows past the chunk belong to others
+
+
+def visible_pages(first_pos, last_pos, *, page_size, pages_per_seq, sinks, window):
+    """The pages queries at positions first_pos..last_pos can see, as (n_sink, window_first, n_visible).
+
+    Logical page i < n_sink is page i (the sinks); logical page i >= n_sink is page i - n_sink + window_first
+    (the window of the first query up to the last query's page; without a window the causal prefix, inside the
+    table). Exactly the pages that hold a position some of the queries sees; none for no query at a position >= 0.
+    """
+    n_sink = pl.cdiv(jnp.clip(last_pos + 1, 0, sinks), page_size)
+    if window is None:
+        window_first = n_sink
+        last_page = jnp.minimum(jnp.maximum(last_pos, 0) // page_size, pages_per_seq - 1)
+    else:
+        window_first = jnp.maximum(jnp.maximum(first_pos - window + 1, 0) // page_size, n_sink)
+        last_page = jnp.maximum(last_pos, 0) // page_size if window else window_first - 1  # window 0: sinks only
+    any_seen = last_pos >= jnp.maximum(first_pos, 0)  # some query, at a position >= 0
+    return n_sink, window_first, jnp.where(any_seen, n_sink + jnp.maximum(last_page + 1 - window_first, 0), 0)
+
+
+def block_plan(cu_q_lens, lengths, n_blocks: int, block_q: int):
+    """[n_blocks, 4] int32 per query block: (sequence, first row in q, real queries, first query's position).
+
+    Blocks are numbered sequence by sequence; those past the last real block have no queries."""
+    batch = lengths.shape[0]
+    q_lens = jnp.maximum(cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q)).astype(jnp.int32)])
+    block = jnp.arange(n_blocks, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_blocks, block, side="right") - 1, 0, batch - 1).astype(jnp.int32)
+    real = block < cu_blocks[-1]
+    offset = (block - cu_blocks[seq]) * block_q  # the block's first query inside its chunk
+    return jnp.stack([seq,
+                      jnp.where(real, cu_q_lens[seq] + offset, 0),
+                      jnp.where(real, jnp.clip(q_lens[seq] - offset, 0, block_q), 0),
+                      jnp.where(real, lengths[seq] - q_lens[seq] + offset, 0)], axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret", "block_q", "block_tokens"))
+def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales, v_scales, scale,
+                            sinks, window, interpret, block_q=None, block_tokens=_BLOCK_TOKENS):
+    """The Triton kernel over (query block, KV head); block_q (queries per program) defaults to fill 64 rows."""
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv, n_pages, page_size, _ = k_pages.shape
+    batch, pages_per_seq = block_tables.shape
+    for name, size in (("page_size", page_size), ("head_dim", head_dim)):
+        if size & (size - 1):
+            raise JaxkvError(f"paged_prefill_attention: the gpu backend needs a power-of-two {name}, got {size}")
+    if head_dim < 16:
+        raise JaxkvError(f"paged_prefill_attention: the gpu backend needs head_dim >= 16, got {head_dim}")
+    if n_tokens == 0 or batch == 0:
+        return jnp.zeros_like(q)
+    group = n_heads // n_kv
+    padded_group = pl.next_power_of_2(group)
+    block_q = max(1, _BLOCK_ROWS // padded_group) if block_q is None else block_q
+    if block_q & (block_q - 1) or block_q * padded_group < 16:
+        raise JaxkvError(f"paged_prefill_attention: block_q must be a power of two with block_q * {padded_group} "
+                         f">= 16, got {block_q}")
+    block_rows = block_q * padded_group
+    pages_per_block = max(1, block_tokens // page_size)
+    n_blocks = min(n_tokens, pl.cdiv(n_tokens, block_q) + min(batch, n_tokens))  # >= sum_b cdiv(q_len_b, block_q)
+    quantized = k_scales is not None
+
+    cu_q_lens = jnp.clip(cu_q_lens, 0, n_tokens)  # keeps every block inside q, whatever cu_q_lens holds
+    plan = block_plan(cu_q_lens, lengths, n_blocks, block_q)
+    # [K, (T + block_q) * padded group, Dh]: a block's rows are contiguous; block_q spare rows keep reads in bounds
+    qg = q.reshape(n_tokens, n_kv, group, head_dim).transpose(1, 0, 2, 3)
+    qg = jnp.pad(qg, ((0, 0), (0, block_q), (0, padded_group - group), (0, 0)))
+    qg = qg.reshape(n_kv, (n_tokens + block_q) * padded_group, head_dim)
+
+    rows_spec = pl.BlockSpec((None, qg.shape[1], head_dim), lambda j, h: (h, 0, 0))
+    pool_spec = pl.BlockSpec((None, n_pages, page_size, head_dim), lambda j, h: (h, 0, 0, 0))
+    scales_spec = pl.BlockSpec((None, n_pages, page_size), lambda j, h: (h, 0, 0))
+    in_specs = [
+        pl.BlockSpec((None, 4), lambda j, h: (j, 0)),
+        pl.BlockSpec((batch * pages_per_seq,), lambda j, h: (0,)),
+        rows_spec, pool_spec, pool_spec,
+    ]
+    args = [plan, block_tables.reshape(-1), qg, k_pages, v_pages]
+    if quantized:
+        in_specs += [scales_spec, scales_spec]
+        args += [k_scales, v_scales]
+    kernel = functools.partial(_kernel, scale=scale, sinks=sinks, window=window, pages_per_seq=pages_per_seq,
+                               pages_per_block=pages_per_block, group=padded_group, block_rows=block_rows,
+                               quantized=quantized)
+    out = pl.pallas_call(
+        kernel,
+        grid=(n_blocks, n_kv),
+        in_specs=in_specs,
+        out_specs=rows_spec,
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="jaxkv_paged_prefill_attention",
+    )(*args)
+
+    out = out.reshape(n_kv, n_tokens + block_q, padded_group, head_dim)[:, :n_tokens, :group]
+    out = out.transpose(1, 0, 2, 3).reshape(q.shape)
+    return jnp.where((jnp.arange(n_tokens) < cu_q_lens[-1])[:, None, None], out, 0)  # padding rows: zeros
