@@ -57,12 +57,14 @@ class LLM:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
-         page_size: int | None = None) -> LLM:
+         page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4) -> LLM:
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir or a GGUF file.
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
     checkpoint's own. page_size keeps the KV cache in pages of that many tokens; kv_dtype
-    "int8" quantizes it (paged, page_size 16 unless given).
+    "int8" quantizes it (paged, page_size 16 unless given). streaming_window turns on StreamingLLM:
+    the cache keeps `sinks` first tokens and the last `streaming_window`, so generation runs past the
+    model's context in bounded memory (paged, page_size 16 unless given).
     """
     if dtype is not None:
         dtype = _dtype_name(dtype)
@@ -76,7 +78,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=cfg.param_dtype), params)
-    if kv_dtype == "int8" and page_size is None:
+    if streaming_window is not None:
+        cfg = cfg.replace(streaming_window=streaming_window, streaming_sinks=sinks)
+    if (kv_dtype == "int8" or streaming_window is not None) and page_size is None:
         page_size = 16
     return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size)
 

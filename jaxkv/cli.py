@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
 def _generate(args) -> None:
     import jaxkv
 
-    llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size)
+    llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
+                     streaming_window=args.streaming_window, sinks=args.sinks)
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
     stats = llm.stats
@@ -108,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-dtype", choices=_DTYPES + ("int8",), default=None,
                      help="KV cache dtype (default: the compute dtype); int8 uses the paged cache")
     gen.add_argument("--page-size", type=int, default=None,
-                     help="keep the KV cache in pages of this many tokens (default: dense; 16 with int8)")
+                     help="keep the KV cache in pages of this many tokens (default: dense; 16 with int8 "
+                          "or streaming)")
+    gen.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
+                     help="StreamingLLM: keep only the sinks and this many recent tokens, and generate past "
+                          "the model's context in bounded memory")
+    gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(func=_generate)
 

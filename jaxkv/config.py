@@ -6,6 +6,9 @@ and only the layers that are their own source own K/V projections and cache stor
 A source above the reader (LCKV) is computed by iterating the forward pass:
 `upward_passes_no_grad` passes without gradient, then `upward_passes_grad` with it.
 Layers in `window_layers` attend only to the last `sliding_window` positions.
+`streaming_window` turns on StreamingLLM for inference: every layer keeps the first
+`streaming_sinks` positions and the last `streaming_window` ones, on a paged cache whose
+size no longer grows with the sequence.
 `attention_backend` picks the paged decode kernel (pallas_kernels.paged_attention):
 "auto" is Pallas on GPU/TPU and the pure-JAX reference on CPU.
 """
@@ -22,7 +25,7 @@ import yaml
 from jaxkv.errors import JaxkvError
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "reference", "gpu")
+ATTENTION_BACKENDS = ("auto", "reference", "gpu", "tpu")
 
 
 def _coerce_numbers(obj) -> None:
@@ -75,6 +78,8 @@ class ModelConfig:
     window_layers: tuple[int, ...] = ()
     sliding_window: int | None = None
     attention_backend: str = "auto"
+    streaming_window: int | None = None
+    streaming_sinks: int = 4
     name: str = "custom"
 
     def __post_init__(self):
@@ -93,8 +98,9 @@ class ModelConfig:
         sources = tuple(range(self.n_layers)) if sources is None else tuple(int(s) for s in sources)
         object.__setattr__(self, "kv_sources", sources)
         object.__setattr__(self, "window_layers", tuple(sorted({int(i) for i in self.window_layers})))
-        if self.sliding_window is not None:
-            object.__setattr__(self, "sliding_window", int(self.sliding_window))
+        for field in ("sliding_window", "streaming_window"):
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, int(getattr(self, field)))
         self._validate()
 
     def _validate(self):
@@ -125,6 +131,9 @@ class ModelConfig:
             raise JaxkvError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.window_layers and (self.sliding_window or 0) < 1:
             raise JaxkvError("window_layers need a positive sliding_window (in tokens)")
+        if self.streaming_window is not None and (self.streaming_window < 1 or self.streaming_sinks < 0):
+            raise JaxkvError(f"StreamingLLM needs streaming_window >= 1 and streaming_sinks >= 0, got "
+                             f"{self.streaming_window} and {self.streaming_sinks}")
 
     # --- derived geometry -------------------------------------------------------------
     @property
@@ -149,7 +158,15 @@ class ModelConfig:
         return tuple(sorted({src for i, src in enumerate(self.kv_sources) if src > i}))
 
     def window(self, layer: int) -> int | None:
-        return self.sliding_window if layer in self.window_layers else None
+        """How many recent positions `layer` attends to (None: all): its sliding window, capped by StreamingLLM's."""
+        windows = [w for w in (self.sliding_window if layer in self.window_layers else None, self.streaming_window)
+                   if w is not None]
+        return min(windows) if windows else None
+
+    @property
+    def attention_sinks(self) -> int:
+        """The first positions every layer keeps seeing (StreamingLLM's sinks; 0 without streaming)."""
+        return self.streaming_sinks if self.streaming_window is not None else 0
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -76,6 +76,7 @@ def runs(smollm2_checkpoint) -> dict[str, subprocess.CompletedProcess]:
         "seed4": gen_args(PROMPT, *SAMPLING, "--seed", "4"),
         "seed5": gen_args(PROMPT, *SAMPLING, "--seed", "5"),
         "seed-2**31": gen_args(PROMPT, *SAMPLING, "--seed", str(2**31)),
+        "streaming": gen_args(PROMPT, "--streaming-window", "64", "--sinks", "4"),
     })
 
 
@@ -113,6 +114,11 @@ def test_generate_json_equals_python_api(runs, llm):
     assert out["token_ids"] == want.token_ids
     assert out["text"] == want.text
     assert out["prompt_tokens"] == want.prompt_tokens
+
+
+def test_streaming_before_any_eviction_generates_like_the_full_cache(runs):
+    """Prompt + new tokens fit in sinks + window: nothing is evicted, so StreamingLLM changes nothing."""
+    assert parse_json_stdout(runs["streaming"])["token_ids"] == parse_json_stdout(runs["greedy"])["token_ids"]
 
 
 def test_generate_chat_uses_template(runs, tokenizer, llm):

@@ -15,7 +15,7 @@ from flax import struct
 
 from jaxkv.config import DTYPES, ModelConfig
 from jaxkv.errors import JaxkvError
-from pallas_kernels.paged_attention.reference import dequantize
+from pallas_kernels.paged_attention.reference import dequantize, table_slot
 
 KV_DTYPES = DTYPES + ("int8",)
 
@@ -28,6 +28,8 @@ class PagedKVCache:
     v_scales: jax.Array | None
     block_tables: jax.Array  # int32 [batch, pages_per_seq]
     lengths: jax.Array  # int32 [batch]
+    sink_keys: jax.Array | None = None  # float32 [n_kv_layers, batch, sinks, kv_heads, head_dim], as written
+    sinks: int = struct.field(pytree_node=False, default=0)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, num_pages: int, page_size: int, pages_per_seq: int,
@@ -35,11 +37,17 @@ class PagedKVCache:
         kv_dtype = kv_dtype or cfg.dtype
         if kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        sinks = cfg.attention_sinks
+        if cfg.streaming_window is not None and pages_per_seq < streaming_pages(cfg, page_size):
+            raise JaxkvError(f"StreamingLLM with {sinks} sinks and a window of {cfg.streaming_window} needs "
+                             f"{streaming_pages(cfg, page_size)} pages per sequence, got {pages_per_seq}")
         shape = (cfg.n_kv_layers, cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
         scales = (jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32)) \
             if kv_dtype == "int8" else (None, None)
+        sink_keys = jnp.zeros((cfg.n_kv_layers, batch, sinks, cfg.n_kv_heads, cfg.head_dim)) if sinks else None
         return cls(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype), *scales,
-                   block_tables=jnp.zeros((batch, pages_per_seq), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))
+                   block_tables=jnp.zeros((batch, pages_per_seq), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32),
+                   sink_keys=sink_keys, sinks=sinks)
 
     @property
     def page_size(self) -> int:
@@ -53,23 +61,34 @@ class PagedKVCache:
         """Scatter new k, v [B, T, kv_heads, head_dim] at `positions` [B, T] into KV layer `slot`'s
         pages. Tokens t >= n_new[b] (bucket padding) are dropped, never written. Jit with the
         cache donated: the pools are updated in place."""
+        cache = self
+        if self.sinks:  # keep the sinks' keys as written, to re-rotate them as the window slides
+            sink = jnp.where(positions < self.sinks, positions, self.sinks)  # others: out of range, dropped
+            sink = jnp.where(jnp.arange(positions.shape[1])[None, :] < n_new[:, None], sink, self.sinks)
+            rows = jnp.arange(positions.shape[0])[:, None]
+            cache = cache.replace(sink_keys=self.sink_keys.at[slot, rows, sink].set(k.astype(jnp.float32),
+                                                                                       mode="drop"))
+        return cache.put(slot, positions, n_new, k=k, v=v)
+
+    def put(self, slot: int, positions: jax.Array, n_new: jax.Array, **new: jax.Array) -> PagedKVCache:
+        """Store `new` (k= and/or v=, [B, T, kv_heads, head_dim]) in the pages at `positions`, quantizing
+        int8; tokens t >= n_new[b] are dropped. `write` is the model's entry; this also re-stores sinks."""
         T = positions.shape[1]
-        page_index = jnp.clip(positions // self.page_size, 0, self.block_tables.shape[1] - 1)
-        pages = jnp.take_along_axis(self.block_tables, page_index, axis=1)
+        column = table_slot(positions // self.page_size, self.block_tables.shape[1], self.sinks, self.page_size)
+        pages = jnp.take_along_axis(self.block_tables, column, axis=1)
         real = jnp.arange(T)[None, :] < n_new[:, None]
         pages = jnp.where(real, pages, self.k_pages.shape[2])  # out of range: dropped
-        offsets = positions % self.page_size
-        # [K, B, T, D] so the scatter indexes (slot, head, page, offset).
-        k, v = jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0)
-        heads = jnp.arange(k.shape[0])[:, None, None]
-        at = (slot, heads, pages[None], offsets[None])
-        cache = self
-        if self.quantized:
-            (k, k_scale), (v, v_scale) = quantize_int8(k), quantize_int8(v)
-            cache = cache.replace(k_scales=self.k_scales.at[at].set(k_scale, mode="drop"),
-                                  v_scales=self.v_scales.at[at].set(v_scale, mode="drop"))
-        return cache.replace(k_pages=self.k_pages.at[at].set(k.astype(self.k_pages.dtype), mode="drop"),
-                             v_pages=self.v_pages.at[at].set(v.astype(self.v_pages.dtype), mode="drop"))
+        heads = jnp.arange(self.k_pages.shape[1])[:, None, None]
+        at = (slot, heads, pages[None], (positions % self.page_size)[None])
+        updates = {}
+        for name, x in new.items():
+            x = jnp.moveaxis(x, 2, 0)  # [K, B, T, D] so the scatter indexes (slot, head, page, offset)
+            if self.quantized:
+                x, x_scale = quantize_int8(x)
+                updates[f"{name}_scales"] = getattr(self, f"{name}_scales").at[at].set(x_scale, mode="drop")
+            pool = getattr(self, f"{name}_pages")
+            updates[f"{name}_pages"] = pool.at[at].set(x.astype(pool.dtype), mode="drop")
+        return self.replace(**updates)
 
     def read(self, slot: int) -> tuple[jax.Array, jax.Array]:
         """K, V [B, pages_per_seq * page_size, kv_heads, head_dim] of KV layer `slot` gathered
@@ -87,3 +106,9 @@ def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
     safe = jnp.where(scale > 0, scale, 1.0)
     return jnp.clip(jnp.round(x / safe[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def streaming_pages(cfg: ModelConfig, page_size: int) -> int:
+    """Pages per sequence under StreamingLLM: the sink pages, then a ring that holds the window
+    however it straddles pages (cdiv(window, page_size) + 1)."""
+    return -(-cfg.attention_sinks // page_size) + -(-cfg.streaming_window // page_size) + 1

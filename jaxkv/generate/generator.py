@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache.dense import KVCache
-from jaxkv.cache.paged import KV_DTYPES, PagedKVCache
+from jaxkv.cache.paged import KV_DTYPES, PagedKVCache, streaming_pages
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.sampling import SamplingParams, sample
@@ -73,6 +73,8 @@ class Generator:
             raise JaxkvError(f"page_size must be a power of two, got {page_size}")
         if self.kv_dtype == "int8" and page_size is None:
             raise JaxkvError("int8 KV lives in the paged cache: give a page_size (e.g. 16)")
+        if cfg.streaming_window is not None and page_size is None:
+            raise JaxkvError("StreamingLLM (streaming_window) evicts pages of the paged cache: give a page_size")
         self.page_size = page_size
         self._executables: dict = {}
         self.stats = GenerationStats()
@@ -88,10 +90,12 @@ class Generator:
         return sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy), cache, keys
 
     def _new_cache(self, batch: int, cache_len: int):
-        """An empty dense cache, or a paged one whose rows own consecutive pages."""
+        """An empty dense cache, or a paged one whose rows own consecutive pages (under StreamingLLM just
+        enough for the sinks and the window, whatever the length)."""
         if self.page_size is None:
             return KVCache.init(self.cfg, batch, cache_len, self.kv_dtype)
-        per_seq = -(-cache_len // self.page_size)
+        per_seq = -(-cache_len // self.page_size) if self.cfg.streaming_window is None else \
+            streaming_pages(self.cfg, self.page_size)
         cache = PagedKVCache.init(self.cfg, batch, batch * per_seq, self.page_size, per_seq, self.kv_dtype)
         return cache.replace(block_tables=jnp.arange(batch * per_seq, dtype=jnp.int32).reshape(batch, per_seq))
 
@@ -135,12 +139,18 @@ class Generator:
                              f"{cfg.max_seq_len} tokens (room is needed for at least one new token)")
         if stop and decode is None:
             raise JaxkvError("stop strings need a tokenizer to decode with")
-        budgets = [min(int(max_new_tokens), cfg.max_seq_len - n) for n in lengths]
+        streaming = cfg.streaming_window is not None
+        if streaming and max(lengths) > cfg.streaming_window + cfg.streaming_sinks:
+            raise JaxkvError(f"prompt of {max(lengths)} tokens is longer than the StreamingLLM cache "
+                             f"({cfg.streaming_sinks} sinks + a window of {cfg.streaming_window}); widen the window")
+        # StreamingLLM goes on past the trained context: its cache holds the sinks and the window only.
+        budgets = [int(max_new_tokens) if streaming else min(int(max_new_tokens), cfg.max_seq_len - n)
+                   for n in lengths]
 
         n = len(prompts)
         batch = bucket(n)
         prompt_len = bucket(max(lengths), MIN_PROMPT_BUCKET, cfg.max_seq_len)
-        cache_len = bucket(prompt_len + max(budgets), MIN_PROMPT_BUCKET, cfg.max_seq_len)
+        cache_len = prompt_len if streaming else bucket(prompt_len + max(budgets), MIN_PROMPT_BUCKET, cfg.max_seq_len)
         tokens = np.zeros((batch, prompt_len), np.int32)
         n_new = np.ones((batch,), np.int32)  # padding rows hold one dummy token
         for row, ids in enumerate(prompts):

@@ -10,12 +10,13 @@ _MASKED = -1e30  # finite, so a fully masked (padding) row stays NaN-free
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *,
-                     strict: bool = False, window: int | None = None) -> jax.Array:
+                     strict: bool = False, window: int | None = None, sinks: int = 0) -> jax.Array:
     """q [B, T, H, Dh] at positions [B, T] attends to cache k, v [B, S, K, Dh] at key positions <= its own.
 
     strict: keys strictly before the query (LCKV's masked diagonal for an upward source,
     whose KV of the current token is not known yet); a query that sees no key outputs zeros.
-    window: only the last `window` positions up to the query are visible (sliding window).
+    window: only the last `window` positions up to the query are visible (sliding window), and
+    the first `sinks` positions (StreamingLLM's attention sinks).
     Query heads are grouped onto KV heads (GQA/MQA); softmax runs in float32.
     """
     n_kv = k.shape[2]
@@ -26,7 +27,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     q_pos = q_positions[:, :, None]
     visible = key_pos < q_pos if strict else key_pos <= q_pos  # [B, T, S]
     if window is not None:
-        visible &= key_pos > q_pos - window
+        visible &= (key_pos > q_pos - window) | (key_pos < sinks)
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     if strict:  # the first token has nothing to attend to: LCKV's zero "dummy" output

@@ -71,15 +71,17 @@ class Attention(nn.Module):
             k = apply_rope(_dense(cfg, kv_shape, kv_axes, "k_proj")(x), positions, inv_freq)
             v = _dense(cfg, kv_shape, kv_axes, "v_proj")(x)
             cache = cache.write(slot, k, v, positions, n_new)
-        strict, window = cfg.kv_sources[self.layer] > self.layer, cfg.window(self.layer)
-        if isinstance(cache, PagedKVCache) and q.shape[1] == 1 and not (strict and window):
+        strict, window, sinks = cfg.kv_sources[self.layer] > self.layer, cfg.window(self.layer), cfg.attention_sinks
+        if isinstance(cache, PagedKVCache) and q.shape[1] == 1:
             out = paged_attention(  # decode: the kernel reads only the pages it needs
+                # an upward source (strict) is read up to the previous token: one position less, in the window too
                 q[:, 0], cache.k_pages[slot], cache.v_pages[slot], cache.block_tables,
-                positions[:, 0] + (0 if strict else 1), window=window, backend=cfg.attention_backend,
+                positions[:, 0] + (0 if strict else 1), sinks=sinks, window=None if window is None else window - strict,
+                backend=cfg.attention_backend,
                 k_scales=None if cache.k_scales is None else cache.k_scales[slot],
                 v_scales=None if cache.v_scales is None else cache.v_scales[slot])[:, None]
         else:
-            attend = functools.partial(cached_attention, strict=strict, window=window)
+            attend = functools.partial(cached_attention, strict=strict, window=window, sinks=sinks)
             attend = jax.checkpoint(attend) if self.remat else attend
             k_src, v_src = cache.read(slot)
             out = attend(q, k_src.astype(q.dtype), v_src.astype(q.dtype), positions)
@@ -136,6 +138,8 @@ class Decoder(nn.Module):
                              "through jaxkv.model.decoder.forward, which iterates to LCKV's fixed point")
         n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        if cfg.streaming_window is not None and not self.is_initializing():
+            cache = _slide_sinks(cfg, cache, n_new)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype), name="embed",
                          embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
@@ -154,6 +158,25 @@ class Decoder(nn.Module):
         else:
             logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
         return logits.astype(jnp.float32), cache.replace(lengths=cache.lengths + n_new)
+
+
+def _slide_sinks(cfg: ModelConfig, cache, n_new):
+    """StreamingLLM's positions in the cache: once tokens between the sinks and the window are gone,
+    the sinks must sit right before the window, so their keys are rotated on by the number evicted.
+    Window keys keep their own rotation: a query's distance to them is the same either way."""
+    if not isinstance(cache, PagedKVCache):
+        raise JaxkvError("StreamingLLM (streaming_window) runs on the paged cache: give a page_size")
+    sinks = cache.sinks
+    if not sinks:
+        return cache
+    B = n_new.shape[0]
+    evicted = jnp.maximum(cache.lengths + n_new - cfg.streaming_window - sinks, 0)  # [B], after these tokens
+    where = jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (B, sinks))
+    inv_freq = inverse_frequencies(cfg)
+    for slot in range(cfg.n_kv_layers):
+        rotated = apply_rope(cache.sink_keys[slot], jnp.broadcast_to(evicted[:, None], (B, sinks)), inv_freq)
+        cache = cache.put(slot, where, jnp.full((B,), sinks), k=rotated)
+    return cache
 
 
 def forward(cfg: ModelConfig, params, tokens, cache: KVCache, n_new=None, all_logits: bool = False,
