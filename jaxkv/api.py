@@ -25,6 +25,8 @@ class LLM:
         self.config = config
         self.tokenizer = tokenizer
         self.params = params
+        if (kv_dtype == "int8" or config.streaming_window is not None) and page_size is None:
+            page_size = 16  # both live in the paged cache
         self.generator = Generator(config, params, eos_ids=tokenizer.eos_ids, kv_dtype=kv_dtype, page_size=page_size)
 
     @property
@@ -80,8 +82,6 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=cfg.param_dtype), params)
     if streaming_window is not None:
         cfg = cfg.replace(streaming_window=streaming_window, streaming_sinks=sinks)
-    if (kv_dtype == "int8" or streaming_window is not None) and page_size is None:
-        page_size = 16
     return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size)
 
 

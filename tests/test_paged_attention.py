@@ -86,6 +86,7 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.bfloat16, page_size=8, ratio=8, sinks=4, window=20),
     dict(dtype=jnp.float32, page_size=16, ratio=1, sinks=0, window=5, scale=0.3),
     dict(dtype=jnp.float32, page_size=8, ratio=3, sinks=10, window=1),
+    dict(dtype=jnp.float32, page_size=8, ratio=1, sinks=10, window=0),  # sinks only
     dict(dtype=jnp.float32, page_size=8, ratio=3, int8=True),
     dict(dtype=jnp.bfloat16, page_size=16, ratio=1, int8=True, sinks=3, window=30),
     dict(dtype=jnp.float32, page_size=32, ratio=3, head_dim=128),

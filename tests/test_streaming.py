@@ -161,9 +161,9 @@ def test_generator_streams_past_the_context_with_one_fixed_cache():
     prompt = [int(t) for t in np.random.default_rng(7).integers(0, cfg.vocab_size, 9)]
     generator = Generator(cfg, params, page_size=PAGE)
     short = generator.generate([prompt], 40, SamplingParams())[0].token_ids
-    compiled = len(generator._executables)
+    compiled = generator.executables.count
     got = generator.generate([prompt], 192, SamplingParams())[0].token_ids
-    assert len(generator._executables) == compiled and len(got) == 192 and got[:40] == short
+    assert generator.executables.count == compiled and len(got) == 192 and got[:40] == short
     ids = list(prompt)
     for _ in range(60):  # the literal method is slow: check the first 60 greedy tokens
         ids.append(int(np.argmax(naive_streaming_logits(cfg, params, ids)[-1])))

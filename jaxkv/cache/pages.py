@@ -1,14 +1,19 @@
 """Host-side page bookkeeping for the paged KV cache: a free list, reference counts for
-pages shared between sequences (prefix sharing), and per-sequence page lists.
+pages shared between sequences (prefix sharing), per-sequence page lists and a prefix cache.
 
 Device arrays never move here: the allocator only decides which page indices a sequence's
 positions map to (its block table). A page returns to the free list when its last
-reference goes, so a finished or preempted sequence gives its memory back at once.
+reference goes, so a finished or preempted sequence gives its memory back at once. With
+prefix caching, a full page registered under the hash of its prefix (`prefix_hashes`)
+instead waits, unreferenced, in an LRU: a later prompt with the same prefix takes it back
+(`cached_prefix`), and allocation evicts the least recently used one when the free list is empty.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,6 +31,16 @@ class PageStats:
     free: int
     tokens: int  # valid tokens held by the tracked sequences
     fragmentation: float  # unused fraction of the slots of used pages (0 = every slot holds a token)
+    cached: int = 0  # unreferenced pages kept for their prefix (counted in free: evicted on demand)
+
+
+def prefix_hashes(tokens: Sequence[int], page_size: int) -> list[int]:
+    """One key per full page of `tokens`, chained: page i's key covers every token up to its end."""
+    keys, parent = [], 0
+    for start in range(0, len(tokens) - page_size + 1, page_size):
+        parent = hash((parent, tuple(int(t) for t in tokens[start:start + page_size])))
+        keys.append(parent)
+    return keys
 
 
 class PageAllocator:
@@ -39,16 +54,26 @@ class PageAllocator:
         self._refs = np.zeros(num_pages, np.int32)
         self._pages: dict[object, list[int]] = {}
         self._lengths: dict[object, int] = {}
+        self._by_hash: dict[int, int] = {}  # prefix key -> page holding it
+        self._hash_of: dict[int, int] = {}  # page -> its prefix key
+        self._idle: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced: least recent first
 
     # --- pages ------------------------------------------------------------------------------
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages a reservation can get: the free list and the idle cached pages it may evict."""
+        return len(self._free) + len(self._idle)
 
     def _take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPages(f"need {n} free pages, {len(self._free)} of {self.num_pages} are free")
-        taken = [self._free.pop() for _ in range(n)]
+        if n > self.free_pages:
+            raise OutOfPages(f"need {n} free pages, {self.free_pages} of {self.num_pages} are free")
+        taken = []
+        for _ in range(n):
+            if not self._free:  # evict the least recently used cached prefix page
+                page, _ = self._idle.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(page)]
+                self._free.append(page)
+            taken.append(self._free.pop())
         self._refs[taken] = 1
         return taken
 
@@ -58,7 +83,25 @@ class PageAllocator:
                 raise JaxkvError(f"page {page} is freed more often than it was referenced")
             self._refs[page] -= 1
             if self._refs[page] == 0:
-                self._free.append(page)
+                if page in self._hash_of:
+                    self._idle[page] = None
+                else:
+                    self._free.append(page)
+
+    # --- prefix cache -------------------------------------------------------------------------
+    def register(self, page: int, key: int) -> None:
+        """Record that `page` (referenced, full) holds the prefix whose last page has `key`."""
+        if key not in self._by_hash and page not in self._hash_of:
+            self._by_hash[key], self._hash_of[page] = page, key
+
+    def cached_prefix(self, keys: Sequence[int]) -> list[int]:
+        """The pages of the longest run of `keys` (from `prefix_hashes`) that are cached."""
+        pages = []
+        for key in keys:
+            if key not in self._by_hash:
+                break
+            pages.append(self._by_hash[key])
+        return pages
 
     def refcount(self, page: int) -> int:
         return int(self._refs[page])
@@ -89,6 +132,8 @@ class PageAllocator:
         if length > len(pages) * self.page_size:
             raise JaxkvError(f"{length} tokens do not fit in {len(pages)} shared pages")
         self._refs[pages] += 1
+        for page in pages:
+            self._idle.pop(page, None)  # referenced again: not evictable
         self._pages[seq], self._lengths[seq] = list(pages), length
 
     def release(self, seq) -> None:
@@ -108,7 +153,7 @@ class PageAllocator:
         return table
 
     def stats(self) -> PageStats:
-        used = self.num_pages - len(self._free)
+        used = self.num_pages - self.free_pages
         tokens = sum(self._lengths.values())
         slots = used * self.page_size  # a shared page counts once, and so do its tokens below
         distinct = {}
@@ -116,5 +161,6 @@ class PageAllocator:
             for i, page in enumerate(pages):
                 filled = min(self.page_size, self._lengths[seq] - i * self.page_size)
                 distinct[page] = max(distinct.get(page, 0), max(filled, 0))
-        return PageStats(total=self.num_pages, used=used, free=len(self._free), tokens=tokens,
-                         fragmentation=0.0 if not slots else 1.0 - sum(distinct.values()) / slots)
+        return PageStats(total=self.num_pages, used=used, free=self.free_pages, tokens=tokens,
+                         fragmentation=0.0 if not slots else 1.0 - sum(distinct.values()) / slots,
+                         cached=len(self._idle))

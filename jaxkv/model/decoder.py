@@ -175,7 +175,7 @@ def _slide_sinks(cfg: ModelConfig, cache, n_new):
     inv_freq = inverse_frequencies(cfg)
     for slot in range(cfg.n_kv_layers):
         rotated = apply_rope(cache.sink_keys[slot], jnp.broadcast_to(evicted[:, None], (B, sinks)), inv_freq)
-        cache = cache.put(slot, where, jnp.full((B,), sinks), k=rotated)
+        cache = cache.put(slot, where, jnp.where(n_new > 0, sinks, 0), k=rotated)  # idle rows write nothing
     return cache
 
 

@@ -1,0 +1,327 @@
+"""The serving engine: continuous batching over the paged KV cache, with chunked prefill and prefix caching.
+
+A fixed number of decode slots is compiled once. Each `step()` runs at most one prefill chunk (of the
+earliest admitted request still prefilling; chunk lengths bucketed to powers of two) and then one decode
+step for every slot that is generating, so new arrivals never starve running requests. Requests are
+admitted when a slot and enough pages are free. When a decode step needs a page and none is left, the
+latest admitted request is preempted: its pages go back and it waits at the head of the queue, to be
+recomputed from its prompt and the tokens it already produced (a cached prefix makes that cheap). A
+finished or aborted request frees its pages at once; its full prompt pages stay in the prefix cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache.pages import OutOfPages, PageAllocator, prefix_hashes
+from jaxkv.cache.paged import PagedKVCache, streaming_pages
+from jaxkv.errors import JaxkvError
+from jaxkv.generate.generator import Executables, bucket
+from jaxkv.generate.sampling import SamplingParams, sample
+from jaxkv.model.decoder import forward
+from jaxkv.serve.detokenize import TextStream
+
+MIN_CHUNK = 16
+UNBOUNDED_CONTEXT = 2**31 - 1  # StreamingLLM: a request may run for ever
+
+
+@dataclasses.dataclass
+class Request:
+    prompt_ids: list[int]
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    request_id: str = dataclasses.field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since this request's previous output (whole characters only)
+    token_ids: list[int]  # new token ids
+    logprobs: list[float] | None  # of each new token, when the request asked
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort"
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    cached_tokens: int  # prompt tokens taken from the prefix cache
+
+
+class _Sequence:
+    """A request inside the engine: its tokens (prompt, then generated) and how many are in the cache."""
+
+    def __init__(self, request: Request, decode):
+        self.request = request
+        self.tokens = list(request.prompt_ids)
+        self.n_prompt = len(self.tokens)
+        self.computed = 0  # tokens whose K/V is in the cache
+        self.prefilled = False  # all tokens computed and the next one sampled
+        self.slot: int | None = None
+        self.order = 0  # admission order: the latest admitted is preempted first
+        self.cached_tokens = 0
+        self.text = TextStream(decode, request.stop)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    def output(self, token_ids, logprobs, text: str, reason: str | None) -> RequestOutput:
+        return RequestOutput(self.request.request_id, text, list(token_ids),
+                             logprobs if self.request.logprobs else None, reason is not None, reason,
+                             self.n_prompt, self.generated, self.cached_tokens)
+
+
+class Engine:
+    """Serves many requests on one model; single-threaded: one thread calls add, abort and step."""
+
+    def __init__(self, llm, *, max_batch: int = 8, page_size: int = 16, num_pages: int | None = None,
+                 kv_dtype: str | None = None, prefill_chunk: int = 64, prefix_caching: bool = True):
+        cfg = llm.config
+        if page_size < 1 or page_size & (page_size - 1) or prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+            raise JaxkvError(f"page_size and prefill_chunk must be powers of two, got {page_size} and {prefill_chunk}")
+        self.cfg, self.params, self.tokenizer = cfg, llm.params, llm.tokenizer
+        self.eos_ids = frozenset(llm.tokenizer.eos_ids)
+        self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
+        self.streaming = cfg.streaming_window is not None
+        self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-cfg.max_seq_len // page_size)
+        num_pages = num_pages or max_batch * self.pages_per_seq
+        self.prefix_caching = prefix_caching and not self.streaming  # the ring rewrites pages: never share them
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.cache = PagedKVCache.init(cfg, max_batch, num_pages, page_size, self.pages_per_seq, kv_dtype)
+        self.max_context = UNBOUNDED_CONTEXT if self.streaming else cfg.max_seq_len
+        self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else cfg.max_seq_len - 1
+        self.executables = Executables()
+        self.waiting: collections.deque[_Sequence] = collections.deque()
+        self.slots: list[_Sequence | None] = [None] * max_batch
+        self._by_id: dict[str, _Sequence] = {}
+        self._aborted: list[RequestOutput] = []
+        self._admissions = itertools.count(1)
+        self._totals = collections.Counter()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
+
+    # --- requests -----------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request, or raise JaxkvError (and keep nothing) if it can never be served."""
+        n, budget = len(request.prompt_ids), request.max_tokens
+        if request.request_id in self._by_id:
+            raise JaxkvError(f"request id {request.request_id!r} is already in use")
+        if n == 0:
+            raise JaxkvError("the prompt is empty")
+        if n > self.max_prompt:
+            raise JaxkvError(f"the prompt has {n} tokens; this model takes at most {self.max_prompt}")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise JaxkvError(f"max_tokens must be a positive integer, got {budget!r}")
+        if n + budget > self.max_context:
+            raise JaxkvError(f"prompt ({n} tokens) + max_tokens ({budget}) exceeds the context of "
+                             f"{self.max_context} tokens")
+        if any(not 0 <= t < self.cfg.vocab_size for t in request.prompt_ids):
+            raise JaxkvError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        need = self.pages_per_seq if self.streaming else self.allocator.pages_for(n + budget)
+        if need > self.allocator.num_pages:
+            raise JaxkvError(f"the request needs {need} KV pages; the pool has {self.allocator.num_pages}")
+        seq = _Sequence(request, self.tokenizer.decode)
+        self._by_id[request.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a waiting or running request; its pages are freed now, its last output says "abort"."""
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.slot is None:
+            self.waiting.remove(seq)
+        else:
+            self._evict(seq)
+        self._aborted.append(seq.output([], [], "", "abort"))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self._aborted or any(self.slots))
+
+    # --- scheduling ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration: admit, one prefill chunk, one decode step. Returns the outputs it produced."""
+        outputs, self._aborted = self._aborted, []
+        self._admit()
+        prefilling = [s for s in self.slots if s is not None and not s.prefilled]
+        if prefilling:
+            outputs += self._prefill(min(prefilling, key=lambda s: s.order))
+        decoding = sorted((s for s in self.slots if s is not None and s.prefilled), key=lambda s: s.order)
+        decoding = [s for s in decoding if s.slot is not None and self._make_room(s)]  # (preempted ones: not)
+        if decoding:
+            outputs += self._decode(decoding)
+        return outputs
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
+            seq = self.waiting[0]
+            shared = []
+            if self.prefix_caching:  # leave at least the last token to compute: its logits start generation
+                shared = self.allocator.cached_prefix(prefix_hashes(seq.tokens[:-1], self.page_size))
+            idle_shared = sum(self.allocator.refcount(p) == 0 for p in shared)
+            length = self.pages_per_seq * self.page_size if self.streaming else len(seq.tokens) + 1
+            if self.allocator.pages_for(length) - len(shared) > self.allocator.free_pages - idle_shared:
+                return
+            self.waiting.popleft()
+            sid = seq.request.request_id
+            if shared:
+                self.allocator.share(sid, shared, len(shared) * self.page_size)
+            self.allocator.reserve(sid, length)
+            seq.computed = seq.cached_tokens = len(shared) * self.page_size
+            if not seq.order:  # first admission (not a recompute after preemption)
+                self._totals["prompt"] += seq.n_prompt
+                self._totals["cached"] += seq.cached_tokens
+            seq.slot, seq.order = self.slots.index(None), next(self._admissions)
+            self.slots[seq.slot] = seq
+
+    def _make_room(self, seq: _Sequence) -> bool:
+        """Pages for seq's next token, preempting the latest admitted requests if needed; False if seq itself was."""
+        while not self.streaming:
+            try:
+                self.allocator.reserve(seq.request.request_id, seq.computed + 1)
+                return True
+            except OutOfPages:
+                victim = max((s for s in self.slots if s is not None), key=lambda s: s.order)
+                self._evict(victim)
+                victim.computed, victim.prefilled = 0, False
+                self.waiting.appendleft(victim)
+                self._totals["preempted"] += 1
+                if victim is seq:
+                    return False
+        return True
+
+    def _evict(self, seq: _Sequence) -> None:
+        self.allocator.release(seq.request.request_id)
+        self.slots[seq.slot], seq.slot = None, None
+
+    def _table_row(self, seq: _Sequence) -> np.ndarray:
+        return self.allocator.block_table([seq.request.request_id], self.pages_per_seq)[0]
+
+    def _sampling_args(self, seqs):
+        params = [s.request.sampling for s in seqs]
+        return (np.asarray([p.seed for p in params], np.uint32), np.asarray([s.generated for s in seqs], np.int32),
+                np.asarray([p.temperature for p in params], np.float32), np.asarray([p.top_k for p in params], np.int32),
+                np.asarray([p.top_p for p in params], np.float32))
+
+    def _prefill(self, seq: _Sequence) -> list[RequestOutput]:
+        n = min(len(seq.tokens) - seq.computed, self.prefill_chunk)
+        tokens = np.zeros(bucket(n, MIN_CHUNK, self.prefill_chunk), np.int32)
+        tokens[:n] = seq.tokens[seq.computed:seq.computed + n]
+        token, logprob, self.cache = self.executables.run(
+            self._prefill_chunk, (1,), self.params, self.cache, np.int32(seq.slot), self._table_row(seq),
+            np.int32(seq.computed), tokens, np.int32(n), *self._sampling_args([seq]))
+        seq.computed += n
+        self._totals["prefilled"] += n
+        if self.prefix_caching:
+            pages = self._table_row(seq)
+            for page, key in zip(pages, prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
+                self.allocator.register(int(page), key)
+        if seq.computed < len(seq.tokens):
+            return []
+        seq.prefilled = True
+        return [self._emit(seq, int(token), float(logprob))]
+
+    def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+        tables = np.zeros((self.max_batch, self.pages_per_seq), np.int32)
+        lengths, tokens, active = (np.zeros(self.max_batch, np.int32) for _ in range(3))
+        rows = [s.slot for s in seqs]
+        for seq in seqs:
+            tables[seq.slot], lengths[seq.slot], tokens[seq.slot] = self._table_row(seq), seq.computed, seq.tokens[-1]
+        for s in self.slots:  # rows still prefilling keep their length (they write nothing)
+            if s is not None and not s.prefilled:
+                tables[s.slot], lengths[s.slot] = self._table_row(s), s.computed
+        active[rows] = 1
+        sampling = [np.zeros(self.max_batch, a.dtype) for a in self._sampling_args(seqs)]
+        for full, part in zip(sampling, self._sampling_args(seqs)):
+            full[rows] = part
+        next_tokens, logprobs, self.cache = self.executables.run(
+            self._decode_step, (1,), self.params, self.cache, tables, lengths, tokens, active, *sampling)
+        next_tokens, logprobs = np.asarray(next_tokens), np.asarray(logprobs)
+        outputs = []
+        for seq in seqs:
+            seq.computed += 1
+            outputs.append(self._emit(seq, int(next_tokens[seq.slot]), float(logprobs[seq.slot])))
+        return outputs
+
+    def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestOutput:
+        """Append a sampled token; finish the request on EOS, a stop string or its budget."""
+        seq.tokens.append(token)
+        self._totals["generated"] += 1
+        self._recent.append((time.perf_counter(), 1))
+        eos = token in self.eos_ids
+        text = seq.text.add([] if eos else [token], final=eos or seq.generated >= seq.request.max_tokens)
+        reason = "stop" if eos or seq.text.stopped else "length" if seq.generated >= seq.request.max_tokens else None
+        if reason:
+            self._by_id.pop(seq.request.request_id, None)
+            self._evict(seq)
+        return seq.output([token], [logprob], text, reason)
+
+    # --- device functions ---------------------------------------------------------------------
+    def _sample(self, logits, seeds, steps, temperature, top_k, top_p):
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds, steps)
+        token = sample(logits, keys, temperature, top_k, top_p, greedy=False)
+        return token, jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+
+    def _prefill_chunk(self, params, cache, slot, table_row, start, tokens, n_new, seed, step, temperature, top_k,
+                       top_p):
+        """One chunk of one sequence (slot), through a batch-of-one view of the shared cache."""
+        row = cache.replace(block_tables=table_row[None], lengths=start[None],
+                            sink_keys=None if cache.sink_keys is None else cache.sink_keys[:, slot][:, None])
+        logits, row = forward(self.cfg, params, tokens[None], row, n_new[None])
+        cache = row.replace(block_tables=cache.block_tables, lengths=cache.lengths,
+                            sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slot].set(
+                                row.sink_keys[:, 0]))
+        token, logprob = self._sample(logits[:, 0], seed, step, temperature, top_k, top_p)  # each [1]
+        return token[0], logprob[0], cache
+
+    def _decode_step(self, params, cache, tables, lengths, tokens, active, seeds, steps, temperature, top_k, top_p):
+        """One token for every active slot; idle rows write nothing."""
+        cache = cache.replace(block_tables=tables, lengths=lengths)
+        logits, cache = forward(self.cfg, params, tokens[:, None], cache, active)
+        token, logprob = self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p)
+        return token, logprob, cache
+
+    def warmup(self) -> None:
+        """Compile every prefill bucket and the decode step now, writing nothing (idle rows, empty chunks)."""
+        dummy = Request([0], max_tokens=1)
+        seq = _Sequence(dummy, self.tokenizer.decode)
+        sampling = self._sampling_args([seq])
+        size = MIN_CHUNK
+        while True:
+            size = min(size, self.prefill_chunk)
+            _, _, self.cache = self.executables.run(
+                self._prefill_chunk, (1,), self.params, self.cache, np.int32(0),
+                np.zeros(self.pages_per_seq, np.int32), np.int32(0), np.zeros(size, np.int32), np.int32(0), *sampling)
+            if size == self.prefill_chunk:
+                break
+            size *= 2
+        zeros = np.zeros(self.max_batch, np.int32)
+        _, _, self.cache = self.executables.run(
+            self._decode_step, (1,), self.params, self.cache, np.zeros((self.max_batch, self.pages_per_seq), np.int32),
+            zeros, zeros, zeros, *[np.zeros(self.max_batch, a.dtype) for a in sampling])
+
+    # --- metrics ------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        stats = self.allocator.stats()
+        now = time.perf_counter()
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+        span = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
+        return {
+            "running": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
+            "kv_pages_used": stats.used, "kv_pages_free": stats.free, "kv_pages_total": stats.total,
+            "kv_pages_cached": stats.cached,
+            "prefix_cache_hit_rate": self._totals["cached"] / self._totals["prompt"] if self._totals["prompt"] else 0.0,
+            "prompt_tokens_total": self._totals["prompt"], "prefilled_tokens_total": self._totals["prefilled"],
+            "generation_tokens_total": self._totals["generated"], "preemptions_total": self._totals["preempted"],
+            "tokens_per_s": (len(self._recent) - 1) / span if span > 0 else 0.0,
+            "compilations": self.executables.count,
+        }
