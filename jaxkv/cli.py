@@ -38,6 +38,16 @@ def _generate(args) -> None:
               f"(compile {stats.compile_s:.1f}s), KV {llm.kv_bytes_per_token} B/token]", file=sys.stderr)
 
 
+def _serve(args) -> None:
+    from jaxkv.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, kv_dtype=args.kv_dtype,
+          page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch,
+          prefill_chunk=args.prefill_chunk, prefix_caching=not args.no_prefix_caching,
+          max_context=args.max_context, streaming_window=args.streaming_window, sinks=args.sinks,
+          model_name=args.served_model_name, log_level=args.log_level)
+
+
 def _convert(args) -> None:
     from pathlib import Path
 
@@ -117,6 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    srv.add_argument("--model", default="smollm2-135m",
+                     help="preset name, jaxkv checkpoint dir, HF dir or GGUF file (default: smollm2-135m)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    srv.add_argument("--page-size", type=int, default=16, help="tokens per KV page, a power of two (default: 16)")
+    srv.add_argument("--num-pages", type=int, default=None,
+                     help="KV pages in the pool (default: enough for max-batch full contexts)")
+    srv.add_argument("--prefill-chunk", type=int, default=64,
+                     help="prompt tokens prefilled per step, a power of two (default: 64)")
+    srv.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                     help="cap on prompt + completion tokens per request (default: the model's context); "
+                          "smaller is cheaper per decode step")
+    srv.add_argument("--dtype", choices=_DTYPES, default=None,
+                     help="compute and parameter dtype (default: the checkpoint's)")
+    srv.add_argument("--kv-dtype", choices=_DTYPES + ("int8",), default=None,
+                     help="KV cache dtype (default: the compute dtype)")
+    srv.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
+                     help="StreamingLLM: keep only the sinks and this many recent tokens per request")
+    srv.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
+    srv.add_argument("--no-prefix-caching", action="store_true",
+                     help="do not reuse the KV pages of shared prompt prefixes")
+    srv.add_argument("--served-model-name", default=None, metavar="NAME",
+                     help="model id clients send and /v1/models lists (default: the --model preset or the "
+                          "checkpoint's name)")
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    srv.set_defaults(func=_serve)
 
     conv = sub.add_parser("convert", help="convert an HF or GGUF checkpoint to a jaxkv checkpoint")
     src = conv.add_mutually_exclusive_group(required=True)

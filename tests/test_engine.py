@@ -110,7 +110,7 @@ def alone(llm, prompts) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_prefix_cache_serves_the_shared_system_prompt_without_recomputing_it(llm, prompts, alone):
-    engine = Engine(llm, max_batch=2, page_size=16, prefill_chunk=32)
+    engine = Engine(llm, max_batch=2, max_context=512, page_size=16, prefill_chunk=32)
     first = run(engine, [Request(prompts[0], max_tokens=12, request_id="first")])
     assert first["first"][-1].cached_tokens == 0
     rest = run(engine, [Request(p, max_tokens=12, request_id=str(i)) for i, p in enumerate(prompts[1:], 1)])
@@ -129,7 +129,7 @@ def test_prefix_cache_serves_the_shared_system_prompt_without_recomputing_it(llm
 @pytest.mark.slow
 def test_pool_exhaustion_preempts_and_recomputes_without_losing_anything(llm, prompts, alone):
     """Four slots but pages for about two requests: requests are preempted mid-generation and redone."""
-    engine = Engine(llm, max_batch=4, page_size=16, num_pages=9, prefill_chunk=32, prefix_caching=False)
+    engine = Engine(llm, max_batch=4, max_context=512, page_size=16, num_pages=9, prefill_chunk=32, prefix_caching=False)
     got = run(engine, [Request(p, max_tokens=12, request_id=str(i)) for i, p in enumerate(prompts)])
     assert engine.metrics()["preemptions_total"] > 0
     assert sorted(got) == [str(i) for i in range(len(prompts))]
@@ -142,7 +142,7 @@ def test_pool_exhaustion_preempts_and_recomputes_without_losing_anything(llm, pr
 
 @pytest.mark.slow
 def test_abort_frees_pages_and_the_others_carry_on(llm, prompts, alone):
-    engine = Engine(llm, max_batch=2, page_size=16, prefill_chunk=32, prefix_caching=False)
+    engine = Engine(llm, max_batch=2, max_context=512, page_size=16, prefill_chunk=32, prefix_caching=False)
     engine.add(Request(prompts[0], max_tokens=12, request_id="keep"))
     engine.add(Request(prompts[1], max_tokens=12, request_id="drop"))
     outputs = collections.defaultdict(list)
@@ -162,7 +162,7 @@ def test_abort_frees_pages_and_the_others_carry_on(llm, prompts, alone):
 
 @pytest.mark.slow
 def test_seeded_sampling_logprobs_stops_and_no_compiles_after_warmup(llm, prompts):
-    engine = Engine(llm, max_batch=4, page_size=16, prefill_chunk=32)
+    engine = Engine(llm, max_batch=4, max_context=512, page_size=16, prefill_chunk=32)
     engine.warmup()
     compiled = engine.executables.count
     sampled = SamplingParams(temperature=0.8, top_k=40, seed=3)

@@ -40,6 +40,7 @@ class Request:
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     request_id: str = dataclasses.field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
 
 
@@ -84,21 +85,28 @@ class Engine:
     """Serves many requests on one model; single-threaded: one thread calls add, abort and step."""
 
     def __init__(self, llm, *, max_batch: int = 8, page_size: int = 16, num_pages: int | None = None,
-                 kv_dtype: str | None = None, prefill_chunk: int = 64, prefix_caching: bool = True):
+                 kv_dtype: str | None = None, prefill_chunk: int = 64, prefix_caching: bool = True,
+                 max_context: int | None = None):
+        """max_context caps prompt + generated tokens per request (default: the model's max_seq_len); the
+        block tables, and so the cost of a decode step on the reference path, scale with it. num_pages
+        defaults to max_batch full-length sequences."""
         cfg = llm.config
+        if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
+            raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
+        max_context = max_context or cfg.max_seq_len
         if page_size < 1 or page_size & (page_size - 1) or prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise JaxkvError(f"page_size and prefill_chunk must be powers of two, got {page_size} and {prefill_chunk}")
         self.cfg, self.params, self.tokenizer = cfg, llm.params, llm.tokenizer
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
         self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
         self.streaming = cfg.streaming_window is not None
-        self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-cfg.max_seq_len // page_size)
+        self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.prefix_caching = prefix_caching and not self.streaming  # the ring rewrites pages: never share them
         self.allocator = PageAllocator(num_pages, page_size)
         self.cache = PagedKVCache.init(cfg, max_batch, num_pages, page_size, self.pages_per_seq, kv_dtype)
-        self.max_context = UNBOUNDED_CONTEXT if self.streaming else cfg.max_seq_len
-        self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else cfg.max_seq_len - 1
+        self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
+        self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
         self.executables = Executables()
         self.waiting: collections.deque[_Sequence] = collections.deque()
         self.slots: list[_Sequence | None] = [None] * max_batch
@@ -256,7 +264,7 @@ class Engine:
         seq.tokens.append(token)
         self._totals["generated"] += 1
         self._recent.append((time.perf_counter(), 1))
-        eos = token in self.eos_ids
+        eos = token in self.eos_ids and not seq.request.ignore_eos
         text = seq.text.add([] if eos else [token], final=eos or seq.generated >= seq.request.max_tokens)
         reason = "stop" if eos or seq.text.stopped else "length" if seq.generated >= seq.request.max_tokens else None
         if reason:

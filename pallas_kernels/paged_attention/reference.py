@@ -47,9 +47,13 @@ def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
     return (pages.astype(jnp.float32) * scales[..., None]).astype(dtype)
 
 
-def gather_tokens(pages, scales, block_tables, positions, sinks):
-    """K or V [K, B, C, Dh] float32 at `positions` [B, C] of each sequence, read through its block table."""
+def gather_tokens(pages, scales, block_tables, positions, sinks, window):
+    """K or V [K, B, C, Dh] float32 at `positions` [B, C] (from `candidate_positions`) of each sequence,
+    read through its block table: whole pages in table order without a window (a contiguous gather)."""
     page_size = pages.shape[2]
+    if window is None:
+        dense = dequantize(pages[:, block_tables], None if scales is None else scales[:, block_tables], jnp.float32)
+        return dense.reshape(*dense.shape[:2], -1, dense.shape[-1])
     slot = table_slot(jnp.maximum(positions, 0) // page_size, block_tables.shape[1], sinks, page_size)
     page = jnp.take_along_axis(block_tables, slot, axis=1)
     offset = jnp.maximum(positions, 0) % page_size
@@ -61,8 +65,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     n_kv, _, page_size, head_dim = k_pages.shape
     batch, pages_per_seq = block_tables.shape
     positions = candidate_positions(lengths, pages_per_seq, page_size, sinks, window)
-    k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks)
-    v = gather_tokens(v_pages, v_scales, block_tables, positions, sinks)
+    k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks, window)
+    v = gather_tokens(v_pages, v_scales, block_tables, positions, sinks, window)
     qg = q.astype(jnp.float32).reshape(batch, n_kv, -1, head_dim)
     logits = jnp.einsum("bkgd,kbsd->bkgs", qg, k) * scale
     keep = visible(positions, lengths[:, None], sinks, window)
