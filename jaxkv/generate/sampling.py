@@ -38,8 +38,14 @@ class SamplingParams:
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Scale logits [B, V] by temperature, then mask (to -inf) tokens outside top-k and top-p."""
+    """Scale logits [B, V] by temperature, then mask (to -inf) tokens outside top-k and top-p.
+    The sort that top-k/top-p need (slow over a large vocabulary on CPU) runs only if some row asks."""
     logits = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    return jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1.0), _top_k_top_p, lambda x, k, p: x, logits, top_k,
+                        top_p)
+
+
+def _top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
     vocab = logits.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -54,9 +60,14 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p, *, greedy: bool) -> jax.Array:
-    """Next token per row of logits [B, V]; `keys` [B] are per-sequence PRNG keys."""
+    """Next token per row of logits [B, V]; `keys` [B] are per-sequence PRNG keys. Rows with temperature 0
+    are greedy; when all are, nothing is drawn."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+        return best
+
+    def draw(_):
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        return jnp.where(temperature == 0, best, jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32))
+
+    return jax.lax.cond(jnp.all(temperature == 0), lambda _: best, draw, None)

@@ -237,15 +237,24 @@ class Engine:
         seq.prefilled = True
         return [self._emit(seq, int(token), float(logprob))]
 
+    def _table_widths(self) -> list[int]:
+        """Block-table widths decode compiles for: powers of two up to pages_per_seq (the ring's, if streaming)."""
+        return [self.pages_per_seq] if self.streaming else _powers_of_two(1, self.pages_per_seq)
+
     def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
-        tables = np.zeros((self.max_batch, self.pages_per_seq), np.int32)
+        """One token for each of seqs. The block tables are cut to the widest sequence's pages (bucketed), so
+        the attention reads scale with the lengths in flight, not with max_context."""
+        need = max(self.allocator.pages_for(s.computed + 1) for s in seqs)
+        width = min(w for w in self._table_widths() if w >= need or w == self.pages_per_seq)
+        tables = np.zeros((self.max_batch, width), np.int32)
         lengths, tokens, active = (np.zeros(self.max_batch, np.int32) for _ in range(3))
         rows = [s.slot for s in seqs]
         for seq in seqs:
-            tables[seq.slot], lengths[seq.slot], tokens[seq.slot] = self._table_row(seq), seq.computed, seq.tokens[-1]
-        for s in self.slots:  # rows still prefilling keep their length (they write nothing)
+            tables[seq.slot], lengths[seq.slot] = self._table_row(seq)[:width], seq.computed
+            tokens[seq.slot] = seq.tokens[-1]
+        for s in self.slots:  # rows still prefilling keep their length; they write nothing, and read nothing used
             if s is not None and not s.prefilled:
-                tables[s.slot], lengths[s.slot] = self._table_row(s), s.computed
+                lengths[s.slot] = s.computed
         active[rows] = 1
         sampling = [np.zeros(self.max_batch, a.dtype) for a in self._sampling_args(seqs)]
         for full, part in zip(sampling, self._sampling_args(seqs)):
@@ -291,30 +300,26 @@ class Engine:
         return token[0], logprob[0], cache
 
     def _decode_step(self, params, cache, tables, lengths, tokens, active, seeds, steps, temperature, top_k, top_p):
-        """One token for every active slot; idle rows write nothing."""
-        cache = cache.replace(block_tables=tables, lengths=lengths)
-        logits, cache = forward(self.cfg, params, tokens[:, None], cache, active)
+        """One token for every active slot; idle rows write nothing. The host owns tables and lengths: the
+        cache kept between steps holds only the pools (its own tables never change shape)."""
+        logits, out = forward(self.cfg, params, tokens[:, None], cache.replace(block_tables=tables, lengths=lengths),
+                              active)
         token, logprob = self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p)
-        return token, logprob, cache
+        return token, logprob, out.replace(block_tables=cache.block_tables, lengths=cache.lengths)
 
     def warmup(self) -> None:
-        """Compile every prefill bucket and the decode step now, writing nothing (idle rows, empty chunks)."""
-        dummy = Request([0], max_tokens=1)
-        seq = _Sequence(dummy, self.tokenizer.decode)
-        sampling = self._sampling_args([seq])
-        size = MIN_CHUNK
-        while True:
-            size = min(size, self.prefill_chunk)
+        """Compile every prefill chunk bucket and decode table width now, writing nothing (idle rows, empty
+        chunks), so that serving never compiles."""
+        sampling = self._sampling_args([_Sequence(Request([0], max_tokens=1), self.tokenizer.decode)])
+        for size in _powers_of_two(MIN_CHUNK, self.prefill_chunk):
             _, _, self.cache = self.executables.run(
                 self._prefill_chunk, (1,), self.params, self.cache, np.int32(0),
                 np.zeros(self.pages_per_seq, np.int32), np.int32(0), np.zeros(size, np.int32), np.int32(0), *sampling)
-            if size == self.prefill_chunk:
-                break
-            size *= 2
         zeros = np.zeros(self.max_batch, np.int32)
-        _, _, self.cache = self.executables.run(
-            self._decode_step, (1,), self.params, self.cache, np.zeros((self.max_batch, self.pages_per_seq), np.int32),
-            zeros, zeros, zeros, *[np.zeros(self.max_batch, a.dtype) for a in sampling])
+        for width in self._table_widths():
+            _, _, self.cache = self.executables.run(
+                self._decode_step, (1,), self.params, self.cache, np.zeros((self.max_batch, width), np.int32),
+                zeros, zeros, zeros, *[np.zeros(self.max_batch, a.dtype) for a in sampling])
 
     # --- metrics ------------------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -333,3 +338,11 @@ class Engine:
             "tokens_per_s": (len(self._recent) - 1) / span if span > 0 else 0.0,
             "compilations": self.executables.count,
         }
+
+
+def _powers_of_two(low: int, high: int) -> list[int]:
+    """low, 2 low, 4 low, ... below high, then high: the bucket sizes `bucket(n, low, high)` can return."""
+    sizes = [low]
+    while sizes[-1] * 2 < high:
+        sizes.append(sizes[-1] * 2)
+    return sorted(set(sizes + [high]))
