@@ -216,3 +216,37 @@ def test_text_stream_never_emits_half_characters_or_stop_strings(smollm2_checkpo
     deltas = [stream.add([i]) for i in ids]
     assert stream.stopped and "".join(deltas) == text[:text.find("quoted”")]
     assert not any("quot" in d for d in deltas)
+
+
+def test_a_failed_device_call_loses_no_request_and_no_token(byte_tokenizer, monkeypatch):
+    """The third device call raises (its donated cache is gone): the engine starts from fresh pools, recomputes
+    the running requests, and every client still gets exactly the greedy tokens."""
+    cfg = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                      max_seq_len=64)
+    params = init_params(cfg, jax.random.PRNGKey(5))
+    engine = Engine(LLM(cfg, byte_tokenizer, params), max_batch=2, page_size=8, prefill_chunk=16)
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42], [100] * 12]
+    for i, prompt in enumerate(prompts):
+        engine.add(Request(prompt, max_tokens=10, request_id=str(i)))
+    run_once, calls = engine.executables.run, []
+
+    def flaky(fn, donate, *args, **static):
+        calls.append(fn.__name__)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return run_once(fn, donate, *args, **static)
+
+    monkeypatch.setattr(engine.executables, "run", flaky)
+    outputs, failures = collections.defaultdict(list), 0
+    while engine.has_work():
+        try:
+            for out in engine.step():
+                outputs[out.request_id].append(out)
+        except RuntimeError:
+            failures += 1
+    generator = Generator(cfg, params, byte_tokenizer.eos_ids)
+    assert failures == 1
+    for i, prompt in enumerate(prompts):
+        assert tokens_of(outputs[str(i)]) == generator.generate([prompt], 10, SamplingParams())[0].token_ids
+        check_finished_once(outputs[str(i)])
+    assert engine.allocator.stats().used == 0

@@ -103,15 +103,16 @@ class Engine:
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.prefix_caching = prefix_caching and not self.streaming  # the ring rewrites pages: never share them
-        self.allocator = PageAllocator(num_pages, page_size)
-        self.cache = PagedKVCache.init(cfg, max_batch, num_pages, page_size, self.pages_per_seq, kv_dtype)
+        self._new_pool = lambda: (PageAllocator(num_pages, page_size),
+                                  PagedKVCache.init(cfg, max_batch, num_pages, page_size, self.pages_per_seq, kv_dtype))
+        self.allocator, self.cache = self._new_pool()
         self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
         self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
         self.executables = Executables()
         self.waiting: collections.deque[_Sequence] = collections.deque()
         self.slots: list[_Sequence | None] = [None] * max_batch
         self._by_id: dict[str, _Sequence] = {}
-        self._aborted: list[RequestOutput] = []
+        self._undelivered: list[RequestOutput] = []
         self._admissions = itertools.count(1)
         self._totals = collections.Counter()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
@@ -149,15 +150,34 @@ class Engine:
             self.waiting.remove(seq)
         else:
             self._evict(seq)
-        self._aborted.append(seq.output([], [], "", "abort"))
+        self._undelivered.append(seq.output([], [], "", "abort"))
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self._aborted or any(self.slots))
+        return bool(self.waiting or self._undelivered or any(self.slots))
 
     # --- scheduling ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: admit, one prefill chunk, one decode step. Returns the outputs it produced."""
-        outputs, self._aborted = self._aborted, []
+        """One iteration: admit, one prefill chunk, one decode step. Returns the outputs it produced.
+        If a device call fails, the error propagates after `_recover` has made the engine usable again."""
+        outputs, self._undelivered = self._undelivered, []
+        try:
+            self._step(outputs)
+        except Exception:
+            self._undelivered = outputs + self._undelivered  # tokens already emitted must still reach clients
+            self._recover()
+            raise
+        return outputs
+
+    def _recover(self) -> None:
+        """A failed device call may have consumed the donated cache: start from fresh pools (the prefix cache
+        goes too) and send every running request back to the queue, to be recomputed like a preempted one."""
+        for seq in sorted((s for s in self.slots if s is not None), key=lambda s: s.order, reverse=True):
+            seq.slot, seq.computed, seq.prefilled = None, 0, False
+            self.waiting.appendleft(seq)
+        self.slots = [None] * self.max_batch
+        self.allocator, self.cache = self._new_pool()
+
+    def _step(self, outputs: list[RequestOutput]) -> None:
         self._admit()
         prefilling = [s for s in self.slots if s is not None and not s.prefilled]
         if prefilling:
@@ -166,7 +186,6 @@ class Engine:
         decoding = [s for s in decoding if s.slot is not None and self._make_room(s)]  # (preempted ones: not)
         if decoding:
             outputs += self._decode(decoding)
-        return outputs
 
     def _admit(self) -> None:
         while self.waiting and None in self.slots:
