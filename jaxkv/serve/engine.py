@@ -115,7 +115,7 @@ class Engine:
         self._undelivered: list[RequestOutput] = []
         self._admissions = itertools.count(1)
         self._totals = collections.Counter()
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
+        self._recent: collections.deque[float] = collections.deque()  # when recent tokens came, for tokens/s
 
     # --- requests -----------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -291,7 +291,7 @@ class Engine:
         """Append a sampled token; finish the request on EOS, a stop string or its budget."""
         seq.tokens.append(token)
         self._totals["generated"] += 1
-        self._recent.append((time.perf_counter(), 1))
+        self._recent.append(time.perf_counter())
         eos = token in self.eos_ids and not seq.request.ignore_eos
         text = seq.text.add([] if eos else [token], final=eos or seq.generated >= seq.request.max_tokens)
         reason = "stop" if eos or seq.text.stopped else "length" if seq.generated >= seq.request.max_tokens else None
@@ -344,9 +344,9 @@ class Engine:
     def metrics(self) -> dict:
         stats = self.allocator.stats()
         now = time.perf_counter()
-        while self._recent and now - self._recent[0][0] > 10.0:
+        while self._recent and now - self._recent[0] > 10.0:
             self._recent.popleft()
-        span = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
+        span = now - self._recent[0] if len(self._recent) > 1 else 0.0
         return {
             "running": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
             "kv_pages_used": stats.used, "kv_pages_free": stats.free, "kv_pages_total": stats.total,
