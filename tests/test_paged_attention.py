@@ -14,16 +14,13 @@ from conftest import relative_error
 KV_HEADS, PAGES_PER_SEQ = 2, 6
 
 
-def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths=None, int8=False, seed=0):
-    """Random q and pages, each sequence's pages scattered in random order through a pool with spares."""
-    rng = np.random.default_rng(seed)
-    if lengths is None:  # ragged: empty, one token, a page multiple, a full table, one in between
-        lengths = [0, 1, 2 * page_size, PAGES_PER_SEQ * page_size, 3 * page_size + 5]
-    batch, n_pages = len(lengths), len(lengths) * PAGES_PER_SEQ + 3
+def random_pool(rng, *, batch, pages_per_seq, page_size, head_dim, dtype, int8) -> dict:
+    """k/v pages (int8 with scales, or `dtype`) in a pool with 3 spare pages, and block tables giving each sequence
+    its pages scattered in random order through it."""
+    n_pages = batch * pages_per_seq + 3
     pool = (KV_HEADS, n_pages, page_size, head_dim)
-    q = jnp.asarray(rng.standard_normal((batch, KV_HEADS * ratio, head_dim)), dtype)
-    tables = jnp.asarray(rng.permutation(n_pages)[:batch * PAGES_PER_SEQ].reshape(batch, -1), jnp.int32)
-    inputs = dict(q=q, block_tables=tables, lengths=jnp.asarray(lengths, jnp.int32))
+    inputs = dict(block_tables=jnp.asarray(rng.permutation(n_pages)[:batch * pages_per_seq].reshape(batch, -1),
+                                           jnp.int32))
     if int8:
         inputs.update({name: jnp.asarray(rng.integers(-127, 128, pool), jnp.int8) for name in ("k_pages", "v_pages")})
         inputs.update({name: jnp.asarray(rng.uniform(0.004, 0.012, pool[:3]), jnp.float32)
@@ -31,6 +28,22 @@ def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths
     else:
         inputs.update({name: jnp.asarray(rng.standard_normal(pool), dtype) for name in ("k_pages", "v_pages")})
     return inputs
+
+
+def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths=None, int8=False, seed=0):
+    """Random q and pages, each sequence's pages scattered in random order through a pool with spares."""
+    rng = np.random.default_rng(seed)
+    if lengths is None:  # ragged: empty, one token, a page multiple, a full table, one in between
+        lengths = [0, 1, 2 * page_size, PAGES_PER_SEQ * page_size, 3 * page_size + 5]
+    q = jnp.asarray(rng.standard_normal((len(lengths), KV_HEADS * ratio, head_dim)), dtype)
+    return dict(q=q, lengths=jnp.asarray(lengths, jnp.int32),
+                **random_pool(rng, batch=len(lengths), pages_per_seq=PAGES_PER_SEQ, page_size=page_size,
+                              head_dim=head_dim, dtype=dtype, int8=int8))
+
+
+def split_options(case: dict) -> dict:
+    """Take the attention options (scale, sinks, window) out of a test case, leaving make_inputs' arguments."""
+    return {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
 
 
 def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None, *, scale=None,
@@ -73,7 +86,7 @@ def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v
     dict(lengths=[0, 30, 49, 100, 213], sinks=4, window=20),  # past the table: the window wraps round its ring
 ], ids=str)
 def test_reference_matches_naive_loop(case):
-    options = {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
+    options = split_options(case)
     inputs = make_inputs(**case)
     got = paged_attention(**inputs, **options, backend="reference")
     np.testing.assert_allclose(np.asarray(got), naive_attention(**inputs, **options), atol=2e-5, rtol=1e-5)
@@ -93,23 +106,32 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.float32, page_size=8, ratio=3, lengths=[0, 30, 49, 100, 213], sinks=4, window=20),
 ], ids=str)
 def test_gpu_kernel_matches_reference(case):
-    options = {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
+    check_kernel_matches_reference("gpu", case)
+
+
+def check_kernel_matches_reference(backend: str, case: dict) -> None:
+    """The interpreted kernel's output against the reference: same dtype and shape, close, zeros for length 0."""
+    options = split_options(case)
     inputs = make_inputs(**case)
     want = paged_attention(**inputs, **options, backend="reference")
-    got = paged_attention(**inputs, **options, backend="gpu", interpret=True)
+    got = paged_attention(**inputs, **options, backend=backend, interpret=True)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert relative_error(got, want) < (2e-2 if case["dtype"] == jnp.bfloat16 else 1e-5)
     assert not np.asarray(got[0]).any()  # length 0 gives zeros
 
 
-def test_gpu_kernel_reads_only_sink_and_window_pages():
+def check_kernel_skips_middle_pages(backend: str) -> None:
     """NaN pages between the sinks and the window would poison the output if the kernel loaded them."""
     inputs = make_inputs(lengths=[PAGES_PER_SEQ * 8, 5 * 8 + 3])
     skipped = np.asarray(inputs["block_tables"])[:, 1:3].ravel()  # positions 8..23: neither sinks (< 5) nor window
     poisoned = {name: inputs[name].at[:, skipped].set(jnp.nan) for name in ("k_pages", "v_pages")}
-    got = paged_attention(**{**inputs, **poisoned}, sinks=5, window=12, backend="gpu", interpret=True)
+    got = paged_attention(**{**inputs, **poisoned}, sinks=5, window=12, backend=backend, interpret=True)
     want = paged_attention(**inputs, sinks=5, window=12, backend="reference")
     assert relative_error(got, want) < 1e-5
+
+
+def test_gpu_kernel_reads_only_sink_and_window_pages():
+    check_kernel_skips_middle_pages("gpu")
 
 
 def test_auto_is_the_reference_on_cpu():

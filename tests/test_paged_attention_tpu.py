@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 
 import jax.numpy as jnp
@@ -12,8 +11,7 @@ import jax.numpy as jnp
 from jaxkv.errors import JaxkvError
 from pallas_kernels import paged_attention
 from pallas_kernels.paged_attention import _KERNELS, tpu
-from conftest import relative_error
-from test_paged_attention import PAGES_PER_SEQ, make_inputs
+from test_paged_attention import check_kernel_matches_reference, check_kernel_skips_middle_pages, make_inputs
 
 
 def use_small_blocks(monkeypatch):
@@ -41,26 +39,14 @@ CASES = [
 def test_tpu_kernel_matches_reference(case, monkeypatch):
     if case.pop("small_blocks", False):
         use_small_blocks(monkeypatch)
-    options = {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
-    inputs = make_inputs(**case)
-    want = paged_attention(**inputs, **options, backend="reference")
-    got = paged_attention(**inputs, **options, backend="tpu", interpret=True)
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert relative_error(got, want) < (2e-2 if case["dtype"] == jnp.bfloat16 else 1e-5)
-    assert not np.asarray(got[0]).any()  # length 0 gives zeros
+    check_kernel_matches_reference("tpu", case)
 
 
 @pytest.mark.parametrize("small_blocks", [False, True])
 def test_tpu_kernel_reads_only_sink_and_window_pages(small_blocks, monkeypatch):
-    """NaN pages between the sinks and the window would poison the output if the kernel copied them."""
     if small_blocks:
         use_small_blocks(monkeypatch)
-    inputs = make_inputs(lengths=[PAGES_PER_SEQ * 8, 5 * 8 + 3])
-    skipped = np.asarray(inputs["block_tables"])[:, 1:3].ravel()  # positions 8..23: neither sinks (< 5) nor window
-    poisoned = {name: inputs[name].at[:, skipped].set(jnp.nan) for name in ("k_pages", "v_pages")}
-    got = paged_attention(**{**inputs, **poisoned}, sinks=5, window=12, backend="tpu", interpret=True)
-    want = paged_attention(**inputs, sinks=5, window=12, backend="reference")
-    assert relative_error(got, want) < 1e-5
+    check_kernel_skips_middle_pages("tpu")
 
 
 def test_tpu_kernel_rejects_page_size_off_the_sublane_tiles():

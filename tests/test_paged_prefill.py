@@ -12,8 +12,9 @@ from jaxkv.errors import JaxkvError
 from pallas_kernels import paged_attention
 from pallas_kernels.paged_prefill import gpu, paged_prefill_attention
 from conftest import relative_error
+from test_paged_attention import KV_HEADS, random_pool, split_options
 
-KV_HEADS, PAGES_PER_SEQ, PADDING = 2, 6, 3
+PAGES_PER_SEQ, PADDING = 6, 3
 
 
 def default_chunks(page_size):
@@ -29,19 +30,11 @@ def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, chunks=
     rng = np.random.default_rng(seed)
     chunks = default_chunks(page_size) if chunks is None else chunks
     q_lens = [new for _, new in chunks]
-    batch, n_tokens, n_pages = len(chunks), sum(q_lens) + padding, len(chunks) * pages_per_seq + 3
-    pool = (KV_HEADS, n_pages, page_size, head_dim)
-    q = jnp.asarray(rng.standard_normal((n_tokens, KV_HEADS * ratio, head_dim)), dtype)
-    tables = jnp.asarray(rng.permutation(n_pages)[:batch * pages_per_seq].reshape(batch, -1), jnp.int32)
-    inputs = dict(q=q, block_tables=tables, lengths=jnp.asarray([c + n for c, n in chunks], jnp.int32),
-                  cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32))
-    if int8:
-        inputs.update({name: jnp.asarray(rng.integers(-127, 128, pool), jnp.int8) for name in ("k_pages", "v_pages")})
-        inputs.update({name: jnp.asarray(rng.uniform(0.004, 0.012, pool[:3]), jnp.float32)
-                       for name in ("k_scales", "v_scales")})
-    else:
-        inputs.update({name: jnp.asarray(rng.standard_normal(pool), dtype) for name in ("k_pages", "v_pages")})
-    return inputs
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + padding, KV_HEADS * ratio, head_dim)), dtype)
+    return dict(q=q, lengths=jnp.asarray([c + n for c, n in chunks], jnp.int32),
+                cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
+                **random_pool(rng, batch=len(chunks), pages_per_seq=pages_per_seq, page_size=page_size,
+                              head_dim=head_dim, dtype=dtype, int8=int8))
 
 
 def naive_prefill(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scales=None, v_scales=None, *,
@@ -72,10 +65,6 @@ def naive_prefill(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scale
                 weights = np.exp(logits - logits.max())
                 out[row, h] = weights @ v[h // group] / weights.sum()
     return out
-
-
-def split_options(case):
-    return {key: case.pop(key) for key in ("scale", "sinks", "window") if key in case}
 
 
 @pytest.mark.parametrize("case", [

@@ -43,7 +43,6 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
     compute_dtype = q.dtype if quantized else k_ref.dtype
 
     def body(i, carry):
-        acc, m, l = carry
         logical = start + i * pages_per_block + jnp.arange(pages_per_block)
         seen = jnp.minimum(logical, n_visible - 1)  # the tail of the last block re-reads a visible page, masked
         page = jnp.where(seen < n_sink, seen, seen - n_sink + window_first)  # position // page_size
@@ -52,21 +51,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
         positions = (page[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
         in_split = jnp.broadcast_to((logical < stop)[:, None], (pages_per_block, page_size)).reshape(block_k)
         keep = (visible(positions, length, sinks, window) & in_split)[None, :]
-
-        k = k_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
-        logits = plgpu.dot(q, k, trans_b=True)  # [G, block_k] float32
-        if quantized:
-            logits *= k_scales_ref[pages].reshape(1, block_k)
-        logits = jnp.where(keep, logits * scale, MASKED)
-        m_next = jnp.maximum(m, logits.max(axis=-1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
-        l_next = alpha * l + p.sum(axis=-1)
-        if quantized:
-            p *= v_scales_ref[pages].reshape(1, block_k)
-        v = v_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
-        acc_next = alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v)
-        return acc_next, m_next, l_next
+        return attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, scale=scale,
+                            compute_dtype=compute_dtype)
 
     group = q.shape[0]
     init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group,), MASKED, jnp.float32),
@@ -76,6 +62,32 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
+
+
+def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, *, scale, compute_dtype,
+                 used=None):
+    """One online-softmax step of the rows q [R, Dh] over the pool pages `pages` (block_k tokens together):
+    carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8 scales
+    (refs or None) apply to the logits and to p. `used` [block_k], when given, zeroes V (and its scales) where
+    no row looks, so stale or NaN slots of a loaded page cannot reach the output through 0 * NaN."""
+    acc, m, l = carry
+    block_k, head_dim = keep.shape[-1], q.shape[-1]
+    k = k_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
+    logits = plgpu.dot(q, k, trans_b=True)  # [R, block_k] float32
+    if k_scales_ref is not None:
+        logits *= k_scales_ref[pages].reshape(1, block_k)
+    logits = jnp.where(keep, logits * scale, MASKED)
+    m_next = jnp.maximum(m, logits.max(axis=-1))
+    alpha = jnp.exp(m - m_next)
+    p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
+    l_next = alpha * l + p.sum(axis=-1)
+    v = v_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
+    if v_scales_ref is not None:
+        v_scales = v_scales_ref[pages].reshape(block_k)
+        p *= (v_scales if used is None else jnp.where(used, v_scales, 0.0))[None, :]
+    if used is not None:
+        v = jnp.where(used[:, None], v, 0)
+    return alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v), m_next, l_next
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret"))

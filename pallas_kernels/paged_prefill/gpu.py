@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxkv.errors import JaxkvError
+from pallas_kernels.paged_attention.gpu import attend_pages
 from pallas_kernels.paged_attention.reference import MASKED, table_slot, visible
 
 _BLOCK_ROWS = 64  # query rows (queries x padded group) per program
@@ -48,7 +49,6 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, wind
     compute_dtype = q.dtype if quantized else k_ref.dtype
 
     def body(i, carry):
-        acc, m, l = carry
         logical = i * pages_per_block + jnp.arange(pages_per_block)
         page = jnp.where(logical < n_sink, logical, logical - n_sink + window_first)  # position // page_size
         slot = table_slot(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
@@ -59,21 +59,8 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, wind
         # and the window) may hold anything, NaN included, so it is zeroed before it meets V
         used = in_range & visible(positions, last_pos + 1, sinks, block_window)
         keep = visible(positions[None, :], q_pos[:, None] + 1, sinks, window) & real[:, None] & used[None, :]
-
-        k = k_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
-        logits = plgpu.dot(q, k, trans_b=True)  # [block_rows, block_k] float32
-        if quantized:
-            logits *= k_scales_ref[pages].reshape(1, block_k)
-        logits = jnp.where(keep, logits * scale, MASKED)
-        m_next = jnp.maximum(m, logits.max(axis=-1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
-        l_next = alpha * l + p.sum(axis=-1)
-        if quantized:
-            p *= jnp.where(used, v_scales_ref[pages].reshape(block_k), 0.0)[None, :]
-        v = jnp.where(used[:, None], v_ref[pages].reshape(block_k, head_dim).astype(compute_dtype), 0)
-        acc_next = alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v)
-        return acc_next, m_next, l_next
+        return attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, scale=scale,
+                            compute_dtype=compute_dtype, used=used)
 
     init = (jnp.zeros((block_rows, head_dim), jnp.float32), jnp.full((block_rows,), MASKED, jnp.float32),
             jnp.zeros((block_rows,), jnp.float32))
