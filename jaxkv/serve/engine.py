@@ -275,9 +275,10 @@ class Engine:
             if s is not None and not s.prefilled:
                 lengths[s.slot] = s.computed
         active[rows] = 1
-        sampling = [np.zeros(self.max_batch, a.dtype) for a in self._sampling_args(seqs)]
-        for full, part in zip(sampling, self._sampling_args(seqs)):
-            full[rows] = part
+        sampling = []
+        for part in self._sampling_args(seqs):  # per active row; idle rows get zeros (greedy, unused)
+            sampling.append(np.zeros(self.max_batch, part.dtype))
+            sampling[-1][rows] = part
         next_tokens, logprobs, self.cache = self.executables.run(
             self._decode_step, (1,), self.params, self.cache, tables, lengths, tokens, active, *sampling)
         next_tokens, logprobs = np.asarray(next_tokens), np.asarray(logprobs)
