@@ -43,9 +43,9 @@ def _serve(args) -> None:
 
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, kv_dtype=args.kv_dtype,
           page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch,
-          prefill_chunk=args.prefill_chunk, prefix_caching=not args.no_prefix_caching,
-          max_context=args.max_context, streaming_window=args.streaming_window, sinks=args.sinks,
-          model_name=args.served_model_name, log_level=args.log_level)
+          prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
+          prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
+          streaming_window=args.streaming_window, sinks=args.sinks, model_name=args.served_model_name, log_level=args.log_level)
 
 
 def _convert(args) -> None:
@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-pages", type=int, default=None,
                      help="KV pages in the pool (default: enough for max-batch full contexts)")
     srv.add_argument("--prefill-chunk", type=int, default=64,
-                     help="prompt tokens prefilled per step, a power of two (default: 64)")
+                     help="longest prefill call, in prompt tokens, a power of two (default: 64)")
+    srv.add_argument("--prefill-budget", type=int, default=None,
+                     help="prompt tokens prefilled per step, across requests (default: 4 chunks)")
     srv.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                      help="cap on prompt + completion tokens per request (default: the model's context); "
                           "smaller is cheaper per decode step")

@@ -63,19 +63,21 @@ KINDS = {  # name -> (ModelConfig changes, kv_dtype)
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_model_kind_serves_the_generators_greedy_tokens(kind, byte_tokenizer):
-    """Five requests on three slots, prefilled in chunks of 16: each gets what it would alone."""
+    """Eight requests of different lengths on five slots, prefilled in chunks of 16 (several per step), decoded
+    in packed rows that change as requests finish: each gets what it would alone."""
     changes, kv_dtype = KINDS[kind]
     cfg = ModelConfig(**{**dict(vocab_size=258, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
                                 mlp_dim=64, max_seq_len=96), **changes})
     params = init_params(cfg, jax.random.PRNGKey(3))
     llm = LLM(cfg, byte_tokenizer, params)
     rng = np.random.default_rng(4)
-    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (3, 17, 28, 9, 20)]
-    budget = 80 if cfg.streaming_window else 24  # streaming: past max_seq_len
-    engine = Engine(llm, max_batch=3, page_size=8, prefill_chunk=16, kv_dtype=kv_dtype)
-    got = run(engine, [Request(p, max_tokens=budget, request_id=str(i)) for i, p in enumerate(prompts)])
+    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (3, 17, 28, 9, 20, 5, 26, 12)]
+    longest = 80 if cfg.streaming_window else 24  # streaming: past max_seq_len
+    budgets = [longest - 5 * (i % 4) for i in range(len(prompts))]
+    engine = Engine(llm, max_batch=5, page_size=8, prefill_chunk=16, kv_dtype=kv_dtype)
+    got = run(engine, [Request(p, max_tokens=n, request_id=str(i)) for i, (p, n) in enumerate(zip(prompts, budgets))])
     generator = Generator(cfg, params, byte_tokenizer.eos_ids, kv_dtype=kv_dtype, page_size=8)
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
         want = generator.generate([prompt], budget, SamplingParams())[0].token_ids
         assert tokens_of(got[str(i)]) == want, f"request {i}"
         check_finished_once(got[str(i)])
@@ -250,3 +252,37 @@ def test_a_failed_device_call_loses_no_request_and_no_token(byte_tokenizer, monk
         assert tokens_of(outputs[str(i)]) == generator.generate([prompt], 10, SamplingParams())[0].token_ids
         check_finished_once(outputs[str(i)])
     assert engine.allocator.stats().used == 0
+
+
+def test_steps_prefill_within_the_budget_and_decode_in_the_smallest_shape(byte_tokenizer, monkeypatch):
+    """Each step prefills at most `prefill_budget` prompt tokens, across requests; each decode call packs the
+    generating requests into the smallest row bucket and the narrowest table width that hold them."""
+    cfg = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                      max_seq_len=64)
+    engine = Engine(LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(6))), max_batch=8, page_size=8,
+                    prefill_chunk=16, prefill_budget=24)
+    rows_options, widths = engine._decode_shapes()
+    assert (rows_options, widths) == ([4, 8], [1, 2, 4, 6, 8])
+    run_once, decodes = engine.executables.run, []
+
+    def record(fn, donate, *args, **static):
+        if fn.__name__ == "_decode_step":
+            tables, lengths, active = args[3], args[4], args[6]
+            decodes.append((tables.shape, int(active.sum()), -(-(int(lengths[active > 0].max()) + 1) // 8)))
+        return run_once(fn, donate, *args, **static)
+
+    monkeypatch.setattr(engine.executables, "run", record)
+    for i in range(6):
+        engine.add(Request([i + 1] * 20, max_tokens=3 + 4 * i, request_id=str(i)))
+    prefilled, firsts = [], []
+    while engine.has_work():
+        before = engine.metrics()["prefilled_tokens_total"]
+        outputs = engine.step()
+        prefilled.append(engine.metrics()["prefilled_tokens_total"] - before)
+        firsts.append(sum(out.completion_tokens == 1 for out in outputs))
+    assert max(prefilled) == 24 and sum(prefilled) == 6 * 20
+    assert max(firsts) >= 2  # several requests finished prefilling in one step
+    for (rows, width), active, need in decodes:
+        assert rows == min(r for r in rows_options if r >= active)
+        assert width == min(w for w in widths if w >= need)
+    assert {shape[0] for shape, _, _ in decodes} == {4, 8}  # the batch shrank as requests finished

@@ -1,8 +1,11 @@
 """The serving engine: continuous batching over the paged KV cache, with chunked prefill and prefix caching.
 
-A fixed number of decode slots is compiled once. Each `step()` runs at most one prefill chunk (of the
-earliest admitted request still prefilling; chunk lengths bucketed to powers of two) and then one decode
-step for every slot that is generating, so new arrivals never starve running requests. Requests are
+A fixed number of decode slots is compiled once. Each `step()` prefills up to `prefill_budget` prompt
+tokens (earliest admitted requests first, in chunks whose lengths are bucketed to powers of two) and then
+runs one decode step for every slot that is generating, so new arrivals never starve running requests.
+Decode packs the generating slots into the first rows of a batch bucketed to a power of two, with block
+tables cut to the widest sequence's pages (bucketed too): a step costs what is in flight, not max_batch x
+max_context. Requests are
 admitted when a slot and enough pages are free. When a decode step needs a page and none is left, the
 latest admitted request is preempted: its pages go back and it waits at the head of the queue, to be
 recomputed from its prompt and the tokens it already produced (a cached prefix makes that cheap). A
@@ -85,20 +88,25 @@ class Engine:
     """Serves many requests on one model; single-threaded: one thread calls add, abort and step."""
 
     def __init__(self, llm, *, max_batch: int = 8, page_size: int = 16, num_pages: int | None = None,
-                 kv_dtype: str | None = None, prefill_chunk: int = 64, prefix_caching: bool = True,
-                 max_context: int | None = None):
-        """max_context caps prompt + generated tokens per request (default: the model's max_seq_len); the
-        block tables, and so the cost of a decode step on the reference path, scale with it. num_pages
-        defaults to max_batch full-length sequences."""
+                 kv_dtype: str | None = None, prefill_chunk: int = 64, prefill_budget: int | None = None,
+                 prefix_caching: bool = True, max_context: int | None = None):
+        """max_context caps prompt + generated tokens per request (default: the model's max_seq_len).
+        num_pages defaults to max_batch full-length sequences. prefill_budget (default 4 chunks) caps the
+        prompt tokens prefilled per step: more fills free slots sooner, less keeps the running requests'
+        inter-token latency low."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
         max_context = max_context or cfg.max_seq_len
         if page_size < 1 or page_size & (page_size - 1) or prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise JaxkvError(f"page_size and prefill_chunk must be powers of two, got {page_size} and {prefill_chunk}")
+        prefill_budget = 4 * prefill_chunk if prefill_budget is None else prefill_budget
+        if prefill_budget < 1:
+            raise JaxkvError(f"prefill_budget must be at least 1, got {prefill_budget}")
         self.cfg, self.params, self.tokenizer = cfg, llm.params, llm.tokenizer
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
         self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
+        self.prefill_budget = prefill_budget
         self.streaming = cfg.streaming_window is not None
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
@@ -157,7 +165,7 @@ class Engine:
 
     # --- scheduling ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: admit, one prefill chunk, one decode step. Returns the outputs it produced.
+        """One iteration: admit, prefill chunks (up to the budget), one decode step. Returns the outputs it produced.
         If a device call fails, the error propagates after `_recover` has made the engine usable again."""
         outputs, self._undelivered = self._undelivered, []
         try:
@@ -179,9 +187,10 @@ class Engine:
 
     def _step(self, outputs: list[RequestOutput]) -> None:
         self._admit()
-        prefilling = [s for s in self.slots if s is not None and not s.prefilled]
-        if prefilling:
-            outputs += self._prefill(min(prefilling, key=lambda s: s.order))
+        budget = self.prefill_budget
+        for seq in sorted((s for s in self.slots if s is not None and not s.prefilled), key=lambda s: s.order):
+            while budget > 0 and not seq.prefilled:
+                budget -= self._prefill(seq, budget, outputs)
         decoding = sorted((s for s in self.slots if s is not None and s.prefilled), key=lambda s: s.order)
         decoding = [s for s in decoding if s.slot is not None and self._make_room(s)]  # (preempted ones: not)
         if decoding:
@@ -238,54 +247,59 @@ class Engine:
                 np.asarray([p.temperature for p in params], np.float32), np.asarray([p.top_k for p in params], np.int32),
                 np.asarray([p.top_p for p in params], np.float32))
 
-    def _prefill(self, seq: _Sequence) -> list[RequestOutput]:
-        n = min(len(seq.tokens) - seq.computed, self.prefill_chunk)
+    def _prefill(self, seq: _Sequence, limit: int, outputs: list[RequestOutput]) -> int:
+        """One chunk of seq's uncomputed tokens, at most `limit`; the first token's output once all are in.
+        Returns the number of tokens prefilled."""
+        n = min(len(seq.tokens) - seq.computed, self.prefill_chunk, limit)
         tokens = np.zeros(bucket(n, MIN_CHUNK, self.prefill_chunk), np.int32)
         tokens[:n] = seq.tokens[seq.computed:seq.computed + n]
         token, logprob, self.cache = self.executables.run(
-            self._prefill_chunk, (1,), self.params, self.cache, np.int32(seq.slot), self._table_row(seq),
-            np.int32(seq.computed), tokens, np.int32(n), *self._sampling_args([seq]))
+            self._prefill_chunk, (1,), self.params, self.cache, np.asarray([seq.slot], np.int32),
+            self._table_row(seq)[None], np.int32(seq.computed), tokens, np.int32(n), *self._sampling_args([seq]))
         seq.computed += n
         self._totals["prefilled"] += n
         if self.prefix_caching:
             pages = self._table_row(seq)
             for page, key in zip(pages, prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
                 self.allocator.register(int(page), key)
-        if seq.computed < len(seq.tokens):
-            return []
-        seq.prefilled = True
-        return [self._emit(seq, int(token), float(logprob))]
+        if seq.computed == len(seq.tokens):
+            seq.prefilled = True
+            outputs.append(self._emit(seq, int(token), float(logprob)))
+        return n
 
-    def _table_widths(self) -> list[int]:
-        """Block-table widths decode compiles for: powers of two up to pages_per_seq (the ring's, if streaming)."""
-        return [self.pages_per_seq] if self.streaming else _powers_of_two(1, self.pages_per_seq)
+    def _decode_shapes(self) -> tuple[list[int], list[int]]:
+        """The batch sizes and block-table widths decode compiles for: powers of two up to max_batch (from an
+        eighth of it, at least 4: below that a step costs the weight reads anyway) and up to pages_per_seq
+        (from an eighth, and three quarters of it: attention reads rows x width pages, and the widest
+        sequence in flight is usually past half the context; the ring's width alone if streaming)."""
+        rows = _powers_of_two(min(self.max_batch, max(4, self.max_batch // 8)), self.max_batch)
+        if self.streaming:
+            return rows, [self.pages_per_seq]
+        widths = _powers_of_two(max(1, self.pages_per_seq // 8), self.pages_per_seq)
+        return rows, sorted(set(widths + [max(widths[0], 3 * self.pages_per_seq // 4)]))
 
     def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
-        """One token for each of seqs. The block tables are cut to the widest sequence's pages (bucketed), so
-        the attention reads scale with the lengths in flight, not with max_context."""
+        """One token for each of seqs, packed into the first rows of the batch; the other rows are idle and
+        stand for distinct other slots (so that writing back their unchanged streaming state is harmless)."""
+        rows_options, width_options = self._decode_shapes()
+        rows = min(r for r in rows_options if r >= len(seqs))
         need = max(self.allocator.pages_for(s.computed + 1) for s in seqs)
-        width = min(w for w in self._table_widths() if w >= need or w == self.pages_per_seq)
-        tables = np.zeros((self.max_batch, width), np.int32)
-        lengths, tokens, active = (np.zeros(self.max_batch, np.int32) for _ in range(3))
-        rows = [s.slot for s in seqs]
-        for seq in seqs:
-            tables[seq.slot], lengths[seq.slot] = self._table_row(seq)[:width], seq.computed
-            tokens[seq.slot] = seq.tokens[-1]
-        for s in self.slots:  # rows still prefilling keep their length; they write nothing, and read nothing used
-            if s is not None and not s.prefilled:
-                lengths[s.slot] = s.computed
-        active[rows] = 1
-        sampling = []
-        for part in self._sampling_args(seqs):  # per active row; idle rows get zeros (greedy, unused)
-            sampling.append(np.zeros(self.max_batch, part.dtype))
-            sampling[-1][rows] = part
+        width = min(w for w in width_options if w >= need or w == self.pages_per_seq)
+        busy = {s.slot for s in seqs}
+        slots = [s.slot for s in seqs] + [i for i in range(self.max_batch) if i not in busy][:rows - len(seqs)]
+        tables = np.zeros((rows, width), np.int32)
+        lengths, tokens, active = (np.zeros(rows, np.int32) for _ in range(3))
+        for i, seq in enumerate(seqs):
+            tables[i], lengths[i], tokens[i], active[i] = self._table_row(seq)[:width], seq.computed, seq.tokens[-1], 1
+        sampling = [np.pad(part, (0, rows - len(seqs))) for part in self._sampling_args(seqs)]  # idle rows: greedy
         next_tokens, logprobs, self.cache = self.executables.run(
-            self._decode_step, (1,), self.params, self.cache, tables, lengths, tokens, active, *sampling)
+            self._decode_step, (1,), self.params, self.cache, np.asarray(slots, np.int32), tables, lengths, tokens,
+            active, *sampling)
         next_tokens, logprobs = np.asarray(next_tokens), np.asarray(logprobs)
         outputs = []
-        for seq in seqs:
+        for i, seq in enumerate(seqs):
             seq.computed += 1
-            outputs.append(self._emit(seq, int(next_tokens[seq.slot]), float(logprobs[seq.slot])))
+            outputs.append(self._emit(seq, int(next_tokens[i]), float(logprobs[i])))
         return outputs
 
     def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestOutput:
@@ -307,39 +321,51 @@ class Engine:
         token = sample(logits, keys, temperature, top_k, top_p, greedy=False)
         return token, jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
 
-    def _prefill_chunk(self, params, cache, slot, table_row, start, tokens, n_new, seed, step, temperature, top_k,
-                       top_p):
-        """One chunk of one sequence (slot), through a batch-of-one view of the shared cache."""
-        row = cache.replace(block_tables=table_row[None], lengths=start[None],
-                            sink_keys=None if cache.sink_keys is None else cache.sink_keys[:, slot][:, None])
-        logits, row = forward(self.cfg, params, tokens[None], row, n_new[None])
-        cache = row.replace(block_tables=cache.block_tables, lengths=cache.lengths,
-                            sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slot].set(
-                                row.sink_keys[:, 0]))
-        token, logprob = self._sample(logits[:, 0], seed, step, temperature, top_k, top_p)  # each [1]
-        return token[0], logprob[0], cache
+    @staticmethod
+    def _rows(cache, slots, tables, lengths):
+        """The cache as the batch `slots` (distinct) sees it: the shared pools, the given tables and lengths."""
+        return cache.replace(block_tables=tables, lengths=lengths,
+                             sink_keys=None if cache.sink_keys is None else cache.sink_keys[:, slots])
 
-    def _decode_step(self, params, cache, tables, lengths, tokens, active, seeds, steps, temperature, top_k, top_p):
-        """One token for every active slot; idle rows write nothing. The host owns tables and lengths: the
-        cache kept between steps holds only the pools (its own tables never change shape)."""
-        logits, out = forward(self.cfg, params, tokens[:, None], cache.replace(block_tables=tables, lengths=lengths),
-                              active)
+    @staticmethod
+    def _merge(cache, rows, slots):
+        """Back from `_rows`: the pools and the slots' streaming state; the host keeps tables and lengths."""
+        return rows.replace(block_tables=cache.block_tables, lengths=cache.lengths,
+                            sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slots].set(
+                                rows.sink_keys))
+
+    def _prefill_chunk(self, params, cache, slots, table, start, tokens, n_new, seed, step, temperature, top_k,
+                       top_p):
+        """One chunk of one sequence (slots [1], table [1, P]), appended after `start` cached tokens."""
+        logits, rows = forward(self.cfg, params, tokens[None], self._rows(cache, slots, table, start[None]),
+                               n_new[None])
+        token, logprob = self._sample(logits[:, 0], seed, step, temperature, top_k, top_p)  # each [1]
+        return token[0], logprob[0], self._merge(cache, rows, slots)
+
+    def _decode_step(self, params, cache, slots, tables, lengths, tokens, active, seeds, steps, temperature, top_k,
+                     top_p):
+        """One token for every active row; idle rows write nothing."""
+        logits, rows = forward(self.cfg, params, tokens[:, None], self._rows(cache, slots, tables, lengths), active)
         token, logprob = self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p)
-        return token, logprob, out.replace(block_tables=cache.block_tables, lengths=cache.lengths)
+        return token, logprob, self._merge(cache, rows, slots)
 
     def warmup(self) -> None:
-        """Compile every prefill chunk bucket and decode table width now, writing nothing (idle rows, empty
-        chunks), so that serving never compiles."""
+        """Compile every prefill chunk bucket and decode shape now, writing nothing (idle rows, empty chunks),
+        so that serving never compiles."""
         sampling = self._sampling_args([_Sequence(Request([0], max_tokens=1), self.tokenizer.decode)])
         for size in _powers_of_two(MIN_CHUNK, self.prefill_chunk):
             _, _, self.cache = self.executables.run(
-                self._prefill_chunk, (1,), self.params, self.cache, np.int32(0),
-                np.zeros(self.pages_per_seq, np.int32), np.int32(0), np.zeros(size, np.int32), np.int32(0), *sampling)
-        zeros = np.zeros(self.max_batch, np.int32)
-        for width in self._table_widths():
-            _, _, self.cache = self.executables.run(
-                self._decode_step, (1,), self.params, self.cache, np.zeros((self.max_batch, width), np.int32),
-                zeros, zeros, zeros, *[np.zeros(self.max_batch, a.dtype) for a in sampling])
+                self._prefill_chunk, (1,), self.params, self.cache, np.zeros(1, np.int32),
+                np.zeros((1, self.pages_per_seq), np.int32), np.int32(0), np.zeros(size, np.int32), np.int32(0),
+                *sampling)
+        all_rows, widths = self._decode_shapes()
+        for rows in all_rows:
+            zeros = np.zeros(rows, np.int32)
+            for width in widths:
+                _, _, self.cache = self.executables.run(
+                    self._decode_step, (1,), self.params, self.cache, np.arange(rows, dtype=np.int32),
+                    np.zeros((rows, width), np.int32), zeros, zeros, zeros,
+                    *[np.zeros(rows, a.dtype) for a in sampling])
 
     # --- metrics ------------------------------------------------------------------------------
     def metrics(self) -> dict:

@@ -377,7 +377,7 @@ def _server_error(e: BaseException) -> dict:
 
 def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_size: int = 16,
                num_pages: int | None = None, kv_dtype: str | None = None, prefill_chunk: int = 64,
-               prefix_caching: bool = True, max_context: int | None = None, warmup: bool = True,
+               prefill_budget: int | None = None, prefix_caching: bool = True, max_context: int | None = None, warmup: bool = True,
                engine=None) -> FastAPI:
     """The FastAPI app serving `llm` (a `jaxkv.load` result) under `model_name`.
 
@@ -390,7 +390,8 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
 
         extra = {} if max_context is None else {"max_context": max_context}
         engine = Engine(llm, max_batch=max_batch, page_size=page_size, num_pages=num_pages, kv_dtype=kv_dtype,
-                        prefill_chunk=prefill_chunk, prefix_caching=prefix_caching, **extra)
+                        prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, prefix_caching=prefix_caching,
+                        **extra)
     if warmup and hasattr(engine, "warmup"):
         engine.warmup()
     start = engine.metrics()
@@ -620,8 +621,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, *, dtype: str | None = None,
           kv_dtype: str | None = None, page_size: int = 16, num_pages: int | None = None, max_batch: int = 8,
-          prefill_chunk: int = 64, prefix_caching: bool = True, max_context: int | None = None,
-          streaming_window: int | None = None, sinks: int = 4, model_name: str | None = None,
+          prefill_chunk: int = 64, prefill_budget: int | None = None, prefix_caching: bool = True,
+          max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, model_name: str | None = None,
           log_level: str = "info") -> None:
     """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command)."""
     import uvicorn
@@ -640,8 +641,8 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
             model_name = model if not os.path.exists(os.path.expanduser(model)) else (
                 llm.config.name if llm.config.name != "custom" else os.path.basename(os.path.normpath(model)))
         app = create_app(llm, model_name=model_name, max_batch=max_batch, page_size=page_size, num_pages=num_pages,
-                         kv_dtype=kv_dtype, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
-                         max_context=max_context)
+                         kv_dtype=kv_dtype, prefill_chunk=prefill_chunk, prefill_budget=prefill_budget,
+                         prefix_caching=prefix_caching, max_context=max_context)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         host_shown, port_shown = sock.getsockname()[:2]
         print(f"jaxkv: serving {model_name} at http://{host_shown}:{port_shown}/v1 (max_batch {max_batch}, "
