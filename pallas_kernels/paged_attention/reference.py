@@ -49,11 +49,14 @@ def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
 
 def gather_tokens(pages, scales, block_tables, positions, sinks, window):
     """K or V [K, B, C, Dh] float32 at `positions` [B, C] (from `candidate_positions`) of each sequence,
-    read through its block table: whole pages in table order without a window (a contiguous gather)."""
-    page_size = pages.shape[2]
+    read through its block table: whole pages in table order without a window (a gather of page rows,
+    which XLA's CPU backend does far faster than one of [S, Dh] blocks)."""
+    n_kv, num_pages, page_size, head_dim = pages.shape
     if window is None:
-        dense = dequantize(pages[:, block_tables], None if scales is None else scales[:, block_tables], jnp.float32)
-        return dense.reshape(*dense.shape[:2], -1, dense.shape[-1])
+        rows = jnp.take(pages.reshape(n_kv, num_pages, -1), block_tables, axis=1, mode="clip")
+        row_scales = None if scales is None else jnp.take(scales, block_tables, axis=1, mode="clip")
+        dense = dequantize(rows.reshape(*rows.shape[:3], page_size, head_dim), row_scales, jnp.float32)
+        return dense.reshape(*dense.shape[:2], -1, head_dim)
     slot = table_slot(jnp.maximum(positions, 0) // page_size, block_tables.shape[1], sinks, page_size)
     page = jnp.take_along_axis(block_tables, slot, axis=1)
     offset = jnp.maximum(positions, 0) % page_size
@@ -61,16 +64,18 @@ def gather_tokens(pages, scales, block_tables, positions, sinks, window):
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, sinks, window):
-    """q [B, H, Dh] over the pages block_tables [B, P] names in k/v_pages [K, N, S, Dh]; see the package docstring."""
+    """q [B, H, Dh] over the pages block_tables [B, P] names in k/v_pages [K, N, S, Dh]; see the package docstring.
+    Both products keep the gathered K/V as the row operand, in the layout it is gathered in: on CPU, where
+    this path runs for real, that is several times faster than contracting both operands' minor axes."""
     n_kv, _, page_size, head_dim = k_pages.shape
     batch, pages_per_seq = block_tables.shape
     positions = candidate_positions(lengths, pages_per_seq, page_size, sinks, window)
     k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks, window)
     v = gather_tokens(v_pages, v_scales, block_tables, positions, sinks, window)
-    qg = q.astype(jnp.float32).reshape(batch, n_kv, -1, head_dim)
-    logits = jnp.einsum("bkgd,kbsd->bkgs", qg, k) * scale
-    keep = visible(positions, lengths[:, None], sinks, window)
-    logits = jnp.where(keep[:, None, None], logits, MASKED)
-    probs = jax.nn.softmax(logits, axis=-1) * keep[:, None, None]  # length 0: all zeros
-    out = jnp.einsum("bkgs,kbsd->bkgd", probs, v)
-    return out.reshape(q.shape).astype(q.dtype)
+    qg = q.astype(jnp.float32).reshape(batch, n_kv, -1, head_dim).transpose(1, 0, 3, 2)  # [K, B, Dh, G]
+    logits = jnp.matmul(k, qg) * scale  # [K, B, C, G]
+    keep = visible(positions, lengths[:, None], sinks, window)[None, :, :, None]
+    logits = jnp.where(keep, logits, MASKED)
+    probs = jax.nn.softmax(logits, axis=2) * keep  # length 0: all zeros
+    out = jnp.matmul(probs.swapaxes(-1, -2), v)  # [K, B, G, Dh]
+    return out.transpose(1, 0, 2, 3).reshape(q.shape).astype(q.dtype)
