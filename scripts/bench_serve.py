@@ -157,7 +157,8 @@ def hf_static(model, requests: list[dict], batch: int, pad_id: int) -> dict:
 
 
 # --- a fixed KV budget ---------------------------------------------------------------------------
-def at_budget(llm, spec: str, requests: list[dict], budget_bytes: int, max_batch: int, max_context: int) -> dict:
+def at_budget(llm, spec: str, requests: list[dict], budget_bytes: int, max_batch: int, max_context: int,
+              prefill_chunk: int) -> dict:
     from jaxkv.api import LLM
     from jaxkv.cache.dense import kv_bytes_per_token
     from jaxkv.model.uptrain import share_kv
@@ -169,7 +170,7 @@ def at_budget(llm, spec: str, requests: list[dict], budget_bytes: int, max_batch
     page_size = 16
     pages = budget_bytes // (kv_bytes_per_token(cfg) * page_size)
     engine = Engine(LLM(cfg, llm.tokenizer, params), max_batch=max_batch, page_size=page_size, num_pages=pages,
-                    max_context=max_context, prefix_caching=False)
+                    max_context=max_context, prefill_chunk=prefill_chunk, prefix_caching=False)
     engine.warmup()
     compiled = engine.executables.count
     for r in requests:
@@ -195,10 +196,12 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=32, help="engine decode slots")
     parser.add_argument("--max-context", type=int, default=512)
+    parser.add_argument("--prefill-chunk", type=int, default=128, help="longest prefill call (engine)")
+    parser.add_argument("--prefill-budget", type=int, default=None, help="prompt tokens per step (default 4 chunks)")
     parser.add_argument("--hf-batch", default="8,16,32", help="static batch sizes tried for HF (its best is the peer)")
-    parser.add_argument("--kv-budget-mib", type=float, default=32.0)
-    parser.add_argument("--budget-requests", type=int, default=96)
-    parser.add_argument("--budget-slots", type=int, default=96)
+    parser.add_argument("--kv-budget-mib", type=float, default=48.0)
+    parser.add_argument("--budget-requests", type=int, default=80)
+    parser.add_argument("--budget-slots", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve.md"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "results" / "serve.png"))
@@ -209,9 +212,11 @@ def main() -> None:
     from jaxkv.serve.server import create_app
 
     llm = jaxkv.load(args.model, dtype="float32")
-    requests = workload(llm, args.requests, args.seed, (args.min_prompt, args.max_prompt),
-                        (args.min_new, args.max_new))
-    engine = Engine(llm, max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=64)
+    drawn = workload(llm, max(args.requests, args.budget_requests), args.seed, (args.min_prompt, args.max_prompt),
+                     (args.min_new, args.max_new))
+    requests = drawn[:args.requests]
+    engine = Engine(llm, max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+                    prefill_budget=args.prefill_budget)
     engine.warmup()
     port, server, thread = start_server(create_app(llm, engine=engine, warmup=False))
     warm_compilations = engine.executables.count
@@ -226,8 +231,8 @@ def main() -> None:
         hf_runs[batch] = hf_static(hf_model, requests, batch, llm.tokenizer.eos_ids[0])
         print(f"HF static batching ({batch}): {hf_runs[batch]['tok_s']:.1f} tok/s", flush=True)
     hf_batch, hf = max(hf_runs.items(), key=lambda item: item[1]["tok_s"])
-    budget = [at_budget(llm, spec, requests[:args.budget_requests], int(args.kv_budget_mib * 2**20),
-                        args.budget_slots, args.max_context) for spec in ("standard", "lckv:2", "cla2")]
+    budget = [at_budget(llm, spec, drawn[:args.budget_requests], int(args.kv_budget_mib * 2**20), args.budget_slots,
+                        args.max_context, args.prefill_chunk) for spec in ("standard", "lckv:2", "cla2")]
 
     best = max(levels, key=lambda r: r["tok_s"])
     lines = [f"# Serving {args.model}: jaxkv's server against HF transformers", "",
@@ -235,7 +240,9 @@ def main() -> None:
              f"{__import__('os').cpu_count()}-core CPU, float32. {args.requests} requests: prompts of "
              f"{args.min_prompt}-{args.max_prompt} tokens of held-out Shakespeare, {args.min_new}-{args.max_new} "
              f"new tokens each, greedy, EOS ignored; {sum(r['max_tokens'] for r in requests)} tokens in all. "
-             f"Engine: {args.max_batch} slots, pages of 16, max context {args.max_context}, prefill chunks of 64.",
+             f"Engine: {args.max_batch} slots, pages of 16, max context {args.max_context}, prefill chunks of "
+             f"{args.prefill_chunk}, {engine.prefill_budget} prompt tokens per step; warm-up compiled "
+             f"{warm_compilations} executables in {engine.executables.compile_s:.0f} s.",
              "", "| clients | tok/s | TTFT p50 / p99 (s) | inter-token p50 / p99 (ms) | peak KV pages used | "
              "compilations after warm-up |", "|---:|---:|---|---|---:|---:|"]
     for r in levels:
