@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxkv.cache.dense import kv_bytes_per_token
 from jaxkv.checkpoints.registry import DEFAULT_MODEL, open_source, resolve
@@ -14,6 +15,7 @@ from jaxkv.config import DTYPES, ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.generator import Completion, Generator
 from jaxkv.generate.sampling import SamplingParams
+from jaxkv.parallel.mesh import make_mesh
 from jaxkv.tokenizer import Tokenizer
 
 
@@ -21,13 +23,17 @@ class LLM:
     """A loaded model: config, tokenizer, params, and generation with cached compilations."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params, kv_dtype: str | None = None,
-                 page_size: int | None = None):
+                 page_size: int | None = None, mesh: str | Mesh | None = None):
+        """mesh: a Mesh or a spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`): parameters, caches
+        and batches are sharded over it by the one rules table; None runs on one device."""
         self.config = config
         self.tokenizer = tokenizer
-        self.params = params
+        self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         if (kv_dtype == "int8" or config.streaming_window is not None) and page_size is None:
             page_size = 16  # both live in the paged cache
-        self.generator = Generator(config, params, eos_ids=tokenizer.eos_ids, kv_dtype=kv_dtype, page_size=page_size)
+        self.generator = Generator(config, params, eos_ids=tokenizer.eos_ids, kv_dtype=kv_dtype, page_size=page_size,
+                                   mesh=self.mesh)
+        self.params = self.generator.params  # placed on the mesh
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -59,17 +65,20 @@ class LLM:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
-         page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4) -> LLM:
+         page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4,
+         mesh: str | Mesh | None = None) -> LLM:
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir or a GGUF file.
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
     checkpoint's own. page_size keeps the KV cache in pages of that many tokens; kv_dtype
     "int8" quantizes it (paged, page_size 16 unless given). streaming_window turns on StreamingLLM:
     the cache keeps `sinks` first tokens and the last `streaming_window`, so generation runs past the
-    model's context in bounded memory (paged, page_size 16 unless given).
+    model's context in bounded memory (paged, page_size 16 unless given). mesh ("data=2,model=4" or a
+    Mesh) shards the model over devices (see `LLM`).
     """
     if dtype is not None:
         dtype = _dtype_name(dtype)
+    mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh  # a bad spec fails before the weights load
     kind, path = resolve(str(name_or_path))
     if kind == "checkpoint":
         cfg, tokenizer, params = load_checkpoint(path)
@@ -82,7 +91,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=cfg.param_dtype), params)
     if streaming_window is not None:
         cfg = cfg.replace(streaming_window=streaming_window, streaming_sinks=sinks)
-    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size)
+    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh)
 
 
 def _dtype_name(dtype) -> str:

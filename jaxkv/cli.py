@@ -22,7 +22,7 @@ def _generate(args) -> None:
     import jaxkv
 
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
-                     streaming_window=args.streaming_window, sinks=args.sinks)
+                     streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh)
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
     stats = llm.stats
@@ -45,7 +45,7 @@ def _serve(args) -> None:
           page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch,
           prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
           prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
-          streaming_window=args.streaming_window, sinks=args.sinks, model_name=args.served_model_name, log_level=args.log_level)
+          streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh, model_name=args.served_model_name, log_level=args.log_level)
 
 
 def _convert(args) -> None:
@@ -93,7 +93,7 @@ def _plan(args) -> None:
 def _train(args) -> None:
     from jaxkv.train import train
 
-    result = train(args.config, steps=args.steps, out=args.out)
+    result = train(args.config, steps=args.steps, out=args.out, mesh=args.mesh)
     print(f"wrote {result.final}: step {result.steps}, loss {result.loss:.4f}, val_loss {result.val_loss:.4f} "
           f"(ppl {result.val_ppl:.2f}), {result.parameters:,} parameters, {result.tokens_per_s:,.0f} tok/s",
           file=sys.stderr)
@@ -126,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "the model's context in bounded memory")
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    gen.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, model; -1: the rest)")
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     srv.add_argument("--model", default="smollm2-135m",
                      help="preset name, jaxkv checkpoint dir, HF dir or GGUF file (default: smollm2-135m)")
+    srv.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, model; -1: the rest)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
@@ -186,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, metavar="FILE", help="train config (see configs/train/)")
     tr.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the config's)")
     tr.add_argument("--out", default=None, metavar="DIR", help="run directory (default: the config's out)")
+    tr.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, model; -1: the rest)")
     tr.set_defaults(func=_train)
     return parser
 
@@ -195,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxkv.errors import JaxkvError
 
     try:
+        if getattr(args, "mesh", None) is not None:
+            from jaxkv.parallel.distributed import initialize_from_env
+
+            initialize_from_env()  # one of several processes: JAX_COORDINATOR_ADDRESS etc. say so
         args.func(args)
     except JaxkvError as e:
         print(f"jaxkv: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ us report compile time apart from run time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.sampling import SamplingParams, sample
 from jaxkv.model.decoder import forward
+from jaxkv.parallel.rules import cache_shardings, logical_to_mesh, shard_params
 
 MIN_PROMPT_BUCKET = 16
 
@@ -59,12 +61,15 @@ class Executables:
     """Functions compiled ahead of time, once per (function, argument shapes and dtypes, static values).
 
     Keeping them lets callers report compile time apart from run time and count compilations: a
-    server warmed up over its buckets must not compile again.
+    server warmed up over its buckets must not compile again. With a mesh, functions are traced,
+    compiled and run with it in context (so the model's sharding constraints apply), and the
+    arguments' shardings are part of the key.
     """
 
-    def __init__(self):
+    def __init__(self, mesh: jax.sharding.Mesh | None = None):
         self._compiled: dict = {}
         self.compile_s = 0.0
+        self.mesh = mesh
 
     @property
     def count(self) -> int:
@@ -73,24 +78,36 @@ class Executables:
     def run(self, fn, donate: tuple[int, ...], *args, **static):
         """fn(*args, **static) through its executable; `donate` are the positions of donated args."""
         leaves, treedef = jax.tree.flatten(args)
-        key = (fn, tuple(sorted(static.items())), treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
-        if key not in self._compiled:
-            start = time.perf_counter()
-            jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate)
-            self._compiled[key] = jitted.lower(*args, **static).compile()
-            self.compile_s += time.perf_counter() - start
-        return self._compiled[key](*args)
+        key = (fn, tuple(sorted(static.items())), treedef,
+               tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves))
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            if key not in self._compiled:
+                start = time.perf_counter()
+                jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate)
+                self._compiled[key] = jitted.lower(*args, **static).compile()
+                self.compile_s += time.perf_counter() - start
+            return self._compiled[key](*args)
+
+    def put(self, x, *logical: str | None):
+        """A host array placed on the mesh by the logical names of its dimensions (as is without a mesh); every
+        process holds all of x and gives its own devices their part."""
+        if self.mesh is None:
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, logical_to_mesh(logical, self.mesh, x.shape),
+                                            lambda index: x[index])
 
 
 class Generator:
     """Generates from token ids with one model's parameters; owns its compiled executables."""
 
     def __init__(self, cfg: ModelConfig, params, eos_ids: Sequence[int] = (), decode_chunk: int = 8,
-                 kv_dtype: str | None = None, page_size: int | None = None):
+                 kv_dtype: str | None = None, page_size: int | None = None, mesh: jax.sharding.Mesh | None = None):
         """kv_dtype: the cache's dtype (default the compute dtype; "int8" needs pages).
-        page_size: keep K/V in a paged cache of pages of this many tokens (None: dense)."""
+        page_size: keep K/V in a paged cache of pages of this many tokens (None: dense).
+        mesh: shard parameters, caches and batches over it (`jaxkv.parallel`)."""
         self.cfg = cfg
-        self.params = params
+        self.params = params if mesh is None else shard_params(params, cfg, mesh)
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.decode_chunk = decode_chunk
         self.kv_dtype = kv_dtype or cfg.dtype
@@ -103,7 +120,8 @@ class Generator:
         if cfg.streaming_window is not None and page_size is None:
             raise JaxkvError("StreamingLLM (streaming_window) evicts pages of the paged cache: give a page_size")
         self.page_size = page_size
-        self.executables = Executables()
+        self.mesh = mesh
+        self.executables = Executables(mesh)
         self.stats = GenerationStats()
 
     # --- device functions ---------------------------------------------------------------
@@ -111,10 +129,14 @@ class Generator:
         """Fresh cache and per-row PRNG keys, the prompt written in, and the first new token."""
         batch = tokens.shape[0]
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
-        cache = self._new_cache(batch, cache_len)
-        logits, cache = forward(self.cfg, params, tokens, cache, n_new)
+        logits, cache = forward(self.cfg, params, tokens, self._placed(self._new_cache(batch, cache_len)), n_new)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-        return sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy), cache, keys
+        return sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy), self._placed(cache), keys
+
+    def _placed(self, cache):
+        """The cache constrained to the rules' shardings: built in place, and the same layout every call."""
+        return cache if self.mesh is None else jax.lax.with_sharding_constraint(cache, cache_shardings(cache,
+                                                                                                     self.mesh))
 
     def _new_cache(self, batch: int, cache_len: int):
         """An empty dense cache, or a paged one whose rows own consecutive pages (under StreamingLLM just
@@ -135,7 +157,7 @@ class Generator:
             return (cache, nxt), nxt
 
         (cache, _), toks = jax.lax.scan(one_step, (cache, tokens), jnp.arange(self.decode_chunk))
-        return toks.T, cache
+        return toks.T, self._placed(cache)
 
     def _run(self, fn, donate: tuple[int, ...], *args, **static):
         before = self.executables.compile_s
@@ -184,6 +206,9 @@ class Generator:
         self.stats = GenerationStats()
 
         start = time.perf_counter()
+        put = self.executables.put
+        tokens, n_new, temperature, top_k, top_p = put(tokens, "batch", "seq"), *(
+            put(x, "batch") for x in (n_new, temperature, top_k, top_p))
         tok, cache, keys = self._run(self._prefill, (), self.params, tokens, n_new, np.uint32(sampling.seed),
                                      temperature, top_k, top_p, greedy=greedy, cache_len=cache_len)
         tok = np.asarray(tok)

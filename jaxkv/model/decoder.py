@@ -22,6 +22,7 @@ from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.attention import cached_attention
 from jaxkv.model.rope import apply_rope, inverse_frequencies
+from jaxkv.parallel.rules import constrain
 from pallas_kernels import paged_attention
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -64,7 +65,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         inv_freq = inverse_frequencies(cfg)
         q = _dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x)
-        q = apply_rope(q, positions, inv_freq)
+        q = constrain(apply_rope(q, positions, inv_freq), "batch", "seq", "heads")
         slot = cfg.kv_slot(self.layer)
         if cfg.kv_sources[self.layer] == self.layer:
             kv_shape, kv_axes = (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
@@ -83,8 +84,9 @@ class Attention(nn.Module):
         else:
             attend = functools.partial(cached_attention, strict=strict, window=window, sinks=sinks)
             attend = jax.checkpoint(attend) if self.remat else attend
-            k_src, v_src = cache.read(slot)
-            out = attend(q, k_src.astype(q.dtype), v_src.astype(q.dtype), positions)
+            # every query block sees every key: with a "seq" axis this is the all-gather of K/V per layer
+            k_src, v_src = (constrain(a.astype(q.dtype), "batch", None, "kv_heads") for a in cache.read(slot))
+            out = attend(q, k_src, v_src, positions)
         out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
         return out, cache
 
@@ -97,7 +99,8 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
         up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x)
-        return _dense(cfg, cfg.d_model, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+        return _dense(cfg, cfg.d_model, ("mlp", "embed"), "down_proj")(
+            constrain(nn.silu(gate) * up, "batch", "seq", "mlp"))
 
 
 class Block(nn.Module):
@@ -116,7 +119,7 @@ class Block(nn.Module):
         x = x + h
         mlp = nn.remat(MLP) if self.remat else MLP
         x = x + mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
-        return x, cache
+        return constrain(x, "batch", "seq"), cache
 
 
 class Decoder(nn.Module):
@@ -143,7 +146,7 @@ class Decoder(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype), name="embed",
                          embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-        x = embed(tokens)
+        x = constrain(embed(tokens), "batch", "seq")
         n_run = cfg.upward_targets[-1] + 1 if kv_only else cfg.n_layers
         for layer in range(n_run):
             x, cache = Block(cfg, layer, self.remat, name=f"layers_{layer}")(x, positions, n_new, cache)
@@ -157,7 +160,8 @@ class Decoder(nn.Module):
             logits = jnp.einsum("vd,btd->btv", embed.embedding.astype(x.dtype), x)
         else:
             logits = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
-        return logits.astype(jnp.float32), cache.replace(lengths=cache.lengths + n_new)
+        logits = constrain(logits.astype(jnp.float32), "batch", "seq", "vocab")
+        return logits, cache.replace(lengths=cache.lengths + n_new)
 
 
 def _slide_sinks(cfg: ModelConfig, cache, n_new):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import time
 import uuid
@@ -30,6 +31,7 @@ from jaxkv.errors import JaxkvError
 from jaxkv.generate.generator import Executables, bucket
 from jaxkv.generate.sampling import SamplingParams, sample
 from jaxkv.model.decoder import forward
+from jaxkv.parallel.rules import cache_shardings
 from jaxkv.serve.detokenize import TextStream
 
 MIN_CHUNK = 16
@@ -111,12 +113,14 @@ class Engine:
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.prefix_caching = prefix_caching and not self.streaming  # the ring rewrites pages: never share them
-        self._new_pool = lambda: (PageAllocator(num_pages, page_size),
-                                  PagedKVCache.init(cfg, max_batch, num_pages, page_size, self.pages_per_seq, kv_dtype))
+        init = functools.partial(PagedKVCache.init, cfg, max_batch, num_pages, page_size, self.pages_per_seq, kv_dtype)
+        if llm.mesh is not None:  # built in place, each device allocating only its shard of the pools
+            init = jax.jit(init, out_shardings=cache_shardings(jax.eval_shape(init), llm.mesh))
+        self._new_pool = lambda: (PageAllocator(num_pages, page_size), init())
         self.allocator, self.cache = self._new_pool()
         self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
         self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
-        self.executables = Executables()
+        self.executables = Executables(llm.mesh)
         self.waiting: collections.deque[_Sequence] = collections.deque()
         self.slots: list[_Sequence | None] = [None] * max_batch
         self._by_id: dict[str, _Sequence] = {}
@@ -327,12 +331,14 @@ class Engine:
         return cache.replace(block_tables=tables, lengths=lengths,
                              sink_keys=None if cache.sink_keys is None else cache.sink_keys[:, slots])
 
-    @staticmethod
-    def _merge(cache, rows, slots):
-        """Back from `_rows`: the pools and the slots' streaming state; the host keeps tables and lengths."""
-        return rows.replace(block_tables=cache.block_tables, lengths=cache.lengths,
-                            sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slots].set(
-                                rows.sink_keys))
+    def _merge(self, cache, rows, slots):
+        """Back from `_rows`: the pools and the slots' streaming state; the host keeps tables and lengths.
+        On a mesh the pools keep the rules' sharding, so every step runs the same executable."""
+        merged = rows.replace(block_tables=cache.block_tables, lengths=cache.lengths,
+                              sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slots].set(
+                                  rows.sink_keys))
+        mesh = self.executables.mesh
+        return merged if mesh is None else jax.lax.with_sharding_constraint(merged, cache_shardings(merged, mesh))
 
     def _prefill_chunk(self, params, cache, slots, table, start, tokens, n_new, seed, step, temperature, top_k,
                        top_p):

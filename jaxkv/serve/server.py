@@ -622,9 +622,10 @@ def _listen(host: str, port: int) -> socket.socket:
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, *, dtype: str | None = None,
           kv_dtype: str | None = None, page_size: int = 16, num_pages: int | None = None, max_batch: int = 8,
           prefill_chunk: int = 64, prefill_budget: int | None = None, prefix_caching: bool = True,
-          max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, model_name: str | None = None,
-          log_level: str = "info") -> None:
-    """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command)."""
+          max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, mesh: str | None = None,
+          model_name: str | None = None, log_level: str = "info") -> None:
+    """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command); `mesh` as in
+    `jaxkv.load`."""
     import uvicorn
 
     import jaxkv
@@ -636,7 +637,7 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
     sock = _listen(host, port)  # before loading: a busy port fails at once
     try:
         llm = jaxkv.load(model, dtype=dtype, kv_dtype=kv_dtype, page_size=page_size,
-                         streaming_window=streaming_window, sinks=sinks)
+                         streaming_window=streaming_window, sinks=sinks, mesh=mesh)
         if model_name is None:
             model_name = model if not os.path.exists(os.path.expanduser(model)) else (
                 llm.config.name if llm.config.name != "custom" else os.path.basename(os.path.normpath(model)))

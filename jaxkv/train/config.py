@@ -131,6 +131,7 @@ class TrainSection:
     eval_every: int = 50  # 0: only at the end
     eval_batches: int = 8
     log_every: int = 10
+    mesh: str | None = None  # e.g. "fsdp=4,model=2" (jaxkv.parallel.make_mesh); None: one device
 
     def __post_init__(self):
         _check_types(self, "train")
@@ -222,7 +223,7 @@ class TrainConfig:
             raise JaxkvError(f"cannot read train config {path}: {str(e).splitlines()[0]}") from None
         return cls.from_dict(data)
 
-    def with_overrides(self, steps: int | None = None, out: str | None = None) -> TrainConfig:
+    def with_overrides(self, steps: int | None = None, out: str | None = None, mesh: str | None = None) -> TrainConfig:
         """This config with the command line's overrides."""
-        train = self.train if steps is None else dataclasses.replace(self.train, steps=steps)
+        train = dataclasses.replace(self.train, **{k: v for k, v in (("steps", steps), ("mesh", mesh)) if v is not None})
         return dataclasses.replace(self, train=train, out=self.out if out is None else str(out))

@@ -13,6 +13,7 @@ the model's layers cast float32 parameters on use. The loss is float32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -40,6 +41,8 @@ from jaxkv.data.tokens import Batches, eval_batches, packed_rows, train_bpe
 from jaxkv.errors import JaxkvError
 from jaxkv.model.decoder import init_params, sequence_logits
 from jaxkv.model.uptrain import share_kv
+from jaxkv.parallel.mesh import make_mesh
+from jaxkv.parallel.rules import constrain, logical_to_mesh, opt_state_shardings, param_shardings
 from jaxkv.sharing import with_sharing
 from jaxkv.tokenizer import Tokenizer
 from jaxkv.train.config import TrainConfig, TrainSection
@@ -154,7 +157,8 @@ def train_step(state: dict, rows, *, model_cfg: ModelConfig, tx: optax.GradientT
         return jax.tree.map(jnp.add, total, grad_fn(params, micro)), None
 
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(accumulate, zero, rows.reshape(grad_accum, -1, rows.shape[-1]))
+    micro = constrain(rows.reshape(grad_accum, -1, rows.shape[-1]), None, "batch")  # each microbatch data-parallel
+    total, _ = jax.lax.scan(accumulate, zero, micro)
     loss, grads = jax.tree.map(lambda x: x / grad_accum, total)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
@@ -204,9 +208,17 @@ def _progress(batches: Batches, step: int) -> dict:
 
 
 def _run_steps(cfg: TrainConfig, state: dict, start: int, batches: Batches, val_batches: np.ndarray,
-               model_cfg: ModelConfig, manager: ocp.CheckpointManager, log: Callable[[dict], None]) -> tuple[dict, float]:
-    """Steps start + 1 .. train.steps with logging, evaluation and checkpoints as configured.
-    Returns the final state and the seconds spent compiling the train step."""
+               model_cfg: ModelConfig, manager: ocp.CheckpointManager, log: Callable[[dict], None],
+               mesh: jax.sharding.Mesh | None) -> tuple[dict, float]:
+    """Steps start + 1 .. train.steps with logging, evaluation and checkpoints as configured; with a mesh
+    (in context), each batch is split over its data axes. Returns the final state and the seconds spent
+    compiling the train step."""
+    def place(rows: np.ndarray):  # each process holds every row and hands its devices their part
+        if mesh is None:
+            return rows
+        return jax.make_array_from_callback(rows.shape, logical_to_mesh(("batch",), mesh, rows.shape),
+                                            lambda index: rows[index])
+
     t = cfg.train
     compute_cfg = model_cfg.replace(dtype=t.compute_dtype, param_dtype="float32")
     step_fn = jax.jit(functools.partial(train_step, model_cfg=compute_cfg, tx=optimizer(t), grad_accum=t.grad_accum,
@@ -214,14 +226,14 @@ def _run_steps(cfg: TrainConfig, state: dict, start: int, batches: Batches, val_
     eval_fn = jax.jit(functools.partial(mean_nll, compute_cfg))
     schedule = lr_schedule(t)
     began = time.perf_counter()
-    step_exe = step_fn.lower(state, batches[start]).compile()  # once: every batch has the same shape
+    step_exe = step_fn.lower(state, place(batches[start])).compile()  # once: every batch has the same shape
     compile_s = time.perf_counter() - began
 
     with tqdm(total=t.steps, initial=start, desc="training", unit="step", dynamic_ncols=True) as bar:
         window_start, window_steps = time.perf_counter(), 0
         for index in range(start, t.steps):
             step = index + 1
-            state, metrics = step_exe(state, batches[index])
+            state, metrics = step_exe(state, place(batches[index]))
             window_steps += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
@@ -241,7 +253,7 @@ def _run_steps(cfg: TrainConfig, state: dict, start: int, batches: Batches, val_
                 jax.block_until_ready(state)
                 paused = time.perf_counter()  # evaluation and saving stay out of the step times
                 if evaluate:
-                    val_loss = float(np.mean(jax.device_get([eval_fn(state["params"], b) for b in val_batches])))
+                    val_loss = float(np.mean(jax.device_get([eval_fn(state["params"], place(b)) for b in val_batches])))
                     log({"step": step, "val_loss": val_loss, "val_ppl": float(np.exp(val_loss))})
                 if save:
                     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -251,11 +263,11 @@ def _run_steps(cfg: TrainConfig, state: dict, start: int, batches: Batches, val_
 
 
 def train(config: TrainConfig | str | Path, steps: int | None = None, out: str | Path | None = None,
-          callback: Callable[[dict], None] | None = None) -> TrainResult:
+          callback: Callable[[dict], None] | None = None, mesh: str | None = None) -> TrainResult:
     """Train as `config` (a TrainConfig or a YAML path) says, resuming from `out`'s latest
-    checkpoint. `steps` and `out` override the config's. `callback` gets every metrics record
+    checkpoint. `steps`, `out` and `mesh` override the config's. `callback` gets every metrics record
     as it is written; an exception from it ends the run as an interruption would."""
-    cfg = (config if isinstance(config, TrainConfig) else TrainConfig.load(config)).with_overrides(steps, out)
+    cfg = (config if isinstance(config, TrainConfig) else TrainConfig.load(config)).with_overrides(steps, out, mesh)
     t = cfg.train
     run_dir = Path(cfg.out).expanduser().absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +279,11 @@ def train(config: TrainConfig | str | Path, steps: int | None = None, out: str |
     val_batches = eval_batches(packed_rows(split.validation, tokenizer, cfg.data.seq_len, "validation"),
                                t.microbatch, t.eval_batches)
     state = {"params": params, "opt_state": optimizer(t).init(params)}
+    mesh = make_mesh(t.mesh) if t.mesh else None
+    if mesh is not None:  # parameters and optimizer state sharded as the rules say (FSDP: along embed)
+        shardings = param_shardings(model_cfg, mesh)
+        state = jax.device_put(state, {"params": shardings,
+                                       "opt_state": opt_state_shardings(optimizer(t), params, shardings, mesh)})
 
     metrics_path = run_dir / METRICS_FILE
     manager = ocp.CheckpointManager(run_dir / CHECKPOINTS_DIR,
@@ -285,7 +302,8 @@ def train(config: TrainConfig | str | Path, steps: int | None = None, out: str |
             print(f"jaxkv: resuming {run_dir} at step {start}", file=sys.stderr)
         _truncate_metrics(metrics_path, start)
         if start < t.steps:
-            with open(metrics_path, "a") as metrics_file:
+            with open(metrics_path, "a") as metrics_file, \
+                    jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
                 def log(record: dict) -> None:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -293,7 +311,7 @@ def train(config: TrainConfig | str | Path, steps: int | None = None, out: str |
                         callback(record)
 
                 state, compile_s = _run_steps(cfg, state, start, Batches(train_rows, t.batch_size, data_key),
-                                              val_batches, model_cfg, manager, log)
+                                              val_batches, model_cfg, manager, log, mesh)
     finally:
         manager.wait_until_finished()
         manager.close()

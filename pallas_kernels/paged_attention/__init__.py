@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxkv.errors import JaxkvError
 from pallas_kernels.paged_attention import gpu, reference, tpu
+from pallas_kernels.sharded import per_shard
 
 # jax.default_backend() name -> kernel; "auto" uses the one for the current platform, else the reference.
 _KERNELS = {"gpu": gpu.paged_attention, "tpu": tpu.paged_attention}
@@ -27,6 +28,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
     `window` positions are visible. Query head h reads KV head h // (H // K); softmax is float32.
     backend: "reference", "gpu" (Pallas Triton), "tpu" (Pallas Mosaic TPU) or "auto" (the kernel for
     jax.default_backend() when there is one, else the reference); interpret=True runs a kernel on CPU.
+    Under a mesh (`jax.set_mesh`) a kernel runs per shard (`pallas_kernels.sharded.per_shard`); the reference
+    is plain JAX, which the compiler partitions itself.
     """
     _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window)
     if backend == "auto":
@@ -38,7 +41,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
     if backend not in _KERNELS:
         raise JaxkvError(f"paged_attention: unknown backend {backend!r}; choose auto, reference or "
                          f"{', '.join(_KERNELS)}")
-    return _KERNELS[backend](q, k_pages, v_pages, block_tables, lengths, interpret=interpret, **options)
+    return per_shard(_KERNELS[backend], q, k_pages, v_pages, block_tables, lengths, interpret=interpret, **options)
 
 
 def _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window) -> None:

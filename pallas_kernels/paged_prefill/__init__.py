@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxkv.errors import JaxkvError
 from pallas_kernels.paged_attention import checker, validate_pages
 from pallas_kernels.paged_prefill import gpu, reference
+from pallas_kernels.sharded import per_shard
 
 # jax.default_backend() name -> kernel; "auto" uses the one for the current platform, else the reference.
 _KERNELS = {"gpu": gpu.paged_prefill_attention}
@@ -42,7 +43,8 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
     if backend == "reference":
         return reference.paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, **options)
-    return _KERNELS[backend](q, k_pages, v_pages, block_tables, lengths, cu_q_lens, interpret=interpret, **options)
+    return per_shard(_KERNELS[backend], q, k_pages, v_pages, block_tables, lengths, cu_q_lens, interpret=interpret,
+                     rows_are_sequences=False, **options)
 
 
 def _validate(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scales, v_scales, sinks, window) -> None:
