@@ -1,12 +1,12 @@
 """The serving engine: continuous batching over the paged KV cache, with chunked prefill and prefix caching.
 
-A fixed number of decode slots is compiled once. Each `step()` prefills up to `prefill_budget` prompt
-tokens (earliest admitted requests first, in chunks whose lengths are bucketed to powers of two) and then
-runs one decode step for every slot that is generating, so new arrivals never starve running requests.
-Decode packs the generating slots into the first rows of a batch bucketed to a power of two, with block
-tables cut to the widest sequence's pages (bucketed too): a step costs what is in flight, not max_batch x
-max_context. Requests are
-admitted when a slot and enough pages are free. When a decode step needs a page and none is left, the
+A fixed number of decode slots is served by executables compiled once (`warmup`). Each `step()` prefills
+up to `prefill_budget` prompt tokens (earliest admitted requests first, in chunks whose lengths are
+bucketed to powers of two) and then runs one decode step for every slot that is generating, so new
+arrivals never starve running requests. Decode packs the generating slots into the first rows of a batch
+bucketed to a power of two, with block tables cut to the widest sequence's pages (bucketed too): a step
+costs what is in flight, not max_batch x max_context. Requests are admitted when a slot and enough pages
+are free. When a decode step needs a page and none is left, the
 latest admitted request is preempted: its pages go back and it waits at the head of the queue, to be
 recomputed from its prompt and the tokens it already produced (a cached prefix makes that cheap). A
 finished or aborted request frees its pages at once; its full prompt pages stay in the prefix cache.
