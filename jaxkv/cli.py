@@ -45,7 +45,8 @@ def _serve(args) -> None:
           page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch,
           prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
           prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
-          streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh, model_name=args.served_model_name, log_level=args.log_level)
+          streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
+          model_name=args.served_model_name, log_level=args.log_level)
 
 
 def _convert(args) -> None:
@@ -99,6 +100,9 @@ def _train(args) -> None:
           file=sys.stderr)
 
 
+MESH_HELP = "shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, model; -1: the rest)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxkv", description="JAX LLM inference where the KV cache is the limit.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -126,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "the model's context in bounded memory")
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    gen.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, model; -1: the rest)")
+    gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     srv.add_argument("--model", default="smollm2-135m",
                      help="preset name, jaxkv checkpoint dir, HF dir or GGUF file (default: smollm2-135m)")
-    srv.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, model; -1: the rest)")
+    srv.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, metavar="FILE", help="train config (see configs/train/)")
     tr.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the config's)")
     tr.add_argument("--out", default=None, metavar="DIR", help="run directory (default: the config's out)")
-    tr.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, model; -1: the rest)")
+    tr.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     tr.set_defaults(func=_train)
     return parser
 

@@ -23,7 +23,7 @@ from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.sampling import SamplingParams, sample
 from jaxkv.model.decoder import forward
-from jaxkv.parallel.rules import cache_shardings, logical_to_mesh, shard_params
+from jaxkv.parallel.rules import keep_cache_sharding, put, shard_params
 
 MIN_PROMPT_BUCKET = 16
 
@@ -88,15 +88,6 @@ class Executables:
                 self.compile_s += time.perf_counter() - start
             return self._compiled[key](*args)
 
-    def put(self, x, *logical: str | None):
-        """A host array placed on the mesh by the logical names of its dimensions (as is without a mesh); every
-        process holds all of x and gives its own devices their part."""
-        if self.mesh is None:
-            return x
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, logical_to_mesh(logical, self.mesh, x.shape),
-                                            lambda index: x[index])
-
 
 class Generator:
     """Generates from token ids with one model's parameters; owns its compiled executables."""
@@ -129,14 +120,11 @@ class Generator:
         """Fresh cache and per-row PRNG keys, the prompt written in, and the first new token."""
         batch = tokens.shape[0]
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
-        logits, cache = forward(self.cfg, params, tokens, self._placed(self._new_cache(batch, cache_len)), n_new)
+        cache = keep_cache_sharding(self._new_cache(batch, cache_len), self.mesh)
+        logits, cache = forward(self.cfg, params, tokens, cache, n_new)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-        return sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy), self._placed(cache), keys
-
-    def _placed(self, cache):
-        """The cache constrained to the rules' shardings: built in place, and the same layout every call."""
-        return cache if self.mesh is None else jax.lax.with_sharding_constraint(cache, cache_shardings(cache,
-                                                                                                     self.mesh))
+        return (sample(logits[:, 0], step_keys, temperature, top_k, top_p, greedy=greedy),
+                keep_cache_sharding(cache, self.mesh), keys)
 
     def _new_cache(self, batch: int, cache_len: int):
         """An empty dense cache, or a paged one whose rows own consecutive pages (under StreamingLLM just
@@ -157,7 +145,7 @@ class Generator:
             return (cache, nxt), nxt
 
         (cache, _), toks = jax.lax.scan(one_step, (cache, tokens), jnp.arange(self.decode_chunk))
-        return toks.T, self._placed(cache)
+        return toks.T, keep_cache_sharding(cache, self.mesh)
 
     def _run(self, fn, donate: tuple[int, ...], *args, **static):
         before = self.executables.compile_s
@@ -206,9 +194,8 @@ class Generator:
         self.stats = GenerationStats()
 
         start = time.perf_counter()
-        put = self.executables.put
-        tokens, n_new, temperature, top_k, top_p = put(tokens, "batch", "seq"), *(
-            put(x, "batch") for x in (n_new, temperature, top_k, top_p))
+        tokens, n_new, temperature, top_k, top_p = put(tokens, self.mesh, "batch", "seq"), *(
+            put(x, self.mesh, "batch") for x in (n_new, temperature, top_k, top_p))
         tok, cache, keys = self._run(self._prefill, (), self.params, tokens, n_new, np.uint32(sampling.seed),
                                      temperature, top_k, top_p, greedy=greedy, cache_len=cache_len)
         tok = np.asarray(tok)

@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -118,6 +119,15 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_spec(logical, dict(mesh.shape), x.shape))
 
 
+def put(x, mesh: Mesh | None, *logical: str | None):
+    """A host array placed on the mesh by the logical names of its dimensions (as is without a mesh).
+    Every process holds all of x and gives its own devices their part, so this also works across hosts."""
+    if mesh is None:
+        return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, logical_to_mesh(logical, mesh, x.shape), lambda index: x[index])
+
+
 def _is_spec(x) -> bool:
     return x is None or isinstance(x, PartitionSpec)
 
@@ -184,3 +194,9 @@ def cache_shardings(cache: KVCache | PagedKVCache, mesh: Mesh):
         if field.metadata.get("pytree_node", True) and hasattr(value, "shape"):
             fields[field.name] = logical_to_mesh(table.get(field.name, PartitionSpec()), mesh, value.shape)
     return cache.replace(**fields)
+
+
+def keep_cache_sharding(cache, mesh: Mesh | None):
+    """Inside jit: the cache constrained to `cache_shardings`, so a cache built in a function is built in
+    place and one returned keeps the layout the next call was compiled for (as is without a mesh)."""
+    return cache if mesh is None else jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))

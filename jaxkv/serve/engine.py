@@ -31,7 +31,7 @@ from jaxkv.errors import JaxkvError
 from jaxkv.generate.generator import Executables, bucket
 from jaxkv.generate.sampling import SamplingParams, sample
 from jaxkv.model.decoder import forward
-from jaxkv.parallel.rules import cache_shardings
+from jaxkv.parallel.rules import cache_shardings, keep_cache_sharding
 from jaxkv.serve.detokenize import TextStream
 
 MIN_CHUNK = 16
@@ -334,11 +334,10 @@ class Engine:
     def _merge(self, cache, rows, slots):
         """Back from `_rows`: the pools and the slots' streaming state; the host keeps tables and lengths.
         On a mesh the pools keep the rules' sharding, so every step runs the same executable."""
-        merged = rows.replace(block_tables=cache.block_tables, lengths=cache.lengths,
-                              sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slots].set(
-                                  rows.sink_keys))
-        mesh = self.executables.mesh
-        return merged if mesh is None else jax.lax.with_sharding_constraint(merged, cache_shardings(merged, mesh))
+        return keep_cache_sharding(rows.replace(
+            block_tables=cache.block_tables, lengths=cache.lengths,
+            sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slots].set(rows.sink_keys)),
+            self.executables.mesh)
 
     def _prefill_chunk(self, params, cache, slots, table, start, tokens, n_new, seed, step, temperature, top_k,
                        top_p):

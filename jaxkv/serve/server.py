@@ -377,8 +377,8 @@ def _server_error(e: BaseException) -> dict:
 
 def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_size: int = 16,
                num_pages: int | None = None, kv_dtype: str | None = None, prefill_chunk: int = 64,
-               prefill_budget: int | None = None, prefix_caching: bool = True, max_context: int | None = None, warmup: bool = True,
-               engine=None) -> FastAPI:
+               prefill_budget: int | None = None, prefix_caching: bool = True, max_context: int | None = None,
+               warmup: bool = True, engine=None) -> FastAPI:
     """The FastAPI app serving `llm` (a `jaxkv.load` result) under `model_name`.
 
     Builds an `Engine` with the given options (or uses `engine`; max_context caps a request's prompt +

@@ -225,5 +225,6 @@ class TrainConfig:
 
     def with_overrides(self, steps: int | None = None, out: str | None = None, mesh: str | None = None) -> TrainConfig:
         """This config with the command line's overrides."""
-        train = dataclasses.replace(self.train, **{k: v for k, v in (("steps", steps), ("mesh", mesh)) if v is not None})
-        return dataclasses.replace(self, train=train, out=self.out if out is None else str(out))
+        given = {name: value for name, value in (("steps", steps), ("mesh", mesh)) if value is not None}
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **given),
+                                   out=self.out if out is None else str(out))

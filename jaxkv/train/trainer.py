@@ -42,7 +42,7 @@ from jaxkv.errors import JaxkvError
 from jaxkv.model.decoder import init_params, sequence_logits
 from jaxkv.model.uptrain import share_kv
 from jaxkv.parallel.mesh import make_mesh
-from jaxkv.parallel.rules import constrain, logical_to_mesh, opt_state_shardings, param_shardings
+from jaxkv.parallel.rules import constrain, opt_state_shardings, param_shardings, put
 from jaxkv.sharing import with_sharing
 from jaxkv.tokenizer import Tokenizer
 from jaxkv.train.config import TrainConfig, TrainSection
@@ -213,11 +213,8 @@ def _run_steps(cfg: TrainConfig, state: dict, start: int, batches: Batches, val_
     """Steps start + 1 .. train.steps with logging, evaluation and checkpoints as configured; with a mesh
     (in context), each batch is split over its data axes. Returns the final state and the seconds spent
     compiling the train step."""
-    def place(rows: np.ndarray):  # each process holds every row and hands its devices their part
-        if mesh is None:
-            return rows
-        return jax.make_array_from_callback(rows.shape, logical_to_mesh(("batch",), mesh, rows.shape),
-                                            lambda index: rows[index])
+    def place(rows: np.ndarray):
+        return put(rows, mesh, "batch")
 
     t = cfg.train
     compute_cfg = model_cfg.replace(dtype=t.compute_dtype, param_dtype="float32")
@@ -278,12 +275,13 @@ def train(config: TrainConfig | str | Path, steps: int | None = None, out: str |
     train_rows = packed_rows(split.train, tokenizer, cfg.data.seq_len, "training")
     val_batches = eval_batches(packed_rows(split.validation, tokenizer, cfg.data.seq_len, "validation"),
                                t.microbatch, t.eval_batches)
-    state = {"params": params, "opt_state": optimizer(t).init(params)}
+    tx = optimizer(t)
+    state = {"params": params, "opt_state": tx.init(params)}
     mesh = make_mesh(t.mesh) if t.mesh else None
     if mesh is not None:  # parameters and optimizer state sharded as the rules say (FSDP: along embed)
         shardings = param_shardings(model_cfg, mesh)
         state = jax.device_put(state, {"params": shardings,
-                                       "opt_state": opt_state_shardings(optimizer(t), params, shardings, mesh)})
+                                       "opt_state": opt_state_shardings(tx, params, shardings, mesh)})
 
     metrics_path = run_dir / METRICS_FILE
     manager = ocp.CheckpointManager(run_dir / CHECKPOINTS_DIR,
