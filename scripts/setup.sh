@@ -1,12 +1,56 @@
 #!/usr/bin/env bash
 # Create .venv at the repository root and install jaxkv into it (editable).
-#   bash scripts/setup.sh        runtime only
-#   bash scripts/setup.sh test   plus the test extra (pytest, transformers, torch CPU, ...)
+#   bash scripts/setup.sh                runtime only, pinned by requirements/runtime.lock
+#   bash scripts/setup.sh test           plus the test extra (pytest, transformers, torch CPU, ...),
+#                                        pinned by requirements/test.lock
+#   bash scripts/setup.sh [test] --fresh resolve fresh from pyproject.toml instead (newest
+#                                        releases, untested by CI); JAXKV_FRESH=1 does the same
+# The locks are made for CPython 3.11 on Linux x86_64 (their "# target:" line); any other
+# Python (3.12, macOS, aarch64, ...) says so in one line and resolves fresh. Refresh the locks
+# with: bash scripts/lock.sh. Re-running is cheap: pip skips pins already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
+
+kind=runtime
+fresh=0
+case "${JAXKV_FRESH:-0}" in "" | 0 | false | no) ;; *) fresh=1 ;; esac
+for arg in "$@"; do
+    case "$arg" in
+        test) kind=test ;;
+        --fresh) fresh=1 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument '$arg' (usage: bash scripts/setup.sh [test] [--fresh])" >&2
+           exit 2 ;;
+    esac
+done
+
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
-.venv/bin/python -m pip install -qq --disable-pip-version-check -e ".${extra}"
+pip_install=(.venv/bin/python -m pip install -qq --disable-pip-version-check)
+lock="requirements/$kind.lock"
+
+if [ "$fresh" = 0 ]; then
+    have=$(.venv/bin/python -c 'import platform, sys; v = sys.version_info
+print(f"{sys.implementation.name}-{v[0]}.{v[1]}-{sys.platform}-{platform.machine().lower()}")')
+    want=""
+    [ -f "$lock" ] && want=$(sed -n 's/^# target: *\([^ ]*\).*/\1/p' "$lock" | head -n 1)
+    if [ -z "$want" ]; then
+        echo "setup.sh: no target line in $lock (missing?); resolving fresh from pyproject.toml" >&2
+        fresh=1
+    elif [ "$have" != "$want" ]; then
+        echo "setup.sh: $lock is for $want but .venv is $have; resolving fresh from pyproject.toml" >&2
+        fresh=1
+    fi
+fi
+
+if [ "$fresh" = 1 ]; then
+    extra=""
+    [ "$kind" = test ] && extra="[test]"
+    "${pip_install[@]}" -e ".${extra}"
+else
+    # Every package at its locked version and hash (the lock also pins the build requirement,
+    # setuptools, so the project builds with it, without fetching anything unpinned).
+    "${pip_install[@]}" --require-hashes --no-deps -r "$lock"
+    "${pip_install[@]}" --no-deps --no-build-isolation -e .
+fi
