@@ -39,14 +39,51 @@ def _generate(args) -> None:
 
 
 def _serve(args) -> None:
+    from jaxkv.serve.requests import Limits
     from jaxkv.serve.server import serve
 
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                    max_messages=args.max_messages, max_stop_strings=args.max_stop_strings,
+                    max_stop_chars=args.max_stop_chars, max_waiting=args.max_waiting,
+                    request_timeout_s=args.request_timeout or None)
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) if args.allowed_hosts else None
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, kv_dtype=args.kv_dtype,
           page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch,
           prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
           prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
           streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
-          model_name=args.served_model_name, log_level=args.log_level)
+          model_name=args.served_model_name, log_level=args.log_level, limits=limits, api_key=args.api_key,
+          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive)
+
+
+def _serve_limits(group) -> None:
+    from jaxkv.serve.requests import Limits
+
+    d = Limits()
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every /v1 endpoint (default: $JAXKV_API_KEY; "
+                            "/health and /metrics stay open)")
+    group.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                       help="comma-separated Host header names answered, '*' for any (default: the loopback "
+                            "names when listening on loopback, else any)")
+    group.add_argument("--timeout-keep-alive", type=int, default=5, metavar="S",
+                       help="close a connection with no request under way for this long (default: 5)")
+    group.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="N",
+                       help=f"largest request body; 413 past it (default: {d.max_body_bytes})")
+    group.add_argument("--max-prompt-chars", type=int, default=None, metavar="N",
+                       help="longest prompt in characters, checked before tokenizing (default: 32 per token "
+                            "of the longest prompt the engine takes)")
+    group.add_argument("--max-messages", type=int, default=d.max_messages, metavar="N",
+                       help=f"most messages in a chat request (default: {d.max_messages})")
+    group.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings, metavar="N",
+                       help=f"most stop strings per request (default: {d.max_stop_strings})")
+    group.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, metavar="N",
+                       help=f"longest stop string (default: {d.max_stop_chars})")
+    group.add_argument("--max-waiting", type=int, default=d.max_waiting, metavar="N",
+                       help=f"requests queued for a slot; more get 429 with Retry-After (default: {d.max_waiting})")
+    group.add_argument("--request-timeout", type=float, default=d.request_timeout_s, metavar="S",
+                       help=f"end a request this long after it arrived, 0 for never (default: "
+                            f"{d.request_timeout_s:g})")
 
 
 def _convert(args) -> None:
@@ -163,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model id clients send and /v1/models lists (default: the --model preset or the "
                           "checkpoint's name)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _serve_limits(srv.add_argument_group("security and per-request limits"))
     srv.set_defaults(func=_serve)
 
     conv = sub.add_parser("convert", help="convert an HF or GGUF checkpoint to a jaxkv checkpoint")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 GGUF (fetched once into $JAXKV_HOME) and tiny HF Llamas."""
+"""Shared fixtures: the real SmolLM2 GGUF (fetched once into $JAXKV_HOME), tiny HF Llamas, and device failures
+injected into the serving engine."""
 
 from __future__ import annotations
 
@@ -92,3 +93,31 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 def relative_error(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+
+
+# --- device failures injected into the serving engine -----------------------------------------------
+def failing_device(engine, monkeypatch, fails, consume: bool) -> list[str]:
+    """Make engine.executables.run raise where fails(fn name, args) says. consume: run the call first, so its
+    donated pools are gone as after a real device failure; else raise before it (the pools survive)."""
+    run_once, calls = engine.executables.run, []
+
+    def flaky(fn, donate, *args, **static):
+        calls.append(fn.__name__)
+        if fails(fn.__name__, args, len(calls)):
+            if consume:
+                run_once(fn, donate, *args, **static)
+            raise RuntimeError("device lost")
+        return run_once(fn, donate, *args, **static)
+
+    monkeypatch.setattr(engine.executables, "run", flaky)
+    return calls
+
+
+POISON_SEED = 666
+
+
+def poisoned(name, args, n) -> bool:
+    """A device call that holds the poisoned request (by its seed) once it has 3 tokens: prefill or decode."""
+    seeds, steps = np.asarray(args[7]), np.asarray(args[8])
+    active = np.asarray(args[6]) > 0 if name == "_decode_step" else np.ones(1, bool)
+    return bool(np.any(active & (seeds == POISON_SEED) & (steps >= 3)))

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 
 import jaxkv
-from conftest import byte_tokenizer_files
+from conftest import POISON_SEED, byte_tokenizer_files, failing_device, poisoned
 from jaxkv.api import LLM
 from jaxkv.config import ModelConfig
-from jaxkv.errors import JaxkvError
+from jaxkv.errors import DeadlineExceeded, InvalidRequest, QueueFull
 from jaxkv.generate.generator import Generator
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.model.decoder import forward, init_params
-from jaxkv.serve.detokenize import TextStream
-from jaxkv.serve.engine import Engine, Request
+from jaxkv.serve.engine import Engine, EngineStepError, Limits, Request
 from jaxkv.sharing import cla, lckv
 from jaxkv.tokenizer import Tokenizer
 
@@ -192,66 +191,147 @@ def _dense(cfg, length):
     return KVCache.init(cfg, 1, length)
 
 
-def test_bad_requests_are_refused_and_leave_nothing_behind(byte_tokenizer):
-    cfg = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
-                      max_seq_len=32)
-    engine = Engine(LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(0))), max_batch=2, page_size=8)
-    for request, message in [(Request([], max_tokens=4), "empty"), (Request([1] * 32, max_tokens=1), "at most 31"),
-                             (Request([1] * 8, max_tokens=0), "max_tokens"),
-                             (Request([1] * 8, max_tokens=30), "exceeds the context"),
-                             (Request([300], max_tokens=2), "token ids")]:
-        with pytest.raises(JaxkvError, match=message):
-            engine.add(request)
-    assert not engine.has_work()
+SMALL_CFG = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                        max_seq_len=32)
+BAD_REQUESTS = [  # (request, the field at fault, words of the message)
+    (Request([], max_tokens=4), "prompt", "empty"), (Request([1] * 32, max_tokens=1), "prompt", "at most 31"),
+    (Request([1] * 8, max_tokens=0), "max_tokens", "positive"),
+    (Request([1] * 8, max_tokens=30), "max_tokens", "context is 32"),
+    (Request([1] * 8, max_tokens=2.0), "max_tokens", "positive integer"),
+    (Request([300], max_tokens=2), "prompt", "token ids"), (Request(["1"], max_tokens=2), "prompt", "token ids"),
+    (Request([1], SamplingParams(temperature=0.7, top_k=259)), "top_k", "vocabulary size \\(258\\)"),
+    (Request([1], stop=("a", "b", "c")), "stop", "at most 2 stop strings"),
+    (Request([1], stop=("123456",)), "stop", "at most 5 characters"),
+    (Request([1], stop=("ok", "\ud800")), "stop", "lone surrogate"), (Request([1], stop=("",)), "stop", "empty"),
+    (Request([1], stop="ab"), "stop", "list of strings"), (Request([1], logprobs=1), "logprobs", "true or false"),
+    (Request([1], sampling={"temperature": 1}), "sampling", "SamplingParams"),
+]
 
 
-def test_text_stream_never_emits_half_characters_or_stop_strings(smollm2_checkpoint):
-    tokenizer = Tokenizer.load(smollm2_checkpoint)
-    text = "Café 🎭 naïve — “quoted” 日本語 end"
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    stream = TextStream(tokenizer.decode)
-    deltas = [stream.add([i]) for i in ids] + [stream.add([], final=True)]
-    assert "".join(deltas) == tokenizer.decode(ids) and not any("\ufffd" in d for d in deltas)
-    assert any(d == "" for d in deltas)  # the emoji and CJK bytes arrive over several tokens
-
-    stream = TextStream(tokenizer.decode, stop=("quoted”",))
-    deltas = [stream.add([i]) for i in ids]
-    assert stream.stopped and "".join(deltas) == text[:text.find("quoted”")]
-    assert not any("quot" in d for d in deltas)
+@pytest.mark.parametrize("request_, param, message", BAD_REQUESTS, ids=[f"{p}-{i}" for i, (_, p, _) in
+                                                                       enumerate(BAD_REQUESTS)])
+def test_bad_requests_are_refused_naming_the_field_and_leave_nothing_behind(byte_tokenizer, request_, param,
+                                                                           message):
+    engine = Engine(LLM(SMALL_CFG, byte_tokenizer, init_params(SMALL_CFG, jax.random.PRNGKey(0))), max_batch=2,
+                    page_size=8, limits=Limits(max_stop_strings=2, max_stop_chars=5))
+    with pytest.raises(InvalidRequest, match=message) as e:
+        engine.add(request_)
+    assert e.value.param == param
+    assert not engine.has_work() and not engine.waiting
 
 
-def test_a_failed_device_call_loses_no_request_and_no_token(byte_tokenizer, monkeypatch):
-    """The third device call raises (its donated cache is gone): the engine starts from fresh pools, recomputes
-    the running requests, and every client still gets exactly the greedy tokens."""
-    cfg = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
-                      max_seq_len=64)
-    params = init_params(cfg, jax.random.PRNGKey(5))
-    engine = Engine(LLM(cfg, byte_tokenizer, params), max_batch=2, page_size=8, prefill_chunk=16)
-    prompts = [[5, 6, 7, 8, 9], [40, 41, 42], [100] * 12]
-    for i, prompt in enumerate(prompts):
-        engine.add(Request(prompt, max_tokens=10, request_id=str(i)))
-    run_once, calls = engine.executables.run, []
+def test_a_full_queue_refuses_until_it_drains(byte_tokenizer):
+    engine = Engine(LLM(SMALL_CFG, byte_tokenizer, init_params(SMALL_CFG, jax.random.PRNGKey(0))), max_batch=1,
+                    page_size=8, limits=Limits(max_waiting=2))
+    engine.add(Request([1, 2], max_tokens=3, request_id="a"))
+    engine.add(Request([3, 4], max_tokens=3, request_id="b"))
+    with pytest.raises(QueueFull, match="queue is full"):
+        engine.add(Request([5], max_tokens=3, request_id="c"))
+    engine.step()  # "a" takes the one slot: one request waits
+    engine.add(Request([5], max_tokens=3, request_id="c"))
+    assert [s.request.request_id for s in engine.waiting] == ["b", "c"]
+    assert engine.metrics()["queue_full_total"] == 1
 
-    def flaky(fn, donate, *args, **static):
-        calls.append(fn.__name__)
-        if len(calls) == 3:
-            raise RuntimeError("device lost")
-        return run_once(fn, donate, *args, **static)
 
-    monkeypatch.setattr(engine.executables, "run", flaky)
-    outputs, failures = collections.defaultdict(list), 0
+def test_a_request_past_its_deadline_ends_and_others_go_on(byte_tokenizer, monkeypatch):
+    """With a fake clock: "late" (deadline 10 s) ends at 11 s with DeadlineExceeded after the tokens it had,
+    its pages freed; "on-time", added at 5 s, runs to the end with its greedy tokens."""
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    params = init_params(SMALL_CFG, jax.random.PRNGKey(0))
+    engine = Engine(LLM(SMALL_CFG, byte_tokenizer, params), max_batch=2, page_size=8,
+                    limits=Limits(request_timeout_s=10))
+    engine.add(Request([1, 2, 3], max_tokens=20, request_id="late"))
+    outputs = collections.defaultdict(list)
+    for _ in range(3):
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    had = tokens_of(outputs["late"])
+    clock[0] = 5.0
+    engine.add(Request([4, 5], max_tokens=12, request_id="on-time"))
+    clock[0] = 11.0
     while engine.has_work():
-        try:
-            for out in engine.step():
-                outputs[out.request_id].append(out)
-        except RuntimeError:
-            failures += 1
-    generator = Generator(cfg, params, byte_tokenizer.eos_ids)
-    assert failures == 1
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    late = outputs["late"]
+    check_finished_once(late)
+    assert late[-1].finish_reason == "error" and isinstance(late[-1].error, DeadlineExceeded)
+    assert "10 s" in str(late[-1].error) and tokens_of(late) == had and 0 < len(had) < 20
+    want = Generator(SMALL_CFG, params, byte_tokenizer.eos_ids).generate([[4, 5]], 12, SamplingParams())[0]
+    assert tokens_of(outputs["on-time"]) == want.token_ids
+    m = engine.metrics()
+    assert (m["requests_timed_out_total"], m["kv_pages_used"]) == (1, 0)
+
+
+FAIL_CFG = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                       max_seq_len=64)
+
+
+@pytest.mark.parametrize("consume", [False, True], ids=["pools-kept", "pools-consumed"])
+def test_a_transient_device_failure_loses_no_request_and_no_token(byte_tokenizer, monkeypatch, consume):
+    """The third device call raises once: its requests are retried alone (on fresh pools, recomputed, if the
+    failed call consumed them), no step raises, and every client still gets exactly the greedy tokens."""
+    params = init_params(FAIL_CFG, jax.random.PRNGKey(5))
+    engine = Engine(LLM(FAIL_CFG, byte_tokenizer, params), max_batch=2, page_size=8, prefill_chunk=16)
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42], [100] * 12]
+    failing_device(engine, monkeypatch, lambda name, args, n: n == 3, consume)
+    outputs = run(engine, [Request(prompt, max_tokens=10, request_id=str(i)) for i, prompt in enumerate(prompts)])
+    generator = Generator(FAIL_CFG, params, byte_tokenizer.eos_ids)
     for i, prompt in enumerate(prompts):
         assert tokens_of(outputs[str(i)]) == generator.generate([prompt], 10, SamplingParams())[0].token_ids
         check_finished_once(outputs[str(i)])
-    assert engine.allocator.stats().used == 0
+    m = engine.metrics()
+    assert (m["step_failures_total"], m["requests_failed_total"], m["kv_pages_used"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("how", ["pools-kept", "pools-consumed", "host-side"])
+def test_a_request_that_breaks_the_device_fails_alone(byte_tokenizer, monkeypatch, how):
+    """Every device call holding one request past its third token raises (before the call, after it consumed
+    the pools, or while its host arrays are built, as an int32 overflow once did). That request alone ends,
+    with the error, after the tokens it had; the others (greedy and seeded, sharing its decode batches)
+    produce exactly what they produce in a run without it, and the pool ends idle."""
+    params = init_params(FAIL_CFG, jax.random.PRNGKey(7))
+    llm = LLM(FAIL_CFG, byte_tokenizer, params)
+
+    def requests(with_poison: bool):
+        out = [Request([5, 6, 7, 8, 9], max_tokens=12, request_id="a"),
+               Request([40, 41, 42], SamplingParams(temperature=0.9, seed=3), max_tokens=9, request_id="b"),
+               Request([100] * 12, SamplingParams(temperature=0.7, top_k=20, seed=4), max_tokens=11, request_id="c")]
+        if with_poison:
+            out.insert(1, Request([7, 8, 9, 10], SamplingParams(seed=POISON_SEED), max_tokens=12, request_id="bad"))
+        for request in out:  # no early end of text: every request runs into the failures
+            request.ignore_eos = True
+        return out
+
+    engine = Engine(llm, max_batch=3, page_size=8, prefill_chunk=16, prefix_caching=False)  # compiled once
+    want = run(engine, requests(False))
+    alone = run(engine, [requests(True)[1]])["bad"]
+    if how == "host-side":
+        real = engine._sampling_args
+
+        def overflowing(seqs):
+            if any(s.request.sampling.seed == POISON_SEED and s.generated >= 3 for s in seqs):
+                raise OverflowError("device lost: Python integer out of bounds for int32")
+            return real(seqs)
+
+        monkeypatch.setattr(engine, "_sampling_args", overflowing)
+    else:
+        failing_device(engine, monkeypatch, poisoned, consume=how == "pools-consumed")
+    got = run(engine, requests(True))
+    for rid in "abc":
+        assert tokens_of(got[rid]) == tokens_of(want[rid]), rid
+        assert "".join(o.text for o in got[rid]) == "".join(o.text for o in want[rid]), rid
+        check_finished_once(got[rid])
+    bad = got["bad"]
+    check_finished_once(bad)
+    assert bad[-1].finish_reason == "error" and isinstance(bad[-1].error, EngineStepError)
+    assert "device lost" in str(bad[-1].error)
+    assert tokens_of(bad) == tokens_of(alone)[:3]  # what it had before the failure, delivered
+    m = engine.metrics()
+    assert m["requests_failed_total"] == 1 and m["step_failures_total"] >= 2 and m["kv_pages_used"] == 0
+    assert not engine.has_work()
 
 
 def test_steps_prefill_within_the_budget_and_decode_in_the_smallest_shape(byte_tokenizer, monkeypatch):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from jaxkv.errors import JaxkvError
-from jaxkv.generate.sampling import SamplingParams, filter_logits, sample
+from jaxkv.errors import InvalidRequest
+from jaxkv.generate.sampling import MIN_TOP_P, SamplingParams, filter_logits, sample
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [
@@ -59,7 +59,22 @@ def test_zero_temperature_rows_are_greedy_in_a_sampling_batch():
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(seed=1.5), "seed"),
     (dict(seed=-1), "seed"), (dict(seed=2**32), "seed"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature=1e308), "temperature"),
+    (dict(temperature=True), "temperature"), (dict(top_k=2**31), "top_k"), (dict(top_p=1e-50), "top_p"),
+    (dict(top_p=float("nan")), "top_p"),
 ])
 def test_invalid_sampling_values(bad, message):
-    with pytest.raises(JaxkvError, match=message):
+    with pytest.raises(InvalidRequest, match=message) as e:
         SamplingParams(**bad)
+    assert e.value.param == message  # the field at fault, as the HTTP API names it
+
+
+def test_the_most_likely_token_survives_the_smallest_top_p():
+    """top_p at its documented minimum keeps exactly the top token, and so does the filter given a top_p that
+    rounds to 0 in float32 (it never masks everything)."""
+    logits = jax.random.normal(jax.random.PRNGKey(3), (2, 50))
+    for p in (SamplingParams(top_p=MIN_TOP_P).top_p, 1e-50):
+        top_p = jnp.full(2, p, jnp.float32)
+        filtered = np.asarray(filter_logits(logits, jnp.ones(2), jnp.zeros(2, jnp.int32), top_p))
+        assert (np.isfinite(filtered).sum(-1) == 1).all(), p
+        assert (filtered.argmax(-1) == np.asarray(logits).argmax(-1)).all(), p

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -501,12 +502,26 @@ def test_models_and_health(client, http, served):
 
 METRICS = ["jaxkv_requests_running", "jaxkv_requests_waiting", "jaxkv_kv_pages_used", "jaxkv_kv_pages_free",
            "jaxkv_prefix_cache_hit_rate", "jaxkv_tokens_per_second", "jaxkv_prompt_tokens_total",
-           "jaxkv_generation_tokens_total", "jaxkv_compilations_total"]
+           "jaxkv_generation_tokens_total", "jaxkv_compilations_total", "jaxkv_preemptions_total",
+           "jaxkv_engine_step_failures_total", "jaxkv_requests_failed_total", "jaxkv_requests_timed_out_total"]
+REJECTED = re.compile(r'jaxkv_requests_rejected_total\{reason="([a-z_]+)"\} ([0-9]+)')
+
+
+def rejected(http) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in REJECTED.finditer(http.get("/metrics").text)}
 
 
 def test_metrics_in_prometheus_text_format(client, http, served):
-    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
-    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)  # a cached prefix
+    before = rejected(http)
+    for _ in range(2):
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 0}).status_code == 400
+    assert http.post("/v1/completions", json={"prompt": "hi", "top_p": 2}).status_code == 400
+    after = rejected(http)
+    assert after.get("integer_below_min_value", 0) - before.get("integer_below_min_value", 0) == 2
+    assert after.get("invalid_value", 0) - before.get("invalid_value", 0) == 1
+    for _ in range(2):  # the second one's chat-template prefix (two full pages) comes from the prefix cache
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": CHAT}], max_tokens=2,
+                                       temperature=0)
     wait_idle(served)
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
@@ -519,7 +534,8 @@ def test_metrics_in_prometheus_text_format(client, http, served):
         (sample,) = [line for line in lines if line.startswith(f"{name} ")]
         values[name] = float(sample.split()[1])
     for line in lines:
-        assert line.startswith("#") or re.fullmatch(r"jaxkv_[a-z_]+ -?[0-9.e+-]+", line), line
+        assert (line.startswith("#") or re.fullmatch(r"jaxkv_[a-z_]+ -?[0-9.e+-]+", line)
+                or REJECTED.fullmatch(line)), line
     assert values["jaxkv_requests_running"] == 0 and values["jaxkv_requests_waiting"] == 0
     assert values["jaxkv_kv_pages_used"] == 0 and values["jaxkv_kv_pages_free"] > 0
     assert values["jaxkv_prompt_tokens_total"] > 0 and values["jaxkv_generation_tokens_total"] > 0
@@ -557,23 +573,26 @@ def test_serve_fails_in_one_line_on_a_busy_port():
 
 
 def test_serve_command_serves_until_interrupted(smollm2_checkpoint):
-    """`jaxkv serve` end to end in a subprocess: it comes up, answers under its served name, and a
-    Ctrl-C stops it without a traceback."""
+    """`jaxkv serve` end to end in a subprocess: it comes up, requires the key from $JAXKV_API_KEY, answers
+    under its served name, and a Ctrl-C stops it without a traceback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "jaxkv"), "serve", "--port", str(port),
                              "--max-batch", "1", "--prefill-chunk", "16", "--max-context", "256",
                              "--served-model-name", "tiny-test",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAXKV_API_KEY": "k-123"})
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, 240, proc)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k-123", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["tiny-test"]
         resp = client.completions.create(model="tiny-test", prompt=PROMPT, max_tokens=2, temperature=0)
         assert resp.usage.completion_tokens == 2 and resp.choices[0].text
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 256})
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 256},
+                       headers={"Authorization": "Bearer k-123"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # --max-context took effect
     finally:
         proc.send_signal(signal.SIGINT)

@@ -21,6 +21,7 @@ from jaxkv.cache.dense import KVCache
 from jaxkv.cache.paged import KV_DTYPES, PagedKVCache, streaming_pages
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
+from jaxkv.generate.detokenize import TextStream
 from jaxkv.generate.sampling import SamplingParams, sample
 from jaxkv.model.decoder import forward
 from jaxkv.parallel.rules import keep_cache_sharding, put, shard_params
@@ -224,32 +225,31 @@ class Generator:
 
 
 class _Output:
-    """One sequence's generated ids and why it stopped."""
+    """One sequence's generated ids and why it stopped; a TextStream watches for the stop strings."""
 
     def __init__(self, budget: int, stop: Sequence[str], decode):
-        self.budget, self.stop, self.decode = budget, tuple(s for s in stop if s), decode
+        self.budget, self.decode = budget, decode
+        self.stream = TextStream(decode, stop) if stop else None
         self.ids: list[int] = []
         self.finish_reason: str | None = None
-        self.stop_at: int | None = None  # character offset of a matched stop string
 
     def add(self, token: int, eos_ids) -> None:
         self.ids.append(token)
+        full = len(self.ids) >= self.budget
         if token in eos_ids:
             self.finish_reason = "stop"
-        elif self.stop and self._match_stop():
-            self.finish_reason = "stop"
-        elif len(self.ids) >= self.budget:
+            return
+        if self.stream is not None:
+            self.stream.add([token], final=full)
+            if self.stream.stopped:
+                self.finish_reason = "stop"
+                return
+        if full:
             self.finish_reason = "length"
 
-    def _match_stop(self) -> bool:
-        text = self.decode(self.ids)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stop_at = min(hits)
-        return bool(hits)
-
     def completion(self, prompt_tokens: int) -> Completion:
-        text = self.decode(self.ids) if self.decode else ""
-        if self.stop_at is not None:
-            text = text[:self.stop_at]
+        if self.stream is not None and self.stream.stopped:
+            text = self.stream.text
+        else:
+            text = self.decode(self.ids) if self.decode else ""
         return Completion(text, list(self.ids), prompt_tokens, self.finish_reason or "length")

@@ -6,16 +6,25 @@ Sampling values are arrays, one per sequence, so changing them never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
-from jaxkv.errors import JaxkvError
+from jaxkv.errors import InvalidRequest
+
+# Past this temperature the distribution is uniform to float32 precision anyway; larger values only
+# overflow on the way to the device.
+MAX_TEMPERATURE = 100.0
+# Below this top_p the float32 comparison that keeps the most likely token could round to nothing.
+MIN_TOP_P = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. Every value is range-checked
+    here (InvalidRequest naming the field), so none can fail later on the device."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -23,18 +32,27 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # also rejects NaN
-            raise JaxkvError(f"temperature must be >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
-            raise JaxkvError(f"top_k must be a non-negative integer, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise JaxkvError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
-            raise JaxkvError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN, inf fail
+            raise InvalidRequest(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature}",
+                                 "temperature")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+            raise InvalidRequest(f"top_k must be a non-negative integer (0 is off), got {self.top_k}", "top_k")
+        if not _is_real(self.top_p) or not MIN_TOP_P <= self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in [{MIN_TOP_P:g}, 1], got {self.top_p}", "top_p")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise InvalidRequest(f"seed must be an integer in [0, 2**32), got {self.seed}", "seed")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -54,7 +72,7 @@ def _top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     # top-p: keep the smallest prefix whose mass reaches p (the top token always stays).
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p[:, None]
+    keep = (mass_before < top_p[:, None]) | (jnp.arange(vocab) == 0)
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     return jnp.where((logits >= cutoff) & (logits >= kth), logits, -jnp.inf)
 

@@ -13,9 +13,11 @@ Everything else talks to that thread through a command queue:
   the request's pages.
 - When there is no work the thread sleeps on a `threading.Event` (no busy spin); every command
   sets it.
-- An exception inside `engine.step()` fails the requests in flight with `EngineStepError` (the
-  step may have touched any of them, and their state can no longer be trusted), aborts them
-  in the engine, and the loop keeps serving new requests.
+- An output that ends a request with an error (the engine isolated a failing request, or its
+  deadline passed) raises that error in the request's stream alone.
+- An exception escaping `engine.step()` (a bug outside the device calls, which the engine
+  isolates itself) fails the requests in flight with `EngineStepError`, aborts them in the
+  engine, and the loop keeps serving new requests.
 """
 
 from __future__ import annotations
@@ -29,11 +31,9 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from jaxkv.serve.engine import EngineStepError
+
 log = logging.getLogger("jaxkv.serve")
-
-
-class EngineStepError(RuntimeError):
-    """The engine failed while running a request (a server error, not bad input)."""
 
 
 class EngineShutdownError(RuntimeError):
@@ -264,7 +264,8 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            if not _call(target[0], target[1].put_nowait, out) and not out.finished:
+            error = getattr(out, "error", None)
+            if not _call(target[0], target[1].put_nowait, out if error is None else error) and not out.finished:
                 self._abort(out.request_id)  # its event loop is gone
         self._refresh_metrics()
 

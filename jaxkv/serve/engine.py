@@ -10,16 +10,20 @@ are free. When a decode step needs a page and none is left, the
 latest admitted request is preempted: its pages go back and it waits at the head of the queue, to be
 recomputed from its prompt and the tokens it already produced (a cached prefix makes that cheap). A
 finished or aborted request frees its pages at once; its full prompt pages stay in the prefix cache.
+
+One request cannot hurt another. `add` validates it completely (`requests.validate`), so nothing a client
+sends can raise inside a step. If a device call still fails, the requests in it become suspects and are
+retried alone: one that fails again, alone, ends with an error; the others go on. If the failed call consumed
+the donated pools, fresh ones are made and every running request is recomputed (sampling depends only on
+the seed and the token's index, so the text is unchanged). A request past its deadline ends too.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import itertools
 import time
-import uuid
 
 import jax
 import jax.numpy as jnp
@@ -27,45 +31,28 @@ import numpy as np
 
 from jaxkv.cache.pages import OutOfPages, PageAllocator, prefix_hashes
 from jaxkv.cache.paged import PagedKVCache, streaming_pages
-from jaxkv.errors import JaxkvError
+from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
+from jaxkv.generate.detokenize import TextStream
 from jaxkv.generate.generator import Executables, bucket
-from jaxkv.generate.sampling import SamplingParams, sample
+from jaxkv.generate.sampling import sample
 from jaxkv.model.decoder import forward
 from jaxkv.parallel.rules import cache_shardings, keep_cache_sharding
-from jaxkv.serve.detokenize import TextStream
+from jaxkv.serve.requests import Limits, Request, RequestOutput, validate
+
+__all__ = ["Engine", "EngineStepError", "Limits", "Request", "RequestOutput"]
 
 MIN_CHUNK = 16
 UNBOUNDED_CONTEXT = 2**31 - 1  # StreamingLLM: a request may run for ever
 
 
-@dataclasses.dataclass
-class Request:
-    prompt_ids: list[int]
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    max_tokens: int = 16
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
-    request_id: str = dataclasses.field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    request_id: str
-    text: str  # new text since this request's previous output (whole characters only)
-    token_ids: list[int]  # new token ids
-    logprobs: list[float] | None  # of each new token, when the request asked
-    finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort"
-    prompt_tokens: int
-    completion_tokens: int  # so far
-    cached_tokens: int  # prompt tokens taken from the prefix cache
+class EngineStepError(RuntimeError):
+    """The engine failed while running a request (a server error, not bad input)."""
 
 
 class _Sequence:
     """A request inside the engine: its tokens (prompt, then generated) and how many are in the cache."""
 
-    def __init__(self, request: Request, decode):
+    def __init__(self, request: Request, decode, deadline: float):
         self.request = request
         self.tokens = list(request.prompt_ids)
         self.n_prompt = len(self.tokens)
@@ -74,16 +61,17 @@ class _Sequence:
         self.slot: int | None = None
         self.order = 0  # admission order: the latest admitted is preempted first
         self.cached_tokens = 0
+        self.deadline = deadline  # time.monotonic() by which it must finish
         self.text = TextStream(decode, request.stop)
 
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.n_prompt
 
-    def output(self, token_ids, logprobs, text: str, reason: str | None) -> RequestOutput:
+    def output(self, token_ids, logprobs, text: str, reason: str | None, error=None) -> RequestOutput:
         return RequestOutput(self.request.request_id, text, list(token_ids),
                              logprobs if self.request.logprobs else None, reason is not None, reason,
-                             self.n_prompt, self.generated, self.cached_tokens)
+                             self.n_prompt, self.generated, self.cached_tokens, error)
 
 
 class Engine:
@@ -91,11 +79,11 @@ class Engine:
 
     def __init__(self, llm, *, max_batch: int = 8, page_size: int = 16, num_pages: int | None = None,
                  kv_dtype: str | None = None, prefill_chunk: int = 64, prefill_budget: int | None = None,
-                 prefix_caching: bool = True, max_context: int | None = None):
+                 prefix_caching: bool = True, max_context: int | None = None, limits: Limits | None = None):
         """max_context caps prompt + generated tokens per request (default: the model's max_seq_len).
         num_pages defaults to max_batch full-length sequences. prefill_budget (default 4 chunks) caps the
         prompt tokens prefilled per step: more fills free slots sooner, less keeps the running requests'
-        inter-token latency low."""
+        inter-token latency low. `limits` bounds what one request may cost (stop strings, queue, deadline)."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -128,28 +116,27 @@ class Engine:
         self._admissions = itertools.count(1)
         self._totals = collections.Counter()
         self._recent: collections.deque[float] = collections.deque()  # when recent tokens came, for tokens/s
+        self.limits = limits or Limits()
+        self._suspects: set[_Sequence] = set()  # were in a failed device call: decode alone until one passes
 
     # --- requests -----------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """Queue a request, or raise JaxkvError (and keep nothing) if it can never be served."""
-        n, budget = len(request.prompt_ids), request.max_tokens
+        """Queue a request, or raise (and keep nothing): InvalidRequest if it can never be served, QueueFull if
+        the queue is at its limit."""
+        validate(request, vocab_size=self.cfg.vocab_size, max_prompt=self.max_prompt, max_context=self.max_context,
+                 limits=self.limits)
         if request.request_id in self._by_id:
-            raise JaxkvError(f"request id {request.request_id!r} is already in use")
-        if n == 0:
-            raise JaxkvError("the prompt is empty")
-        if n > self.max_prompt:
-            raise JaxkvError(f"the prompt has {n} tokens; this model takes at most {self.max_prompt}")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise JaxkvError(f"max_tokens must be a positive integer, got {budget!r}")
-        if n + budget > self.max_context:
-            raise JaxkvError(f"prompt ({n} tokens) + max_tokens ({budget}) exceeds the context of "
-                             f"{self.max_context} tokens")
-        if any(not 0 <= t < self.cfg.vocab_size for t in request.prompt_ids):
-            raise JaxkvError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use", "request_id")
+        n, budget = len(request.prompt_ids), request.max_tokens
         need = self.pages_per_seq if self.streaming else self.allocator.pages_for(n + budget)
         if need > self.allocator.num_pages:
-            raise JaxkvError(f"the request needs {need} KV pages; the pool has {self.allocator.num_pages}")
-        seq = _Sequence(request, self.tokenizer.decode)
+            raise InvalidRequest(f"the request needs {need} KV pages; the pool has {self.allocator.num_pages}",
+                                 "max_tokens", "context_length_exceeded")
+        if self.limits.max_waiting is not None and len(self.waiting) >= self.limits.max_waiting:
+            self._totals["queue_full"] += 1
+            raise QueueFull(f"the server's queue is full ({len(self.waiting)} requests waiting); try again shortly")
+        timeout = self.limits.request_timeout_s
+        seq = _Sequence(request, self.tokenizer.decode, time.monotonic() + timeout if timeout else float("inf"))
         self._by_id[request.request_id] = seq
         self.waiting.append(seq)
 
@@ -158,6 +145,7 @@ class Engine:
         seq = self._by_id.pop(request_id, None)
         if seq is None:
             return
+        self._suspects.discard(seq)
         if seq.slot is None:
             self.waiting.remove(seq)
         else:
@@ -169,8 +157,9 @@ class Engine:
 
     # --- scheduling ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: admit, prefill chunks (up to the budget), one decode step. Returns the outputs it produced.
-        If a device call fails, the error propagates after `_recover` has made the engine usable again."""
+        """One iteration: end overdue requests, admit, prefill chunks (up to the budget), one decode step.
+        Returns the outputs it produced. A failing device call ends only the request that fails alone (its
+        output carries the error); a bug outside device calls propagates after `_recover`."""
         outputs, self._undelivered = self._undelivered, []
         try:
             self._step(outputs)
@@ -181,8 +170,9 @@ class Engine:
         return outputs
 
     def _recover(self) -> None:
-        """A failed device call may have consumed the donated cache: start from fresh pools (the prefix cache
-        goes too) and send every running request back to the queue, to be recomputed like a preempted one."""
+        """The pools may be gone (a failed call consumed the donated cache): start from fresh pools (the prefix
+        cache goes too) and send every running request back to the queue, to be recomputed like a preempted
+        one."""
         for seq in sorted((s for s in self.slots if s is not None), key=lambda s: s.order, reverse=True):
             seq.slot, seq.computed, seq.prefilled = None, 0, False
             self.waiting.appendleft(seq)
@@ -190,15 +180,69 @@ class Engine:
         self.allocator, self.cache = self._new_pool()
 
     def _step(self, outputs: list[RequestOutput]) -> None:
+        self._expire(outputs)
         self._admit()
         budget = self.prefill_budget
         for seq in sorted((s for s in self.slots if s is not None and not s.prefilled), key=lambda s: s.order):
-            while budget > 0 and not seq.prefilled:
+            while budget > 0 and seq.slot is not None and not seq.prefilled:
                 budget -= self._prefill(seq, budget, outputs)
         decoding = sorted((s for s in self.slots if s is not None and s.prefilled), key=lambda s: s.order)
         decoding = [s for s in decoding if s.slot is not None and self._make_room(s)]  # (preempted ones: not)
-        if decoding:
-            outputs += self._decode(decoding)
+        clean = [s for s in decoding if s not in self._suspects]
+        if clean:
+            self._decode(clean, outputs)
+        for seq in decoding:  # suspects (also those just made so) alone, while the pools survive
+            if seq in self._suspects and seq.slot is not None and seq.prefilled and self._decode([seq], outputs):
+                self._suspects.discard(seq)
+
+    def _device(self, seqs: list[_Sequence], outputs: list[RequestOutput], fn, args) -> list[np.ndarray] | None:
+        """fn(params, cache, *args()) for seqs (args() builds the host arrays), its results on the host; None if
+        anything failed. Then seqs become suspects, to be retried alone; a suspect that fails again, alone, ends
+        with the error."""
+        try:
+            *results, self.cache = self.executables.run(fn, (1,), self.params, self.cache, *args())
+            return [np.asarray(r) for r in results]
+        except Exception as e:  # noqa: BLE001 - whatever the device raised, other requests go on
+            self._totals["step_failures"] += 1
+            if not self._pools_intact():
+                self._recover()
+            if len(seqs) == 1 and seqs[0] in self._suspects:
+                self._totals["failed"] += 1
+                error = EngineStepError(f"the engine failed while running this request: {type(e).__name__}: {e}")
+                outputs.append(self._fail(seqs[0], error))
+            else:
+                self._suspects.update(seqs)
+            return None
+
+    def _pools_intact(self) -> bool:
+        """Whether the cache survived a failed call: not donated away, and not the result of a failed run."""
+        try:
+            leaves = jax.tree.leaves(self.cache)
+            if any(leaf.is_deleted() for leaf in leaves):
+                return False
+            jax.block_until_ready(leaves)
+            return True
+        except Exception:  # noqa: BLE001 - an asynchronous failure surfaces here
+            return False
+
+    def _fail(self, seq: _Sequence, error: Exception) -> RequestOutput:
+        """End seq with an error (its pages are freed now); the output tells its client why."""
+        self._by_id.pop(seq.request.request_id, None)
+        self._suspects.discard(seq)
+        if seq.slot is None:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+        else:
+            self._evict(seq)
+        return seq.output([], [], "", "error", error)
+
+    def _expire(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for seq in [s for s in self._by_id.values() if s.deadline < now]:
+            self._totals["timed_out"] += 1
+            outputs.append(self._fail(seq, DeadlineExceeded(
+                f"the request ran past the server's limit of {self.limits.request_timeout_s:g} s and was ended "
+                f"after {seq.generated} tokens")))
 
     def _admit(self) -> None:
         while self.waiting and None in self.slots:
@@ -253,13 +297,16 @@ class Engine:
 
     def _prefill(self, seq: _Sequence, limit: int, outputs: list[RequestOutput]) -> int:
         """One chunk of seq's uncomputed tokens, at most `limit`; the first token's output once all are in.
-        Returns the number of tokens prefilled."""
+        Returns the number of tokens prefilled (0 if the call failed)."""
         n = min(len(seq.tokens) - seq.computed, self.prefill_chunk, limit)
         tokens = np.zeros(bucket(n, MIN_CHUNK, self.prefill_chunk), np.int32)
         tokens[:n] = seq.tokens[seq.computed:seq.computed + n]
-        token, logprob, self.cache = self.executables.run(
-            self._prefill_chunk, (1,), self.params, self.cache, np.asarray([seq.slot], np.int32),
-            self._table_row(seq)[None], np.int32(seq.computed), tokens, np.int32(n), *self._sampling_args([seq]))
+        result = self._device([seq], outputs, self._prefill_chunk, lambda: (
+            np.asarray([seq.slot], np.int32), self._table_row(seq)[None], np.int32(seq.computed), tokens,
+            np.int32(n), *self._sampling_args([seq])))
+        if result is None:
+            return 0
+        token, logprob = result
         seq.computed += n
         self._totals["prefilled"] += n
         if self.prefix_caching:
@@ -282,29 +329,34 @@ class Engine:
         widths = _powers_of_two(max(1, self.pages_per_seq // 8), self.pages_per_seq)
         return rows, sorted(set(widths + [max(widths[0], 3 * self.pages_per_seq // 4)]))
 
-    def _decode(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+    def _decode(self, seqs: list[_Sequence], outputs: list[RequestOutput]) -> bool:
         """One token for each of seqs, packed into the first rows of the batch; the other rows are idle and
-        stand for distinct other slots (so that writing back their unchanged streaming state is harmless)."""
+        stand for distinct other slots (so that writing back their unchanged streaming state is harmless).
+        False if the call failed."""
         rows_options, width_options = self._decode_shapes()
         rows = min(r for r in rows_options if r >= len(seqs))
         need = max(self.allocator.pages_for(s.computed + 1) for s in seqs)
         width = min(w for w in width_options if w >= need or w == self.pages_per_seq)
-        busy = {s.slot for s in seqs}
-        slots = [s.slot for s in seqs] + [i for i in range(self.max_batch) if i not in busy][:rows - len(seqs)]
-        tables = np.zeros((rows, width), np.int32)
-        lengths, tokens, active = (np.zeros(rows, np.int32) for _ in range(3))
-        for i, seq in enumerate(seqs):
-            tables[i], lengths[i], tokens[i], active[i] = self._table_row(seq)[:width], seq.computed, seq.tokens[-1], 1
-        sampling = [np.pad(part, (0, rows - len(seqs))) for part in self._sampling_args(seqs)]  # idle rows: greedy
-        next_tokens, logprobs, self.cache = self.executables.run(
-            self._decode_step, (1,), self.params, self.cache, np.asarray(slots, np.int32), tables, lengths, tokens,
-            active, *sampling)
-        next_tokens, logprobs = np.asarray(next_tokens), np.asarray(logprobs)
-        outputs = []
+
+        def args():
+            busy = {s.slot for s in seqs}
+            slots = [s.slot for s in seqs] + [i for i in range(self.max_batch) if i not in busy][:rows - len(seqs)]
+            tables = np.zeros((rows, width), np.int32)
+            lengths, tokens, active = (np.zeros(rows, np.int32) for _ in range(3))
+            for i, seq in enumerate(seqs):
+                tables[i], lengths[i], tokens[i], active[i] = (self._table_row(seq)[:width], seq.computed,
+                                                               seq.tokens[-1], 1)
+            sampling = [np.pad(part, (0, rows - len(seqs))) for part in self._sampling_args(seqs)]  # idle: greedy
+            return np.asarray(slots, np.int32), tables, lengths, tokens, active, *sampling
+
+        result = self._device(seqs, outputs, self._decode_step, args)
+        if result is None:
+            return False
+        next_tokens, logprobs = result
         for i, seq in enumerate(seqs):
             seq.computed += 1
             outputs.append(self._emit(seq, int(next_tokens[i]), float(logprobs[i])))
-        return outputs
+        return True
 
     def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestOutput:
         """Append a sampled token; finish the request on EOS, a stop string or its budget."""
@@ -316,6 +368,7 @@ class Engine:
         reason = "stop" if eos or seq.text.stopped else "length" if seq.generated >= seq.request.max_tokens else None
         if reason:
             self._by_id.pop(seq.request.request_id, None)
+            self._suspects.discard(seq)
             self._evict(seq)
         return seq.output([token], [logprob], text, reason)
 
@@ -357,7 +410,7 @@ class Engine:
     def warmup(self) -> None:
         """Compile every prefill chunk bucket and decode shape now, writing nothing (idle rows, empty chunks),
         so that serving never compiles."""
-        sampling = self._sampling_args([_Sequence(Request([0], max_tokens=1), self.tokenizer.decode)])
+        sampling = self._sampling_args([_Sequence(Request([0], max_tokens=1), self.tokenizer.decode, 0.0)])
         for size in _powers_of_two(MIN_CHUNK, self.prefill_chunk):
             _, _, self.cache = self.executables.run(
                 self._prefill_chunk, (1,), self.params, self.cache, np.zeros(1, np.int32),
@@ -386,6 +439,8 @@ class Engine:
             "prefix_cache_hit_rate": self._totals["cached"] / self._totals["prompt"] if self._totals["prompt"] else 0.0,
             "prompt_tokens_total": self._totals["prompt"], "prefilled_tokens_total": self._totals["prefilled"],
             "generation_tokens_total": self._totals["generated"], "preemptions_total": self._totals["preempted"],
+            "step_failures_total": self._totals["step_failures"], "requests_failed_total": self._totals["failed"],
+            "requests_timed_out_total": self._totals["timed_out"], "queue_full_total": self._totals["queue_full"],
             "tokens_per_s": (len(self._recent) - 1) / span if span > 0 else 0.0,
             "compilations": self.executables.count,
         }

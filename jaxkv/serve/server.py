@@ -1,10 +1,14 @@
 """An OpenAI-compatible HTTP server over the serving engine (FastAPI + uvicorn).
 
 Endpoints: POST /v1/completions and /v1/chat/completions (stream or not), GET /v1/models,
-/health and /metrics (Prometheus text). Bad input gets a 4xx with OpenAI's error body
+/health, /metrics (Prometheus text) and /openapi.json. Bad input gets a 4xx with OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}` and never disturbs other requests. A client that
 goes away (mid-stream or while waiting for a non-streamed answer) has its request aborted, which
 frees its KV pages.
+
+What one request may cost is bounded (`Limits`): the body (413, checked by `guard.Guard` with the Host
+header and the optional API key), the prompt's characters before it is tokenized (off the event loop),
+chat messages, stop strings, the queue (429 with Retry-After) and a deadline (408).
 
 `create_app(llm, ...)` builds the app (for tests or embedding); `serve(model, host, port, ...)` loads
 a model and runs uvicorn (`jaxkv serve`).
@@ -13,7 +17,9 @@ a model and runs uvicorn (`jaxkv serve`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -23,147 +29,23 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxkv.errors import JaxkvError
+from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.serve.async_engine import AsyncEngine, EngineShutdownError, EngineStepError, RequestStream
+from jaxkv.serve.guard import LOOPBACK_HOSTS, Guard, IdleTimeoutH11
+from jaxkv.serve.metrics import prometheus_text
+from jaxkv.serve.requests import Limits
+from jaxkv.serve.schema import AsciiJSONResponse, ApiError, ChatCompletionRequest, CompletionRequest, validation_error
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-# --- request bodies ----------------------------------------------------------------------------
-class _Body(BaseModel):
-    # Unknown fields are errors (a typo must not silently change nothing); types are strict
-    # ("5" is not an integer, true is not a number).
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extension: 0 (or -1) is off
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None  # accepted, unused
-    ignore_eos: bool = False  # extension (as vLLM's): generate exactly max_tokens, e.g. for benchmarks
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    logprobs: int | bool | None = None  # the chosen tokens' logprobs; no alternatives (top_logprobs null)
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None  # accepted, unused by chat templates
-
-
-class ResponseFormat(_Body):
-    type: Literal["text"]
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: bool | None = None  # accepted, unused (no tools)
-    store: bool | None = None  # accepted, unused
-    metadata: dict[str, str] | None = None  # accepted, unused
-    service_tier: str | None = None  # accepted, unused
-    safety_identifier: str | None = None  # accepted, unused
-    prompt_cache_key: str | None = None  # accepted, unused (prefix caching is automatic)
-
-
-# --- errors ------------------------------------------------------------------------------------
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
-
-
-def _param_path(loc) -> str | None:
-    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content' (union member tags dropped)."""
-    path = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part in _UNION_TAGS or "[" in part or not part.isidentifier():
-            continue
-        else:
-            path += f".{part}" if path else part
-    return path or None
-
-
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    errors = list(exc.errors())
-    if not errors:
-        return ApiError(400, "invalid request body")
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON ({first.get('msg', '')})", code="invalid_json")
-    param = _param_path(first.get("loc", ()))
-    if first.get("type") == "extra_forbidden":
-        return ApiError(400, f"unrecognized request argument supplied: {param}", param, "unknown_parameter")
-    if first.get("type") == "missing":
-        if param is None:
-            return ApiError(400, "the request needs a JSON object body", code="missing_body")
-        return ApiError(400, f"missing required parameter: {param}", param, "missing_required_parameter")
-    if param is None:
-        return ApiError(400, f"the request body must be a JSON object ({first.get('msg', '')})",
-                        code="invalid_type")
-    messages = list(dict.fromkeys(e.get("msg", "") for e in errors if _param_path(e.get("loc", ())) == param))
-    return ApiError(400, f"invalid value for {param!r}: {'; or '.join(messages)}", param, "invalid_type")
-
-
-def _guess_param(message: str, prompt_param: str) -> str | None:
-    for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop"):
-        if name in message:
-            return name
-    return prompt_param if "prompt" in message else None
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -213,8 +95,10 @@ class _TokenText:
         return self.bytes(token_id).decode("utf-8", errors="backslashreplace")
 
 
-def _sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+def _sse(payload: dict | str, ascii_only: bool = False) -> str:
+    """One event; ascii_only for errors, whose message may quote a client's text (lone surrogates included)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=ascii_only,
+                                                               separators=(",", ":"))
     return f"data: {data}\n\n"
 
 
@@ -268,21 +152,42 @@ class _Generation:
 
 # --- the app -----------------------------------------------------------------------------------
 class _Server:
-    def __init__(self, llm, engine: AsyncEngine, model_name: str, capacity: int):
-        self.llm, self.engine, self.model_name = llm, engine, model_name
+    def __init__(self, llm, engine: AsyncEngine, model_name: str, capacity: int, limits: Limits):
+        self.llm, self.engine, self.model_name, self.limits = llm, engine, model_name, limits
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
         self.capacity = capacity  # tokens one request may hold in the page pool
+        self.max_prompt_chars = limits.prompt_chars(engine.engine.max_prompt)
         self.token_text = _TokenText(llm.tokenizer)
         self.started = int(time.time())
+        self.rejected: collections.Counter[str] = collections.Counter()  # 4xx answers by error code
 
-    async def encode(self, text: str, chat: bool = False) -> list[int]:
-        """Token ids of a prompt (chat: already templated); long texts off the event loop."""
+    async def encode(self, text: str, param: str) -> list[int]:
+        """Token ids of a completion prompt, after its length in characters is checked; off the event loop."""
+        self.check_chars(len(text), param)
+        return await asyncio.to_thread(self.llm.encode, text)
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of chat messages through the chat template (off the event loop: both cost time)."""
+        if len(messages) > self.limits.max_messages:
+            raise ApiError(400, f"at most {self.limits.max_messages} messages per request, got {len(messages)}",
+                           "messages", "array_above_max_length")
+        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
+        tokenizer = self.llm.tokenizer
+
         def run():
-            return self.llm.tokenizer.encode(text, add_special_tokens=False) if chat else self.llm.encode(text)
+            return tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
 
-        return run() if len(text) < 20_000 else await asyncio.to_thread(run)
+        try:
+            return await asyncio.to_thread(run)
+        except JaxkvError as e:
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
 
-    def check_common(self, body: _Sampling) -> None:
+    def check_chars(self, n: int, param: str) -> None:
+        if n > self.max_prompt_chars:
+            raise ApiError(400, f"the prompt has {n} characters; this server takes at most {self.max_prompt_chars}",
+                           param, "string_above_max_length")
+
+    def check_common(self, body) -> None:
         if body.model is not None and body.model != self.model_name:
             raise ApiError(404, f"The model '{body.model}' does not exist (this server serves "
                                 f"'{self.model_name}')", "model", "model_not_found")
@@ -296,49 +201,30 @@ class _Server:
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options", "invalid_value")
 
-    def make_request(self, prompt_ids: list[int], body: _Sampling, max_tokens: int | None, default_max: int | None,
+    def make_request(self, prompt_ids: list[int], body, max_tokens: int | None, default_max: int | None,
                      logprobs: bool, prefix: str, prompt_param: str):
+        """The engine's Request for a body; its values are validated where every request is, in `engine.add`."""
         from jaxkv.serve.engine import Request
 
-        n = len(prompt_ids)
-        context = self.engine.max_context
-        if n == 0:
-            raise ApiError(400, "the prompt is empty (it tokenized to zero tokens)", prompt_param, "invalid_value")
-        if n >= context:
-            raise ApiError(400, f"the prompt has {n} tokens; this model's context is {context} tokens, "
-                                f"prompt and completion together", prompt_param, "context_length_exceeded")
-        if max_tokens is None:
-            room = min(context, self.llm.config.max_seq_len, self.capacity) - n
+        if max_tokens is None:  # as much as fits (the engine refuses a prompt that leaves no room)
+            room = min(self.engine.max_context, self.llm.config.max_seq_len, self.capacity) - len(prompt_ids)
             max_tokens = max(1, room if default_max is None else min(default_max, room))
-        elif max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens",
-                           "integer_below_min_value")
-        elif n + max_tokens > context:
-            raise ApiError(400, f"this model's context is {context} tokens; the prompt has {n} and max_tokens "
-                                f"asks for {max_tokens} more", "max_tokens", "context_length_exceeded")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
-        if any(not s for s in stop):
-            raise ApiError(400, "stop strings must not be empty", "stop", "invalid_value")
-        top_k = body.top_k if body.top_k is not None else 0
-        if top_k == -1:
-            top_k = 0
+        top_k = 0 if body.top_k in (None, -1) else body.top_k
         seed = body.seed if body.seed is not None else secrets.randbits(32)
         try:
             sampling = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                                       top_k=top_k, top_p=1.0 if body.top_p is None else body.top_p, seed=seed)
-        except JaxkvError as e:
-            raise ApiError(400, str(e), _guess_param(str(e), prompt_param), "invalid_value") from None
-        extra = {"ignore_eos": True} if body.ignore_eos else {}
-        return Request(prompt_ids=list(prompt_ids), sampling=sampling, max_tokens=max_tokens, stop=tuple(stop),
-                       logprobs=logprobs, request_id=f"{prefix}-{uuid.uuid4().hex}", **extra)
+        except InvalidRequest as e:
+            raise api_error(e, prompt_param) from None
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return Request(prompt_ids=list(prompt_ids), sampling=sampling, max_tokens=max_tokens, stop=stop,
+                       logprobs=logprobs, ignore_eos=body.ignore_eos, request_id=f"{prefix}-{uuid.uuid4().hex}")
 
     async def submit(self, request, prompt_param: str) -> RequestStream:
         try:
             return await self.engine.submit(request)
-        except JaxkvError as e:
-            raise ApiError(400, str(e), _guess_param(str(e), prompt_param), "invalid_value") from None
-        except EngineShutdownError as e:
-            raise ApiError(503, str(e), type_="server_error", code="unavailable") from None
+        except (JaxkvError, EngineShutdownError) as e:
+            raise api_error(e, prompt_param) from None
 
     async def collect(self, stream: RequestStream, gen: _Generation, http: Request) -> bool:
         """Read the whole stream into gen; False if the client went away first (the request is aborted)."""
@@ -358,11 +244,9 @@ class _Server:
         if consumer.cancelled():
             return False
         try:
-            consumer.result()  # an engine failure raises here
-        except EngineStepError as e:
-            raise ApiError(500, str(e), type_="server_error", code="engine_error") from None
-        except EngineShutdownError as e:
-            raise ApiError(503, str(e), type_="server_error", code="unavailable") from None
+            consumer.result()  # an engine failure or the deadline raises here
+        except (EngineStepError, EngineShutdownError, DeadlineExceeded) as e:
+            raise api_error(e) from None
         return True
 
     def streaming_response(self, events: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
@@ -371,58 +255,80 @@ class _Server:
                                  background=BackgroundTask(stream.abort))
 
 
-def _server_error(e: BaseException) -> dict:
-    return ApiError(500, str(e) or type(e).__name__, type_="server_error", code="internal_error").body()
+def api_error(e: BaseException, prompt_param: str = "prompt") -> ApiError:
+    """The HTTP answer to an exception from the engine: 4xx for what the client can change, 5xx for ours."""
+    if isinstance(e, InvalidRequest):
+        return ApiError(400, str(e), prompt_param if e.param == "prompt" else e.param, e.code)
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after_s)})
+    if isinstance(e, DeadlineExceeded):
+        return ApiError(408, str(e), code="request_timeout")
+    if isinstance(e, JaxkvError):
+        return ApiError(400, str(e), code="invalid_value")
+    if isinstance(e, EngineShutdownError):
+        return ApiError(503, str(e), type_="server_error", code="unavailable")
+    if isinstance(e, EngineStepError):
+        return ApiError(500, str(e), type_="server_error", code="engine_error")
+    return ApiError(500, str(e) or type(e).__name__, type_="server_error", code="internal_error")
 
 
 def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_size: int = 16,
                num_pages: int | None = None, kv_dtype: str | None = None, prefill_chunk: int = 64,
                prefill_budget: int | None = None, prefix_caching: bool = True, max_context: int | None = None,
-               warmup: bool = True, engine=None) -> FastAPI:
-    """The FastAPI app serving `llm` (a `jaxkv.load` result) under `model_name`.
+               limits: Limits | None = None, api_key: str | None = None,
+               allowed_hosts: tuple[str, ...] | None = None, warmup: bool = True, engine=None) -> FastAPI:
+    """The FastAPI app serving `llm` (a `jaxkv.load` result) under `model_name`, behind `guard.Guard`.
 
     Builds an `Engine` with the given options (or uses `engine`; max_context caps a request's prompt +
     completion below the model's context), compiles it ahead of the first request when `warmup`, and
-    runs it on a background thread that stops with the app.
+    runs it on a background thread that stops with the app. `limits` bounds each request's cost;
+    `api_key` (if set) is required on /v1; `allowed_hosts` (None: any) are the Host names answered.
     """
+    limits = limits or Limits()
     if engine is None:
         from jaxkv.serve.engine import Engine
 
         extra = {} if max_context is None else {"max_context": max_context}
         engine = Engine(llm, max_batch=max_batch, page_size=page_size, num_pages=num_pages, kv_dtype=kv_dtype,
                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, prefix_caching=prefix_caching,
-                        **extra)
+                        limits=limits, **extra)
     if warmup and hasattr(engine, "warmup"):
         engine.warmup()
     start = engine.metrics()
     capacity = int(start.get("kv_pages_total", 0)) * getattr(engine, "page_size", page_size) or engine.max_context
-    server = _Server(llm, AsyncEngine(engine), model_name or llm.config.name, capacity)
+    server = _Server(llm, AsyncEngine(engine), model_name or llm.config.name, capacity, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await asyncio.get_running_loop().run_in_executor(None, server.engine.shutdown)
 
-    app = FastAPI(title="jaxkv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxkv", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=AsciiJSONResponse)
     app.state.server = server
     app.state.engine = server.engine
 
+    def answer(error: ApiError):
+        if error.status < 500 and error.status != 408:  # (408: a request that ran out of time, not a refusal)
+            server.rejected[error.code or "invalid_request"] += 1
+        return error.response()
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return exc.response()
+        return answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return _validation_error(exc).response()
+        return answer(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return answer(ApiError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        return JSONResponse(_server_error(exc), status_code=500)
+        return answer(api_error(exc))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
@@ -442,8 +348,8 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
                                "unsupported_value")
             prompt = prompt[0]
         want_logprobs = body.logprobs is not None and body.logprobs is not False
-        request = server.make_request(await server.encode(prompt), body, body.max_tokens, DEFAULT_COMPLETION_TOKENS,
-                                      want_logprobs, "cmpl", "prompt")
+        request = server.make_request(await server.encode(prompt, "prompt"), body, body.max_tokens,
+                                      DEFAULT_COMPLETION_TOKENS, want_logprobs, "cmpl", "prompt")
         return await _respond(server, request, "prompt", body, http, _completion_events, "text_completion",
                               lambda gen: {"index": 0, "text": gen.text, "finish_reason": gen.finish_reason,
                                            "logprobs": gen.completion_logprobs(gen.ids, gen.logprobs)
@@ -464,11 +370,7 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                     for m in body.messages]
-        try:
-            prompt = llm.tokenizer.apply_chat_template(messages)
-        except JaxkvError as e:
-            raise ApiError(400, str(e), "messages", "invalid_value") from None
-        ids = await server.encode(prompt, chat=True)
+        ids = await server.encode_chat(messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         want_logprobs = bool(body.logprobs)
         request = server.make_request(ids, body, max_tokens, None, want_logprobs, "chatcmpl", "messages")
@@ -491,15 +393,26 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
     @app.get("/health")
     async def health():
         if not server.engine.alive:
-            return JSONResponse({"status": "error", "detail": "the engine is not running"}, status_code=503)
+            return AsciiJSONResponse({"status": "error", "detail": "the engine is not running"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus_text(await server.engine.ametrics()),
+        return PlainTextResponse(prometheus_text(await server.engine.ametrics(), server.rejected),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts,
+                       on_reject=lambda code: server.rejected.update([code]))
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxkv")
+    except PackageNotFoundError:
+        return "0"
 
 
 async def _respond(server: _Server, request, prompt_param: str, body, http: Request, events, kind: str, choice_of):
@@ -541,7 +454,7 @@ async def _events(server: _Server, stream: RequestStream, gen: _Generation, incl
         if include_usage:
             yield chunk([], gen.usage)
     except Exception as e:  # noqa: BLE001 - the stream has begun: report in-band
-        yield _sse(_server_error(e))
+        yield _sse(api_error(e).body(), ascii_only=True)
     finally:
         stream.abort()
     yield _sse("[DONE]")
@@ -571,35 +484,6 @@ def _chat_events(server: _Server, stream: RequestStream, gen: _Generation,
     return _events(server, stream, gen, include_usage, "chat.completion.chunk", choices_of, opening)
 
 
-# --- Prometheus ----------------------------------------------------------------------------------
-_PROMETHEUS = [
-    # (metric, engine key, type, help)
-    ("jaxkv_requests_running", "running", "gauge", "Requests holding a decode slot."),
-    ("jaxkv_requests_waiting", "waiting", "gauge", "Requests queued for a slot or for KV pages."),
-    ("jaxkv_kv_pages_used", "kv_pages_used", "gauge", "KV cache pages referenced by requests."),
-    ("jaxkv_kv_pages_free", "kv_pages_free", "gauge", "KV cache pages free (including idle prefix-cache pages)."),
-    ("jaxkv_kv_pages_total", "kv_pages_total", "gauge", "KV cache pages in the pool."),
-    ("jaxkv_prefix_cache_hit_rate", "prefix_cache_hit_rate", "gauge",
-     "Fraction of prompt tokens served from the prefix cache."),
-    ("jaxkv_tokens_per_second", "tokens_per_s", "gauge", "Generated tokens per second over the last seconds."),
-    ("jaxkv_prompt_tokens_total", "prompt_tokens_total", "counter", "Prompt tokens of admitted requests."),
-    ("jaxkv_generation_tokens_total", "generation_tokens_total", "counter", "Tokens generated."),
-    ("jaxkv_compilations_total", "compilations", "counter", "XLA compilations by the engine."),
-    ("jaxkv_engine_step_errors_total", "step_errors", "counter", "Engine steps that raised."),
-]
-
-
-def prometheus_text(metrics: dict) -> str:
-    lines = []
-    for name, key, kind, help_text in _PROMETHEUS:
-        if key not in metrics:
-            continue
-        value = float(metrics[key])
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
-                  f"{name} {int(value) if value.is_integer() else repr(value)}"]
-    return "\n".join(lines) + "\n"
-
-
 # --- running it ----------------------------------------------------------------------------------
 def _listen(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
@@ -619,13 +503,38 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def access(host: str, api_key: str | None, allowed_hosts: tuple[str, ...] | None):
+    """(api key, allowed Host names, a warning or None) for a server bound to `host`: the key defaults to
+    $JAXKV_API_KEY, the names to the loopback ones on a loopback address (else any)."""
+    api_key = api_key or os.environ.get("JAXKV_API_KEY") or None
+    loopback = _is_loopback(host)
+    if allowed_hosts is None and loopback:
+        allowed_hosts = LOOPBACK_HOSTS
+    warning = None if api_key or loopback else (
+        f"jaxkv: warning: serving on {host} without an API key: anyone who can reach this machine can use it "
+        f"(set --api-key or JAXKV_API_KEY)")
+    return api_key, allowed_hosts, warning
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, *, dtype: str | None = None,
           kv_dtype: str | None = None, page_size: int = 16, num_pages: int | None = None, max_batch: int = 8,
           prefill_chunk: int = 64, prefill_budget: int | None = None, prefix_caching: bool = True,
           max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, mesh: str | None = None,
-          model_name: str | None = None, log_level: str = "info") -> None:
+          model_name: str | None = None, log_level: str = "info", limits: Limits | None = None,
+          api_key: str | None = None, allowed_hosts: tuple[str, ...] | None = None,
+          timeout_keep_alive: int = 5) -> None:
     """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command); `mesh` as in
-    `jaxkv.load`."""
+    `jaxkv.load`. api_key defaults to $JAXKV_API_KEY; allowed_hosts to the loopback names when `host` is a
+    loopback address (else any). A connection with no request under way for timeout_keep_alive s is closed."""
     import uvicorn
 
     import jaxkv
@@ -634,6 +543,9 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
         raise JaxkvError(f"max_batch must be at least 1, got {max_batch}")
     if num_pages is not None and num_pages < 1:
         raise JaxkvError(f"num_pages must be at least 1, got {num_pages}")
+    if timeout_keep_alive < 1:
+        raise JaxkvError(f"timeout_keep_alive must be at least 1 second, got {timeout_keep_alive}")
+    api_key, allowed_hosts, warning = access(host, api_key, allowed_hosts)
     sock = _listen(host, port)  # before loading: a busy port fails at once
     try:
         llm = jaxkv.load(model, dtype=dtype, kv_dtype=kv_dtype, page_size=page_size,
@@ -643,11 +555,16 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
                 llm.config.name if llm.config.name != "custom" else os.path.basename(os.path.normpath(model)))
         app = create_app(llm, model_name=model_name, max_batch=max_batch, page_size=page_size, num_pages=num_pages,
                          kv_dtype=kv_dtype, prefill_chunk=prefill_chunk, prefill_budget=prefill_budget,
-                         prefix_caching=prefix_caching, max_context=max_context)
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+                         prefix_caching=prefix_caching, max_context=max_context, limits=limits, api_key=api_key,
+                         allowed_hosts=allowed_hosts)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http=IdleTimeoutH11,
+                                timeout_keep_alive=timeout_keep_alive)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         host_shown, port_shown = sock.getsockname()[:2]
         print(f"jaxkv: serving {model_name} at http://{host_shown}:{port_shown}/v1 (max_batch {max_batch}, "
-              f"page_size {page_size}, context {app.state.engine.max_context})", file=sys.stderr, flush=True)
+              f"page_size {page_size}, context {app.state.engine.max_context}"
+              f"{'; /v1 needs the API key' if api_key else ''})", file=sys.stderr, flush=True)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
