@@ -22,7 +22,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from jaxkv.errors import JaxkvError
+from jaxkv.errors import JaxkvError, check_text
 
 if TYPE_CHECKING:
     import gguf
@@ -189,7 +189,9 @@ class Tokenizer:
         return self.bos_id is not None and self.hf.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of text; InvalidRequest (a JaxkvError) if text holds a lone surrogate, which the
+        tokenizer cannot take (e.g. undecodable bytes in a command-line argument)."""
+        return self.hf.encode(check_text(text, "prompt"), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

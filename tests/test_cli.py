@@ -199,6 +199,7 @@ BAD = {
     "missing-prompt": (["generate", "--json"], 2, r"--prompt"),
     "no-command": ([], 2, r"command|required"),
     "prompt-too-long": (gen_args("hello " * 9000), 1, r"context"),
+    "prompt-not-utf8": (gen_args("hi \udcff"), 1, r"prompt contains a lone surrogate"),  # argv byte 0xff
     "mesh-of-other-devices": (gen_args(PROMPT, "--mesh", "data=3"), 1, r"mesh spec 'data=3' uses 3 devices"),
     "mesh-unknown-axis": (gen_args(PROMPT, "--mesh", "tensor=1"), 1, r"unknown axis 'tensor'"),
     "convert-corrupt-gguf": (["convert", "--gguf", "{tmp}/bad.gguf", "--out", "{tmp}/out-gguf"], 1, r"bad\.gguf"),

@@ -15,14 +15,14 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
+from jaxkv.errors import InvalidRequest, check_text
+
 
 def _encodable(text: str) -> str:
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise PydanticCustomError("invalid_encoding", "contains a lone surrogate at character {at}: not valid "
-                                                      "Unicode text", {"at": e.start}) from None
-    return text
+        return check_text(text, "the text")
+    except InvalidRequest as e:
+        raise PydanticCustomError("invalid_encoding", str(e)) from None
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
