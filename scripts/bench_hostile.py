@@ -9,7 +9,7 @@
 3. The stop matching of (2) and of the request that once took 58 s (500 stop strings of 3,000 characters,
    400 tokens), in-process: jaxkv's TextStream against the literal method it replaced (decode all ids,
    find every stop, test every suffix of the text against every stop), on the same token ids.
-Medians of --repeats runs; ratios against the peer in the same run.
+Medians of --repeats runs after a warm-up run; ratios against the peer in the same run.
 """
 
 from __future__ import annotations
@@ -51,15 +51,6 @@ def adversarial_stops(text: str, count: int, length: int) -> list[str]:
     return [tail[:length - 1 - i] + "\x00" for i in range(count)]
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -70,6 +61,7 @@ def main() -> None:
     import httpx
 
     import jaxkv
+    from bench_decode import time_runs as timed  # median of repeats, after one warm-up run
     from bench_serve import start_server
     from jaxkv.generate.detokenize import TextStream
     from jaxkv.serve.server import create_app
