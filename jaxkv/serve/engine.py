@@ -142,14 +142,10 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a waiting or running request; its pages are freed now, its last output says "abort"."""
-        seq = self._by_id.pop(request_id, None)
+        seq = self._by_id.get(request_id)
         if seq is None:
             return
-        self._suspects.discard(seq)
-        if seq.slot is None:
-            self.waiting.remove(seq)
-        else:
-            self._evict(seq)
+        self._end(seq)
         self._undelivered.append(seq.output([], [], "", "abort"))
 
     def has_work(self) -> bool:
@@ -227,14 +223,17 @@ class Engine:
 
     def _fail(self, seq: _Sequence, error: Exception) -> RequestOutput:
         """End seq with an error (its pages are freed now); the output tells its client why."""
+        self._end(seq)
+        return seq.output([], [], "", "error", error)
+
+    def _end(self, seq: _Sequence) -> None:
+        """Forget a finished, aborted or failed request and free its slot and pages (or its place in the queue)."""
         self._by_id.pop(seq.request.request_id, None)
         self._suspects.discard(seq)
-        if seq.slot is None:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-        else:
+        if seq.slot is not None:
             self._evict(seq)
-        return seq.output([], [], "", "error", error)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
 
     def _expire(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -367,9 +366,7 @@ class Engine:
         text = seq.text.add([] if eos else [token], final=eos or seq.generated >= seq.request.max_tokens)
         reason = "stop" if eos or seq.text.stopped else "length" if seq.generated >= seq.request.max_tokens else None
         if reason:
-            self._by_id.pop(seq.request.request_id, None)
-            self._suspects.discard(seq)
-            self._evict(seq)
+            self._end(seq)
         return seq.output([token], [logprob], text, reason)
 
     # --- device functions ---------------------------------------------------------------------
