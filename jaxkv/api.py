@@ -1,7 +1,14 @@
-"""The Python API: `llm = jaxkv.load(...)`, `llm.generate(...)`. The CLI only wraps this."""
+"""The Python API: `llm = jaxkv.load(...)`, `llm.generate(...)`. The CLI only wraps this.
+
+`generate` runs on the serving engine (`jaxkv.serve.engine`): every prompt is added as a request and the
+engine steps until all are done, so the Python API, the CLI and the server share one runtime, one check of
+a request and one sampling rule (the same seed gives the same text everywhere).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 
 import jax
@@ -9,59 +16,146 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.cache.paged import KV_DTYPES
 from jaxkv.checkpoints.registry import DEFAULT_MODEL, open_source, resolve
 from jaxkv.checkpoints.store import assemble_params, load_checkpoint
 from jaxkv.config import DTYPES, ModelConfig
-from jaxkv.errors import JaxkvError
-from jaxkv.generate.generator import Completion, Generator
+from jaxkv.errors import InvalidRequest, JaxkvError
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.parallel.mesh import make_mesh
+from jaxkv.parallel.rules import shard_params
+from jaxkv.serve.compiled import Executables, bucket
+from jaxkv.serve.engine import Engine
+from jaxkv.serve.requests import Limits, Request
 from jaxkv.tokenizer import Tokenizer
+
+DECODE_ITERS = 8  # tokens per row per device call once every prompt is in
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timings of the last generate call; run times exclude compilation."""
+
+    new_tokens: int = 0
+    prefill_s: float = 0.0  # until every prompt had its first token
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        run = self.prefill_s + self.decode_s
+        return self.new_tokens / run if run > 0 else 0.0
 
 
 class LLM:
-    """A loaded model: config, tokenizer, params, and generation with cached compilations."""
+    """A loaded model: config, tokenizer, params, and generation on an engine sized for the batch."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params, kv_dtype: str | None = None,
                  page_size: int | None = None, mesh: str | Mesh | None = None):
-        """mesh: a Mesh or a spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`): parameters, caches
-        and batches are sharded over it by the one rules table; None runs on one device."""
+        """kv_dtype: the KV pages' dtype (default the compute dtype; "int8" quantizes). page_size: tokens per KV
+        page (default 16). mesh: a Mesh or a spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`):
+        parameters, caches and batches are sharded over it by the one rules table; None runs on one device."""
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        if (kv_dtype == "int8" or config.streaming_window is not None) and page_size is None:
-            page_size = 16  # both live in the paged cache
-        self.generator = Generator(config, params, eos_ids=tokenizer.eos_ids, kv_dtype=kv_dtype, page_size=page_size,
-                                   mesh=self.mesh)
-        self.params = self.generator.params  # placed on the mesh
+        self.kv_dtype = kv_dtype or config.dtype
+        if self.kv_dtype not in KV_DTYPES:
+            raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        self.page_size = page_size or 16
+        if self.page_size & (self.page_size - 1):
+            raise JaxkvError(f"page_size must be a power of two, got {self.page_size}")
+        self.params = params if self.mesh is None else shard_params(params, config, self.mesh)
+        self.executables = Executables(self.mesh)  # shared by the engines generate sizes
+        self.stats = GenerationStats()
+        self._engine = None
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config, self.generator.kv_dtype)
-
-    @property
-    def stats(self):
-        """Timings and token count of the last generate call."""
-        return self.generator.stats
+        return kv_bytes_per_token(self.config, self.kv_dtype)
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if not isinstance(prompt, str):
-            raise JaxkvError(f"a prompt must be a string, got {type(prompt).__name__}")
+            raise InvalidRequest(f"a prompt must be a string, got {type(prompt).__name__}", "prompt")
         if chat:
             return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
         return self.tokenizer.encode(prompt)
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: str | Sequence[str] | None = None,
-                 chat: bool = False) -> Completion | list[Completion]:
-        """Complete one prompt (returns a Completion) or a list (returns a list), batched together."""
+                 chat: bool = False, ignore_eos: bool = False) -> Completion | list[Completion]:
+        """Complete one prompt (returns a Completion) or a list (returns a list), batched together. Values out of
+        range raise InvalidRequest naming the parameter (as the server's 400s do); ignore_eos generates exactly
+        max_new_tokens."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
+        if not texts:
+            raise InvalidRequest("no prompts given", "prompt")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         ids = [self.encode(t, chat) for t in texts]
-        out = self.generator.generate(ids, max_new_tokens, sampling, stops, decode=self.tokenizer.decode)
-        return out[0] if single else out
+        return self.generate_ids(ids, max_new_tokens, sampling, stops, ignore_eos)[0] if single else \
+            self.generate_ids(ids, max_new_tokens, sampling, stops, ignore_eos)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
+                     stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Completion]:
+        """`generate` from token ids."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}", "max_tokens")
+        requests = [Request(list(p), sampling, max_new_tokens, tuple(stop), ignore_eos=ignore_eos, request_id=str(i))
+                    for i, p in enumerate(prompts)]
+        engine = self._engine_for(len(requests), max((len(p) for p in prompts), default=1), max_new_tokens)
+        for request in requests:  # all or nothing
+            engine.check(request)
+        compile_before, start = self.executables.compile_s, time.perf_counter()
+        for request in requests:
+            engine.add(request)
+        texts, ids, reasons, first_at = {}, {}, {}, None
+        while engine.has_work():
+            for out in engine.step():
+                texts[out.request_id] = texts.get(out.request_id, "") + out.text
+                ids.setdefault(out.request_id, []).extend(out.token_ids)
+                if out.error is not None:
+                    raise out.error
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+            if first_at is None and len(ids) == len(requests):
+                first_at = (time.perf_counter(), self.executables.compile_s)
+        end, compiled = time.perf_counter(), self.executables.compile_s
+        first_at = first_at or (end, compiled)
+        self.stats = GenerationStats(
+            new_tokens=sum(len(v) for v in ids.values()), compile_s=compiled - compile_before,
+            prefill_s=first_at[0] - start - (first_at[1] - compile_before),
+            decode_s=end - first_at[0] - (compiled - first_at[1]))
+        return [Completion(texts[r.request_id], ids[r.request_id], len(r.prompt_ids), reasons[r.request_id])
+                for r in requests]
+
+    def _engine_for(self, n_prompts: int, longest: int, max_new_tokens: int):
+        """An engine with a row per prompt and pages for the longest prompt plus max_new_tokens (sizes bucketed,
+        so calls of similar sizes reuse the engine and its executables)."""
+        cfg = self.config
+        streaming = cfg.streaming_window is not None
+        chunk = bucket(longest, 16)
+        context = None if streaming else min(bucket(chunk + max_new_tokens), cfg.max_seq_len)
+        if context is not None and longest + max_new_tokens > context:
+            context = cfg.max_seq_len  # the engine's check names what is too long
+        shape = (bucket(n_prompts), context, chunk)
+        engine = self._engine
+        if engine is None or not (engine.max_batch >= shape[0] and (streaming or engine.max_context >= shape[1])
+                                  and engine.prefill_chunk >= shape[2]):
+            self._engine = None  # its pool goes before the next one is made
+            engine = self._engine = Engine(
+                self, max_batch=shape[0], page_size=self.page_size, kv_dtype=self.kv_dtype, max_context=context,
+                prefill_chunk=shape[2], prefill_budget=shape[0] * shape[2], decode_iters=DECODE_ITERS,
+                limits=Limits(max_waiting=None, request_timeout_s=None), executables=self.executables)
+        return engine
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
@@ -70,11 +164,10 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir or a GGUF file.
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
-    checkpoint's own. page_size keeps the KV cache in pages of that many tokens; kv_dtype
-    "int8" quantizes it (paged, page_size 16 unless given). streaming_window turns on StreamingLLM:
-    the cache keeps `sinks` first tokens and the last `streaming_window`, so generation runs past the
-    model's context in bounded memory (paged, page_size 16 unless given). mesh ("data=2,model=4" or a
-    Mesh) shards the model over devices (see `LLM`).
+    checkpoint's own. The KV cache lives in pages of page_size tokens (default 16); kv_dtype "int8"
+    quantizes it. streaming_window turns on StreamingLLM: the cache keeps `sinks` first tokens and the
+    last `streaming_window`, so generation runs past the model's context in bounded memory. mesh
+    ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`).
     """
     if dtype is not None:
         dtype = _dtype_name(dtype)

@@ -80,7 +80,7 @@ def _serve_limits(group) -> None:
     group.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, metavar="N",
                        help=f"longest stop string (default: {d.max_stop_chars})")
     group.add_argument("--max-waiting", type=int, default=d.max_waiting, metavar="N",
-                       help=f"requests queued for a slot; more get 429 with Retry-After (default: {d.max_waiting})")
+                       help=f"requests queued for a row; more get 429 with Retry-After (default: {d.max_waiting})")
     group.add_argument("--request-timeout", type=float, default=d.request_timeout_s, metavar="S",
                        help=f"end a request this long after it arrived, 0 for never (default: "
                             f"{d.request_timeout_s:g})")
@@ -158,10 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
     gen.add_argument("--kv-dtype", choices=_DTYPES + ("int8",), default=None,
-                     help="KV cache dtype (default: the compute dtype); int8 uses the paged cache")
-    gen.add_argument("--page-size", type=int, default=None,
-                     help="keep the KV cache in pages of this many tokens (default: dense; 16 with int8 "
-                          "or streaming)")
+                     help="KV cache dtype (default: the compute dtype; int8 quantizes the pages)")
+    gen.add_argument("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 16)")
     gen.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens, and generate past "
                           "the model's context in bounded memory")
@@ -238,14 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxkv.errors import JaxkvError
+    from pallas_kernels.errors import KernelInputError
 
     try:
         if getattr(args, "mesh", None) is not None:
             from jaxkv.parallel.distributed import initialize_from_env
 
             initialize_from_env()  # one of several processes: JAX_COORDINATOR_ADDRESS etc. say so
+        if args.func in (_generate, _serve):
+            from jaxkv.serve.compiled import enable_compilation_cache
+
+            enable_compilation_cache()
         args.func(args)
-    except JaxkvError as e:
+    except (JaxkvError, KernelInputError) as e:
         print(f"jaxkv: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

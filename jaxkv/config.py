@@ -138,14 +138,14 @@ class ModelConfig:
     # --- derived geometry -------------------------------------------------------------
     @property
     def kv_layers(self) -> tuple[int, ...]:
-        """Layers that compute and store K/V, in order; their position is their cache slot."""
+        """Layers that compute and store K/V, in order; their position is their index in the cache's layer axis."""
         return tuple(i for i, s in enumerate(self.kv_sources) if s == i)
 
     @property
     def n_kv_layers(self) -> int:
         return len(self.kv_layers)
 
-    def kv_slot(self, layer: int) -> int:
+    def kv_index(self, layer: int) -> int:
         """Index into the cache's layer axis of the KV that `layer` attends to."""
         return self.kv_layers.index(self.kv_sources[layer])
 

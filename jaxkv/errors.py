@@ -23,7 +23,7 @@ class QueueFull(JaxkvError):
 
 
 class DeadlineExceeded(JaxkvError):
-    """A request ran past its deadline and was ended, freeing its slot and pages."""
+    """A request ran past its deadline and was ended, freeing its row and pages."""
 
 
 def check_text(text: str, param: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = [b for b in range(256) if b not in printable]
     return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(shifted)}
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in _bytes_to_unicode().items()}
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 
 
 def _gguf_byte_level(tokens: list[str], merges: list[str], pre: str) -> tokenizers.Tokenizer:
@@ -195,6 +204,43 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (part of a character, for a byte-level token inside one): what OpenAI's logprobs
+        report as `bytes`. Read from the vocabulary through the decoder's scheme, so no decode is guessed."""
+        return self._token_bytes(int(token_id))
+
+    def token_text(self, token_id: int) -> str:
+        """A token's display string: its bytes as UTF-8, partial characters escaped."""
+        return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
+
+    @functools.cached_property
+    def _decoder_kinds(self) -> tuple[bool, bool]:
+        """(byte-level, metaspace): how the vocabulary spells a token's bytes."""
+        try:
+            decoder = json.loads(self.hf.to_str()).get("decoder") or {}
+        except Exception:  # noqa: BLE001 - an exotic tokenizer: fall back to decoding one token
+            decoder = {}
+        parts = decoder.get("decoders") or ()
+        kinds = {decoder.get("type")} | {d.get("type") for d in parts}
+        metaspace = "Metaspace" in kinds or any(d.get("type") == "Replace" and "▁" in json.dumps(d) for d in parts)
+        return "ByteLevel" in kinds, metaspace
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one tokenizer per model, kept for the model's life
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.hf.id_to_token(token_id)
+        if piece is None:
+            return b""
+        byte_level, metaspace = self._decoder_kinds
+        inverse = _unicode_to_bytes()
+        if byte_level and all(c in inverse for c in piece):
+            return bytes(inverse[c] for c in piece)
+        match = _BYTE_TOKEN.fullmatch(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        if metaspace:
+            return piece.replace("▁", " ").encode()
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: str | list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render a conversation (a str is one user turn) as the model's prompt text.

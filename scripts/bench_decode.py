@@ -74,7 +74,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import jaxkv
-    from jaxkv.generate.generator import Generator
     from jaxkv.generate.sampling import SamplingParams
 
     if args.threads:
@@ -83,12 +82,12 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes:
         llm = jaxkv.load("smollm2-135m", dtype=dtype)
-        gen = Generator(llm.config, llm.params, eos_ids=())  # exactly N tokens, like HF below
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).eval()
         for batch in args.batches:
             ids = prompts(llm.tokenizer, batch, args.prompt_len)
-            ours = time_runs(lambda: gen.generate(ids, args.new_tokens, SamplingParams()), args.repeats)
+            ours = time_runs(lambda: llm.generate_ids(ids, args.new_tokens, SamplingParams(), ignore_eos=True),
+                             args.repeats)  # exactly N tokens, like HF below
             inputs = torch.tensor(ids)
 
             def hf_generate():

@@ -11,6 +11,7 @@ script reports perplexity, top-1 agreement, mean KL and the maximum logit error 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 import jaxkv
 from jaxkv.cache.pages import PageAllocator
 from jaxkv.cache.dense import kv_bytes_per_token
-from jaxkv.cache.paged import PagedKVCache
+from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata
 from jaxkv.data.corpus import load_split
 from jaxkv.model.decoder import forward
 
@@ -29,14 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def chunked_logits(cfg, params, ids: np.ndarray, kv_dtype: str, chunk: int, page_size: int = 16) -> np.ndarray:
     n = len(ids)
-    pool = PageAllocator(num_pages=-(-n // page_size), page_size=page_size)
-    pages = pool.reserve("text", n)
-    cache = PagedKVCache.init(cfg, 1, pool.num_pages, page_size, len(pages), kv_dtype=kv_dtype)
-    cache = cache.replace(block_tables=jnp.asarray(pool.block_table(["text"], len(pages))))
-    step = jax.jit(lambda c, t: forward(cfg, params, t, c, all_logits=True), donate_argnums=0)
+    allocator = PageAllocator(num_pages=-(-n // page_size), page_size=page_size)
+    pages = allocator.reserve("text", n)
+    pool = PagePool.init(cfg, allocator.num_pages, page_size, kv_dtype=kv_dtype)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(pool, meta, tokens):
+        logits, kv = forward(cfg, params, tokens, PagedKV(pool, meta))
+        return logits, kv.pool
+
     out = []
     for start in range(0, n, chunk):
-        logits, cache = step(cache, jnp.asarray(ids[None, start:start + chunk]))
+        tokens = ids[None, start:start + chunk]
+        logits, pool = step(pool, StepMetadata.pack([pages], [start], [tokens.shape[1]]), jnp.asarray(tokens))
         out.append(np.asarray(logits[0]))
     return np.concatenate(out)
 

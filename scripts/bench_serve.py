@@ -7,12 +7,16 @@
    [--min-prompt, --max-prompt] tokens) with max_tokens drawn in [--min-new, --max-new]; greedy,
    EOS ignored, so both sides produce exactly the same number of tokens.
 2. jaxkv: the real HTTP server on 127.0.0.1 (warmed up first), driven by asyncio clients streaming
-   /v1/completions at each concurrency level. Reports tokens/s, time to first token and inter-token
-   latency (p50/p99), KV pages in use (peak, from /metrics) and compilations after warm-up.
+   /v1/completions at each concurrency level. Every level runs cold: a fresh engine (the warm-up's
+   executables, an empty pool and prefix cache), so no level finds an earlier level's prompts cached.
+   Reports tokens/s, time to first token and inter-token latency (p50/p99), prompt tokens served from
+   the prefix cache, KV pages in use (peak), mean rows and tokens per step, compilations after warm-up.
 3. The peer, in the same run on the same requests: transformers' `generate` with static batching
    (batches in arrival order, left-padded, each batch runs to its longest request), at each of
    --hf-batch sizes; the best is the reference.
-4. At a fixed KV memory budget: the standard SmolLM2 geometry against its LCKV (w=2) and CLA2
+4. A second workload where every request starts with one shared system prompt of --system-tokens
+   tokens, at the highest concurrency, cold: here the prefix cache counts, legitimately; HF recomputes.
+5. At a fixed KV memory budget: the standard SmolLM2 geometry against its LCKV (w=2) and CLA2
    variants (K/V projections averaged, as for uptraining), every request submitted at once to an
    engine with many slots: the peak number of sequences held at once, and tokens/s.
 """
@@ -35,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def workload(llm, n: int, seed: int, prompt_range, new_range) -> list[dict]:
-    """Requests with prompt text (as the server will tokenize it), its ids, and max_tokens."""
+def workload(llm, n: int, seed: int, prompt_range, new_range, system: str = "") -> list[dict]:
+    """Requests with prompt text (as the server will tokenize it; after `system` if given), its ids, and
+    max_tokens."""
     from jaxkv.data.corpus import load_split
 
     text = "\n".join(d.text for d in load_split("shakespeare").validation)
@@ -46,7 +51,7 @@ def workload(llm, n: int, seed: int, prompt_range, new_range) -> list[dict]:
     for _ in range(n):
         length = int(rng.integers(prompt_range[0], prompt_range[1] + 1))
         start = int(rng.integers(0, len(ids) - length))
-        prompt = llm.tokenizer.decode(ids[start:start + length])
+        prompt = system + llm.tokenizer.decode(ids[start:start + length])
         requests.append({"prompt": prompt, "ids": llm.encode(prompt),
                          "max_tokens": int(rng.integers(new_range[0], new_range[1] + 1))})
     return requests
@@ -73,6 +78,14 @@ def start_server(app) -> tuple[int, object, threading.Thread]:
 
 def metric(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def system_prompt(llm, n_tokens: int) -> str:
+    """The opening lines of the training plays, cut to about n_tokens tokens (a long shared instruction)."""
+    from jaxkv.data.corpus import load_split
+
+    ids = llm.tokenizer.encode("\n".join(d.text for d in load_split("shakespeare").train), add_special_tokens=False)
+    return llm.tokenizer.decode(ids[:n_tokens]) + "\n\n"
 
 
 async def run_level(port: int, requests: list[dict], concurrency: int) -> dict:
@@ -120,10 +133,31 @@ async def run_level(port: int, requests: list[dict], concurrency: int) -> dict:
         wall = time.perf_counter() - start
         done.set()
         await watcher
-        compilations = metric((await client.get(f"{url}/metrics")).text, "jaxkv_compilations_total")
+        text = (await client.get(f"{url}/metrics")).text
     return {"concurrency": concurrency, "tokens": tokens[0], "wall": wall, "tok_s": tokens[0] / wall,
             "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "itl_p50": percentile(gaps, 50),
-            "itl_p99": percentile(gaps, 99), "kv_peak": peak_pages[0], "compilations": compilations}
+            "itl_p99": percentile(gaps, 99), "kv_peak": peak_pages[0],
+            "compilations": metric(text, "jaxkv_compilations_total"),
+            "cached": metric(text, "jaxkv_prefix_cache_tokens_total"),
+            "prompt": metric(text, "jaxkv_prompt_tokens_total"),
+            "rows": metric(text, "jaxkv_engine_rows_per_step"),
+            "step_tokens": metric(text, "jaxkv_engine_tokens_per_step")}
+
+
+def serve_cold(llm, warm, requests: list[dict], concurrency: int) -> dict:
+    """One level on a fresh engine sharing the warmed-up engine's executables: nothing cached from before."""
+    from jaxkv.serve.engine import Engine
+    from jaxkv.serve.server import create_app
+
+    engine = Engine(llm, max_batch=warm.max_batch, page_size=warm.page_size, max_context=warm.max_context,
+                    prefill_chunk=warm.prefill_chunk, prefill_budget=warm.prefill_budget,
+                    executables=warm.executables)
+    port, server, thread = start_server(create_app(llm, engine=engine, warmup=False))
+    try:
+        return asyncio.run(run_level(port, requests, concurrency))
+    finally:
+        server.should_exit = True
+        thread.join()
 
 
 # --- the peer ------------------------------------------------------------------------------------
@@ -158,7 +192,7 @@ def hf_static(model, requests: list[dict], batch: int, pad_id: int) -> dict:
 
 # --- a fixed KV budget ---------------------------------------------------------------------------
 def at_budget(llm, spec: str, requests: list[dict], budget_bytes: int, max_batch: int, max_context: int,
-              prefill_chunk: int) -> dict:
+              prefill_chunk: int, prefill_budget: int) -> dict:
     from jaxkv.api import LLM
     from jaxkv.cache.dense import kv_bytes_per_token
     from jaxkv.model.uptrain import share_kv
@@ -170,7 +204,8 @@ def at_budget(llm, spec: str, requests: list[dict], budget_bytes: int, max_batch
     page_size = 16
     pages = budget_bytes // (kv_bytes_per_token(cfg) * page_size)
     engine = Engine(LLM(cfg, llm.tokenizer, params), max_batch=max_batch, page_size=page_size, num_pages=pages,
-                    max_context=max_context, prefill_chunk=prefill_chunk, prefix_caching=False)
+                    max_context=max_context, prefill_chunk=prefill_chunk, prefill_budget=prefill_budget,
+                    prefix_caching=False)
     engine.warmup()
     compiled = engine.executables.count
     for r in requests:
@@ -180,7 +215,7 @@ def at_budget(llm, spec: str, requests: list[dict], budget_bytes: int, max_batch
         produced += sum(len(o.token_ids) for o in engine.step())
         peak = max(peak, engine.metrics()["running"])
     wall = time.perf_counter() - start
-    return {"spec": spec, "kv_layers": cfg.n_kv_layers, "bytes_per_token": kv_bytes_per_token(cfg), "pages": pages,
+    return {"spec": spec, "chunk": prefill_chunk, "kv_layers": cfg.n_kv_layers, "bytes_per_token": kv_bytes_per_token(cfg), "pages": pages,
             "peak_running": peak, "tok_s": produced / wall, "preemptions": engine.metrics()["preemptions_total"],
             "compiled_after_warmup": engine.executables.count - compiled}
 
@@ -202,6 +237,9 @@ def main() -> None:
     parser.add_argument("--kv-budget-mib", type=float, default=48.0)
     parser.add_argument("--budget-requests", type=int, default=80)
     parser.add_argument("--budget-slots", type=int, default=80)
+    parser.add_argument("--lckv-chunks", default="4,8", help="prompt chunk sizes tried for LCKV at the budget: a chunk "
+                                                            "of c tokens runs min(c, m + b) passes")
+    parser.add_argument("--system-tokens", type=int, default=200, help="shared system prompt of the second workload")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve.md"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "results" / "serve.png"))
@@ -209,30 +247,39 @@ def main() -> None:
 
     import jaxkv
     from jaxkv.serve.engine import Engine
-    from jaxkv.serve.server import create_app
 
     llm = jaxkv.load(args.model, dtype="float32")
     drawn = workload(llm, max(args.requests, args.budget_requests), args.seed, (args.min_prompt, args.max_prompt),
                      (args.min_new, args.max_new))
     requests = drawn[:args.requests]
+    system = system_prompt(llm, args.system_tokens)
+    shared = workload(llm, args.requests, args.seed + 1, (args.min_prompt, max(args.min_prompt, args.max_prompt
+                                                                                 - args.system_tokens)),
+                      (args.min_new, args.max_new), system)
     engine = Engine(llm, max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                     prefill_budget=args.prefill_budget)
     engine.warmup()
-    port, server, thread = start_server(create_app(llm, engine=engine, warmup=False))
-    warm_compilations = engine.executables.count
+    warm_compilations, warm_s = engine.executables.count, engine.executables.compile_s
     levels = []
     for concurrency in (int(c) for c in args.concurrency.split(",")):
-        levels.append(asyncio.run(run_level(port, requests, concurrency)))
+        levels.append(serve_cold(llm, engine, requests, concurrency))
         print(f"jaxkv, {concurrency} clients: {levels[-1]['tok_s']:.1f} tok/s", flush=True)
-    server.should_exit = True
-    thread.join()
-    hf_runs, hf_model = {}, _hf_model()
+    top = max(int(c) for c in args.concurrency.split(","))
+    shared_run = serve_cold(llm, engine, shared, top)
+    print(f"jaxkv, shared system prompt, {top} clients: {shared_run['tok_s']:.1f} tok/s", flush=True)
+    hf_runs, hf_shared, hf_model = {}, {}, _hf_model()
     for batch in (int(b) for b in args.hf_batch.split(",")):
         hf_runs[batch] = hf_static(hf_model, requests, batch, llm.tokenizer.eos_ids[0])
-        print(f"HF static batching ({batch}): {hf_runs[batch]['tok_s']:.1f} tok/s", flush=True)
+        hf_shared[batch] = hf_static(hf_model, shared, batch, llm.tokenizer.eos_ids[0])
+        print(f"HF static batching ({batch}): {hf_runs[batch]['tok_s']:.1f} tok/s, shared system prompt "
+              f"{hf_shared[batch]['tok_s']:.1f} tok/s", flush=True)
     hf_batch, hf = max(hf_runs.items(), key=lambda item: item[1]["tok_s"])
+    hf_shared_batch, hf_shared_best = max(hf_shared.items(), key=lambda item: item[1]["tok_s"])
+    runs = [("standard", args.prefill_chunk)] + [("lckv:2", int(c)) for c in args.lckv_chunks.split(",")] + \
+        [("cla2", args.prefill_chunk)]
     budget = [at_budget(llm, spec, drawn[:args.budget_requests], int(args.kv_budget_mib * 2**20), args.budget_slots,
-                        args.max_context, args.prefill_chunk) for spec in ("standard", "lckv:2", "cla2")]
+                        args.max_context, chunk, engine.prefill_budget) for spec, chunk in runs] \
+        if args.budget_requests else []  # 0: skip this part
 
     best = max(levels, key=lambda r: r["tok_s"])
     lines = [f"# Serving {args.model}: jaxkv's server against HF transformers", "",
@@ -240,29 +287,37 @@ def main() -> None:
              f"{__import__('os').cpu_count()}-core CPU, float32. {args.requests} requests: prompts of "
              f"{args.min_prompt}-{args.max_prompt} tokens of held-out Shakespeare, {args.min_new}-{args.max_new} "
              f"new tokens each, greedy, EOS ignored; {sum(r['max_tokens'] for r in requests)} tokens in all. "
-             f"Engine: {args.max_batch} slots, pages of 16, max context {args.max_context}, prefill chunks of "
-             f"{args.prefill_chunk}, {engine.prefill_budget} prompt tokens per step; warm-up compiled "
-             f"{warm_compilations} executables in {engine.executables.compile_s:.0f} s.",
-             "", "| clients | tok/s | TTFT p50 / p99 (s) | inter-token p50 / p99 (ms) | peak KV pages used | "
-             "compilations after warm-up |", "|---:|---:|---|---|---:|---:|"]
-    for r in levels:
-        lines.append(f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
-                     f"{1e3 * r['itl_p50']:.0f} / {1e3 * r['itl_p99']:.0f} | {100 * r['kv_peak']:.0f}% | "
+             f"Engine: {args.max_batch} rows, pages of 16, max context {args.max_context}, prompt chunks of "
+             f"up to {args.prefill_chunk}, {engine.prefill_budget} prompt tokens per step, one device call per "
+             f"step; warm-up compiled {warm_compilations} executables in {warm_s:.0f} s. Every level runs cold "
+             "(a fresh engine: empty pool and prefix cache).",
+             "", "| workload | clients | tok/s | TTFT p50 / p99 (s) | inter-token p50 / p99 (ms) | prompt tokens "
+             "from the prefix cache | peak KV pages used | mean rows / tokens per step | compilations after "
+             "warm-up |", "|---|---:|---:|---|---|---:|---:|---|---:|"]
+    for name, r in [("distinct prompts", r) for r in levels] + [(f"{args.system_tokens}-token system prompt",
+                                                                 shared_run)]:
+        lines.append(f"| {name} | {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} "
+                     f"| {1e3 * r['itl_p50']:.0f} / {1e3 * r['itl_p99']:.0f} | {int(r['cached'])} of "
+                     f"{int(r['prompt'])} | {100 * r['kv_peak']:.0f}% | {r['rows']:.1f} / {r['step_tokens']:.1f} | "
                      f"{int(r['compilations']) - warm_compilations} |")
     lines += ["", "HF transformers `generate` with static batches (arrival order, left-padded, each batch runs "
               "to its longest request): " + ", ".join(f"{b}: {r['tok_s']:.1f} tok/s" for b, r in hf_runs.items())
-              + f". jaxkv at its best level ({best['concurrency']} clients) against HF's best (batch {hf_batch}): "
-              f"**{best['tok_s'] / hf['tok_s']:.2f}x**.", "",
-              f"At a fixed KV budget of {args.kv_budget_mib:g} MiB ({args.budget_requests} requests submitted at "
-              f"once, {args.budget_slots} slots):", "",
-              "| KV sharing | KV layers | KV bytes/token | pages | peak sequences held | vs standard | target | tok/s | "
-              "preemptions | compilations after warm-up |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = budget[0]
+              + "; on the shared-system-prompt workload " + ", ".join(f"{b}: {r['tok_s']:.1f} tok/s" for b, r
+                                                                       in hf_shared.items())
+              + f". jaxkv at its best level ({best['concurrency']} clients, cold) against HF's best (batch "
+              f"{hf_batch}): **{best['tok_s'] / hf['tok_s']:.2f}x**; with the shared system prompt against HF's best "
+              f"(batch {hf_shared_batch}): **{shared_run['tok_s'] / hf_shared_best['tok_s']:.2f}x**."]
+    if budget:
+        lines += ["", f"At a fixed KV budget of {args.kv_budget_mib:g} MiB ({args.budget_requests} requests submitted "
+                  f"at once, {args.budget_slots} slots):", "",
+                  "| KV sharing | prompt chunk | KV layers | KV bytes/token | pages | peak sequences held | "
+                  "vs standard | target | tok/s | preemptions | compilations after warm-up |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in budget:
-        target = 0.9 * llm.config.n_layers / r["kv_layers"] if r is not base else 1.0
-        lines.append(f"| {r['spec']} | {r['kv_layers']} | {r['bytes_per_token']:,} | {r['pages']} | {r['peak_running']} "
-                     f"| {r['peak_running'] / base['peak_running']:.2f}x | {target:.2f}x | {r['tok_s']:.1f} | "
-                     f"{r['preemptions']} | {r['compiled_after_warmup']} |")
+        target = 0.9 * llm.config.n_layers / r["kv_layers"] if r is not budget[0] else 1.0
+        lines.append(f"| {r['spec']} | {r['chunk']} | {r['kv_layers']} | {r['bytes_per_token']:,} | {r['pages']} | "
+                     f"{r['peak_running']} | {r['peak_running'] / budget[0]['peak_running']:.2f}x | {target:.2f}x | "
+                     f"{r['tok_s']:.1f} | {r['preemptions']} | {r['compiled_after_warmup']} |")
     report = "\n".join(lines) + "\n"
     Path(args.out).write_text(report)
     print(report)

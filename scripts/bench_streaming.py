@@ -11,6 +11,7 @@ same with 0 sinks (the paper's "window attention", which collapses once the firs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 
 import jaxkv
 from jaxkv.cache.dense import kv_bytes_per_token
-from jaxkv.cache.paged import PagedKVCache, streaming_pages
+from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata, streaming_pages
 from jaxkv.data.corpus import load_split
 from jaxkv.model.decoder import forward
 
@@ -30,22 +31,25 @@ PAGE_SIZE = 16
 
 def target_logprobs(cfg, params, ids: np.ndarray, pages_per_seq: int, prompt: int) -> np.ndarray:
     """log p(ids[t+1] | ids[:t+1]) for every t: `prompt` tokens prefilled, then one token per step."""
-    cache = PagedKVCache.init(cfg, 1, pages_per_seq, PAGE_SIZE, pages_per_seq)
-    cache = cache.replace(block_tables=jnp.arange(pages_per_seq, dtype=jnp.int32)[None])
+    pool = PagePool.init(cfg, pages_per_seq, PAGE_SIZE)
+    table = np.arange(pages_per_seq)[None]
+    prefill = StepMetadata.pack(table, [0], [prompt])
+    one = StepMetadata.pack(table, [prompt], [1])  # the decode step's layout; its position is set per token
 
     @jax.jit
-    def run(params, cache, ids):
-        logits, cache = forward(cfg, params, ids[None, :prompt], cache, all_logits=True)
-        first = jax.nn.log_softmax(logits[0, :-1])[jnp.arange(prompt - 1), ids[1:prompt]]
+    def run(params, pool, ids):
+        logits, kv = forward(cfg, params, ids[None, :prompt], PagedKV(pool, prefill))
+        first = jax.nn.log_softmax(logits[0])[jnp.arange(prompt), ids[1:prompt + 1]]
 
-        def step(cache, pair):
-            logits, cache = forward(cfg, params, pair[0][None, None], cache)
-            return cache, jax.nn.log_softmax(logits[0, 0])[pair[1]]
+        def step(pool, at):  # token `at` at position `at`, one step each
+            meta = one.replace(positions=at[None], attention=dataclasses.replace(one.attention, kv_lens=(at + 1)[None]))
+            logits, kv = forward(cfg, params, ids[at][None, None], PagedKV(pool, meta))
+            return kv.pool, jax.nn.log_softmax(logits[0, 0])[ids[at + 1]]
 
-        _, rest = jax.lax.scan(step, cache, (ids[prompt - 1:-1], ids[prompt:]))
+        _, rest = jax.lax.scan(step, kv.pool, jnp.arange(prompt, len(ids) - 1))
         return jnp.concatenate([first, rest])
 
-    return np.asarray(run(params, cache, jnp.asarray(ids)))
+    return np.asarray(run(params, pool, jnp.asarray(ids)))
 
 
 def main() -> None:

@@ -1,13 +1,17 @@
-"""Shared fixtures: the real SmolLM2 GGUF (fetched once into $JAXKV_HOME), tiny HF Llamas, and device failures
-injected into the serving engine."""
+"""Shared fixtures: the real SmolLM2 GGUF (fetched once into $JAXKV_HOME), tiny HF Llamas, device failures
+injected into the serving engine, and the oracle the runtime is checked against (`dense_greedy`)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+os.environ.setdefault("JAXKV_COMPILATION_CACHE", "0")  # tests count compilations: nothing from an earlier run
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +121,46 @@ POISON_SEED = 666
 
 
 def poisoned(name, args, n) -> bool:
-    """A device call that holds the poisoned request (by its seed) once it has 3 tokens: prefill or decode."""
-    seeds, steps = np.asarray(args[7]), np.asarray(args[8])
-    active = np.asarray(args[6]) > 0 if name == "_decode_step" else np.ones(1, bool)
-    return bool(np.any(active & (seeds == POISON_SEED) & (steps >= 3)))
+    """A step that holds the poisoned request (by its seed) once it has 3 tokens, as a prompt chunk or a decode
+    row: ragged_step(params, pool, tokens, meta, seeds, steps, ...)."""
+    cu_q_lens = np.asarray(args[3].attention.cu_q_lens)
+    live = cu_q_lens[1:] > cu_q_lens[:-1]
+    seeds, steps = np.asarray(args[4]), np.asarray(args[5])
+    return bool(np.any(live & (seeds == POISON_SEED) & (steps >= 3)))
+
+
+# --- the oracle the runtime is checked against ------------------------------------------------------
+@pytest.fixture(scope="session")
+def byte_tokenizer(tmp_path_factory):
+    from jaxkv.tokenizer import Tokenizer
+
+    directory = tmp_path_factory.mktemp("bytes")
+    byte_tokenizer_files(directory)
+    return Tokenizer.load(directory)
+
+
+@functools.cache
+def _dense_step(cfg):
+    import jax
+
+    from jaxkv.model.decoder import forward
+
+    return jax.jit(lambda params, tokens, cache: forward(cfg, params, tokens, cache), donate_argnums=2)
+
+
+def dense_greedy(cfg, params, prompt, n: int, eos_ids=()) -> list[int]:
+    """Greedy tokens from a dense cache fed one token at a time: an independent path (no pages, no chunks, no
+    batch), exact for every KV-sharing map (LCKV's sources are known for every earlier token). Stops at EOS."""
+    import jax.numpy as jnp
+
+    from jaxkv.cache.dense import KVCache
+
+    step, cache, ids = _dense_step(cfg), KVCache.init(cfg, 1, len(prompt) + n), list(prompt)
+    for token in prompt[:-1]:
+        _, cache = step(params, jnp.asarray([[token]], jnp.int32), cache)
+    for _ in range(n):
+        logits, cache = step(params, jnp.asarray([[ids[-1]]], jnp.int32), cache)
+        ids.append(int(jnp.argmax(logits[0, -1])))
+        if ids[-1] in eos_ids:
+            break
+    return ids[len(prompt):]

@@ -16,7 +16,7 @@ from jaxkv.cache.dense import KVCache
 from jaxkv.checkpoints.hf import HFCheckpoint
 from jaxkv.checkpoints.store import assemble_params, convert, load_checkpoint
 from jaxkv.errors import JaxkvError
-from jaxkv.model.decoder import Decoder
+from jaxkv.model.decoder import forward
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_converted_model_matches_transformers(tiny_hf_dir, converted):
     tokens = np.arange(1, 30)[None]
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
-    got, _ = Decoder(llm.config).apply({"params": llm.params}, tokens, KVCache.init(llm.config, 1, 32), all_logits=True)
+    got, _ = forward(llm.config, llm.params, tokens, KVCache.init(llm.config, 1, 32))
     assert relative_error(got, want) < 1e-4
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 import jaxkv
+from conftest import dense_greedy
 from jaxkv.cache.dense import KVCache
-from jaxkv.model.decoder import Decoder
+from jaxkv.model.decoder import forward
 from jaxkv.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -90,12 +91,11 @@ def llm(smollm2_checkpoint):
     return jaxkv.load(str(smollm2_checkpoint))
 
 
-def test_generate_json(runs, tokenizer, smollm2_checkpoint):
+def test_generate_json(runs, tokenizer, smollm2_checkpoint, llm):
     out = parse_json_stdout(runs["greedy"])
     assert {"text", "token_ids", "prompt_tokens", "tokens_per_s", "kv_bytes_per_token"} <= set(out)
     ids = out["token_ids"]
-    assert isinstance(ids, list) and 1 <= len(ids) <= MAX_NEW
-    assert all(isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids)
+    assert ids == dense_greedy(llm.config, llm.params, tokenizer.encode(PROMPT), MAX_NEW, tokenizer.eos_ids)
     assert out["prompt_tokens"] == len(tokenizer.encode(PROMPT))
     assert out["text"] == tokenizer.decode(ids)
     assert isinstance(out["tokens_per_s"], (int, float)) and out["tokens_per_s"] > 0
@@ -130,6 +130,14 @@ def test_generate_chat_uses_template(runs, tokenizer, llm):
     assert out["text"] == tokenizer.decode(out["token_ids"])
 
 
+def test_sampled_cli_equals_python_api(runs, llm):
+    """One sampling rule: the seed and the token's index decide, so the CLI draws what LLM.generate draws
+    (and what the server does: tests/test_server.py)."""
+    out = parse_json_stdout(runs["seed3"])
+    want = llm.generate(PROMPT, max_new_tokens=MAX_NEW, temperature=0.8, top_k=40, top_p=0.9, seed=3)
+    assert out["token_ids"] == want.token_ids and out["text"] == want.text
+
+
 def test_sampling_is_reproducible_per_seed(runs):
     first, again = parse_json_stdout(runs["seed3"]), parse_json_stdout(runs["seed3-again"])
     assert first["token_ids"] == again["token_ids"] and first["text"] == again["text"]
@@ -150,8 +158,7 @@ def test_sampled_tokens_respect_top_k_and_top_p(runs, llm, seed):
     prompt_ids = llm.encode(PROMPT)
     ids = prompt_ids + out["token_ids"]
     cfg = llm.config
-    logits, _ = Decoder(cfg).apply({"params": llm.params}, jnp.asarray([ids]), KVCache.init(cfg, 1, len(ids)),
-                                   all_logits=True)
+    logits, _ = forward(cfg, llm.params, jnp.asarray([ids]), KVCache.init(cfg, 1, len(ids)))
     logits = np.asarray(logits[0], np.float64) / 0.8
     for pos, token in enumerate(out["token_ids"]):
         row = logits[len(prompt_ids) - 1 + pos]

@@ -1,4 +1,5 @@
-"""The serving engine against the one-shot generator (an independent path: dense or paged, unchunked, unbatched)."""
+"""The engine (the one runtime) against greedy decoding on a dense cache, one token at a time (`dense_greedy`: no
+pages, chunks or batch), and against itself alone where the dense path cannot follow (int8 pages, StreamingLLM)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import numpy as np
 import pytest
 
 import jaxkv
-from conftest import POISON_SEED, byte_tokenizer_files, failing_device, poisoned
+from conftest import POISON_SEED, dense_greedy, failing_device, poisoned
 from jaxkv.api import LLM
+from jaxkv.cache.dense import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.errors import DeadlineExceeded, InvalidRequest, QueueFull
-from jaxkv.generate.generator import Generator
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.model.decoder import forward, init_params
 from jaxkv.serve.engine import Engine, EngineStepError, Limits, Request
 from jaxkv.sharing import cla, lckv
-from jaxkv.tokenizer import Tokenizer
 
 
 def run(engine: Engine, requests) -> dict[str, list]:
@@ -42,13 +42,6 @@ def check_finished_once(outputs) -> None:
 
 
 # --- every model kind on a tiny random model ---------------------------------------------------
-@pytest.fixture(scope="module")
-def byte_tokenizer(tmp_path_factory) -> Tokenizer:
-    directory = tmp_path_factory.mktemp("bytes")
-    byte_tokenizer_files(directory)
-    return Tokenizer.load(directory)
-
-
 KINDS = {  # name -> (ModelConfig changes, kv_dtype)
     "standard": (dict(n_kv_heads=4), None),
     "gqa": (dict(), None),
@@ -61,9 +54,9 @@ KINDS = {  # name -> (ModelConfig changes, kv_dtype)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_model_kind_serves_the_generators_greedy_tokens(kind, byte_tokenizer):
-    """Eight requests of different lengths on five slots, prefilled in chunks of 16 (several per step), decoded
-    in packed rows that change as requests finish: each gets what it would alone."""
+def test_every_model_kind_serves_exact_greedy_tokens(kind, byte_tokenizer):
+    """Eight requests of different lengths on five rows, prefilled in chunks of 16 (several per step, beside the
+    decode rows), decoded in packed rows that change as requests finish: each gets what it gets alone."""
     changes, kv_dtype = KINDS[kind]
     cfg = ModelConfig(**{**dict(vocab_size=258, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
                                 mlp_dim=64, max_seq_len=96), **changes})
@@ -75,13 +68,17 @@ def test_every_model_kind_serves_the_generators_greedy_tokens(kind, byte_tokeniz
     budgets = [longest - 5 * (i % 4) for i in range(len(prompts))]
     engine = Engine(llm, max_batch=5, page_size=8, prefill_chunk=16, kv_dtype=kv_dtype)
     got = run(engine, [Request(p, max_tokens=n, request_id=str(i)) for i, (p, n) in enumerate(zip(prompts, budgets))])
-    generator = Generator(cfg, params, byte_tokenizer.eos_ids, kv_dtype=kv_dtype, page_size=8)
+    by_itself = kv_dtype is not None or cfg.streaming_window is not None  # the dense path has neither
     for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-        want = generator.generate([prompt], budget, SamplingParams())[0].token_ids
+        if by_itself:
+            want = LLM(cfg, byte_tokenizer, params, kv_dtype=kv_dtype, page_size=8).generate_ids(
+                [prompt], budget, SamplingParams())[0].token_ids
+        else:
+            want = dense_greedy(cfg, params, prompt, budget, byte_tokenizer.eos_ids)
         assert tokens_of(got[str(i)]) == want, f"request {i}"
         check_finished_once(got[str(i)])
     if cfg.kv_sources != tuple(range(4)):
-        assert engine.cache.k_pages.shape[0] == cfg.n_kv_layers < cfg.n_layers  # pools only for KV layers
+        assert engine.pool.k_pages.shape[0] == cfg.n_kv_layers < cfg.n_layers  # pools only for KV layers
     assert engine.allocator.stats().used == 0
 
 
@@ -105,8 +102,8 @@ def prompts(llm) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def alone(llm, prompts) -> list[list[int]]:
-    """Each prompt's greedy continuation from the one-shot generator."""
-    return [llm.generator.generate([p], 12, SamplingParams())[0].token_ids for p in prompts]
+    """Each prompt's greedy continuation, decoded alone on a dense cache."""
+    return [dense_greedy(llm.config, llm.params, p, 12, llm.tokenizer.eos_ids) for p in prompts]
 
 
 @pytest.mark.slow
@@ -174,7 +171,7 @@ def test_seeded_sampling_logprobs_stops_and_no_compiles_after_warmup(llm, prompt
     assert engine.executables.count == compiled  # no compilation after warm-up
 
     ids = prompts[2] + tokens_of(solo)
-    logits, _ = forward(llm.config, llm.params, jnp.asarray([ids]), _dense(llm.config, len(ids)), all_logits=True)
+    logits, _ = forward(llm.config, llm.params, jnp.asarray([ids]), KVCache.init(llm.config, 1, len(ids)))
     want = jax.nn.log_softmax(logits[0, len(prompts[2]) - 1:-1])[np.arange(10), np.asarray(tokens_of(solo))]
     np.testing.assert_allclose([lp for o in solo for lp in o.logprobs], want, atol=2e-3)
 
@@ -183,12 +180,6 @@ def test_seeded_sampling_logprobs_stops_and_no_compiles_after_warmup(llm, prompt
     stopped = run(engine, [Request(prompts[2], sampled, max_tokens=10, stop=(stop,), request_id="stop")])["stop"]
     assert stopped[-1].finish_reason == "stop"
     assert "".join(o.text for o in stopped) == text[:text.find(stop)]
-
-
-def _dense(cfg, length):
-    from jaxkv.cache.dense import KVCache
-
-    return KVCache.init(cfg, 1, length)
 
 
 SMALL_CFG = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -259,8 +250,7 @@ def test_a_request_past_its_deadline_ends_and_others_go_on(byte_tokenizer, monke
     check_finished_once(late)
     assert late[-1].finish_reason == "error" and isinstance(late[-1].error, DeadlineExceeded)
     assert "10 s" in str(late[-1].error) and tokens_of(late) == had and 0 < len(had) < 20
-    want = Generator(SMALL_CFG, params, byte_tokenizer.eos_ids).generate([[4, 5]], 12, SamplingParams())[0]
-    assert tokens_of(outputs["on-time"]) == want.token_ids
+    assert tokens_of(outputs["on-time"]) == dense_greedy(SMALL_CFG, params, [4, 5], 12, byte_tokenizer.eos_ids)
     m = engine.metrics()
     assert (m["requests_timed_out_total"], m["kv_pages_used"]) == (1, 0)
 
@@ -278,9 +268,8 @@ def test_a_transient_device_failure_loses_no_request_and_no_token(byte_tokenizer
     prompts = [[5, 6, 7, 8, 9], [40, 41, 42], [100] * 12]
     failing_device(engine, monkeypatch, lambda name, args, n: n == 3, consume)
     outputs = run(engine, [Request(prompt, max_tokens=10, request_id=str(i)) for i, prompt in enumerate(prompts)])
-    generator = Generator(FAIL_CFG, params, byte_tokenizer.eos_ids)
     for i, prompt in enumerate(prompts):
-        assert tokens_of(outputs[str(i)]) == generator.generate([prompt], 10, SamplingParams())[0].token_ids
+        assert tokens_of(outputs[str(i)]) == dense_greedy(FAIL_CFG, params, prompt, 10, byte_tokenizer.eos_ids)
         check_finished_once(outputs[str(i)])
     m = engine.metrics()
     assert (m["step_failures_total"], m["requests_failed_total"], m["kv_pages_used"]) == (1, 0, 0)
@@ -309,14 +298,14 @@ def test_a_request_that_breaks_the_device_fails_alone(byte_tokenizer, monkeypatc
     want = run(engine, requests(False))
     alone = run(engine, [requests(True)[1]])["bad"]
     if how == "host-side":
-        real = engine._sampling_args
+        real = engine._arguments
 
-        def overflowing(seqs):
-            if any(s.request.sampling.seed == POISON_SEED and s.generated >= 3 for s in seqs):
+        def overflowing(rows, *shape):
+            if any(s.request.sampling.seed == POISON_SEED and s.generated >= 3 for s, _ in rows):
                 raise OverflowError("device lost: Python integer out of bounds for int32")
-            return real(seqs)
+            return real(rows, *shape)
 
-        monkeypatch.setattr(engine, "_sampling_args", overflowing)
+        monkeypatch.setattr(engine, "_arguments", overflowing)
     else:
         failing_device(engine, monkeypatch, poisoned, consume=how == "pools-consumed")
     got = run(engine, requests(True))
@@ -334,35 +323,60 @@ def test_a_request_that_breaks_the_device_fails_alone(byte_tokenizer, monkeypatc
     assert not engine.has_work()
 
 
-def test_steps_prefill_within_the_budget_and_decode_in_the_smallest_shape(byte_tokenizer, monkeypatch):
-    """Each step prefills at most `prefill_budget` prompt tokens, across requests; each decode call packs the
-    generating requests into the smallest row bucket and the narrowest table width that hold them."""
+def test_one_call_per_step_mixes_decode_rows_and_chunks_within_the_budget(byte_tokenizer, monkeypatch):
+    """Each step is one device call: the decode row of every generating request plus prompt chunks of several
+    requests up to `prefill_budget` tokens. Decode-only steps take the smallest row bucket that holds them;
+    every step the narrowest table width that holds its positions."""
     cfg = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
                       max_seq_len=64)
-    engine = Engine(LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(6))), max_batch=8, page_size=8,
-                    prefill_chunk=16, prefill_budget=24)
-    rows_options, widths = engine._decode_shapes()
-    assert (rows_options, widths) == ([4, 8], [1, 2, 4, 6, 8])
-    run_once, decodes = engine.executables.run, []
+    params = init_params(cfg, jax.random.PRNGKey(6))
+    engine = Engine(LLM(cfg, byte_tokenizer, params), max_batch=8, page_size=8, prefill_chunk=16, prefill_budget=24)
+    shapes = engine._shapes()
+    assert shapes == ([4, 8], [2, 4, 6, 8], [16, 32], [4, 8])
+    run_once, calls = engine.executables.run, []
 
     def record(fn, donate, *args, **static):
-        if fn.__name__ == "_decode_step":
-            tables, lengths, active = args[3], args[4], args[6]
-            decodes.append((tables.shape, int(active.sum()), -(-(int(lengths[active > 0].max()) + 1) // 8)))
+        meta = args[3]
+        cu, kv_lens = np.asarray(meta.attention.cu_q_lens), np.asarray(meta.attention.kv_lens)
+        q_lens = np.diff(cu)
+        calls.append((args[2].shape[0], len(kv_lens), meta.attention.block_tables.shape[1], q_lens, kv_lens))
         return run_once(fn, donate, *args, **static)
 
     monkeypatch.setattr(engine.executables, "run", record)
-    for i in range(6):
-        engine.add(Request([i + 1] * 20, max_tokens=3 + 4 * i, request_id=str(i)))
-    prefilled, firsts = [], []
-    while engine.has_work():
-        before = engine.metrics()["prefilled_tokens_total"]
-        outputs = engine.step()
-        prefilled.append(engine.metrics()["prefilled_tokens_total"] - before)
-        firsts.append(sum(out.completion_tokens == 1 for out in outputs))
-    assert max(prefilled) == 24 and sum(prefilled) == 6 * 20
-    assert max(firsts) >= 2  # several requests finished prefilling in one step
-    for (rows, width), active, need in decodes:
-        assert rows == min(r for r in rows_options if r >= active)
-        assert width == min(w for w in widths if w >= need)
-    assert {shape[0] for shape, _, _ in decodes} == {4, 8}  # the batch shrank as requests finished
+    prompts = [[i + 1] * 20 for i in range(6)]
+    got = run(engine, [Request(p, max_tokens=3 + 4 * i, request_id=str(i), ignore_eos=True)
+                       for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        assert tokens_of(got[str(i)]) == dense_greedy(cfg, params, prompt, 3 + 4 * i), f"request {i}"
+    assert len(calls) == engine.metrics()["steps_total"]  # one call per step
+    mixed = 0
+    for n_tokens, n_rows, width, q_lens, kv_lens in calls:
+        chunks = q_lens[q_lens > 1]
+        assert chunks.sum() <= 24 and (chunks <= 16).all()
+        if len(chunks) == 0:
+            assert n_tokens == n_rows == min(r for r in shapes.decode_rows if r >= (q_lens > 0).sum())
+            assert width == min(w for w in shapes.decode_widths if w >= -(-kv_lens.max() // 8))
+        else:
+            assert n_tokens == min(t for t in shapes.tokens if t >= q_lens.sum()) and n_rows == 8
+            assert width == min(w for w in shapes.widths if w >= -(-kv_lens.max() // 8))
+            mixed += (q_lens == 1).any()
+    assert mixed > 0  # decode rows rode along with prompt chunks
+    assert {n for n, r, *_ in calls if n == r} == {4, 8}  # the batch shrank as requests finished
+    assert engine.metrics()["prefilled_tokens_total"] == sum(map(len, prompts))
+
+
+def test_lckv_chunks_run_only_as_many_passes_as_they_need(byte_tokenizer, monkeypatch):
+    """A chunk of c tokens is exact after c passes: chunks of 4 on an LCKV model with m + b = 13 run 4 passes,
+    and the tokens equal exact (token-by-token) decoding."""
+    cfg = ModelConfig(vocab_size=258, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                      max_seq_len=64, kv_sources=lckv(4, 2), upward_passes_no_grad=12)
+    params = init_params(cfg, jax.random.PRNGKey(9))
+    engine = Engine(LLM(cfg, byte_tokenizer, params), max_batch=2, page_size=8, prefill_chunk=4)
+    run_once, passes = engine.executables.run, []
+    monkeypatch.setattr(engine.executables, "run",
+                        lambda fn, donate, *args, **static: passes.append(int(args[9])) or run_once(fn, donate, *args,
+                                                                                                   **static))
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, 256, 11)]
+    got = run(engine, [Request(prompt, max_tokens=6, ignore_eos=True, request_id="x")])
+    assert tokens_of(got["x"]) == dense_greedy(cfg, params, prompt, 6)
+    assert passes[:3] == [4, 4, 3] and set(passes[3:]) == {1}

@@ -1,4 +1,4 @@
-"""Generation on a tiny model: bucketing and compile counts, batching, seeds, stops and limits."""
+"""LLM.generate (on the engine) with a tiny model: bucketing and compile counts, batching, seeds, stops, limits."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from jax import monitoring
 from conftest import byte_tokenizer_files
 from jaxkv.api import LLM
 from jaxkv.config import ModelConfig
-from jaxkv.errors import JaxkvError
-from jaxkv.generate.generator import Generator
+from jaxkv.errors import InvalidRequest, JaxkvError
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.model.decoder import init_params
+from jaxkv.serve.engine import Engine, Request
 from jaxkv.tokenizer import Tokenizer
 
 CFG = ModelConfig(vocab_size=258, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
@@ -54,19 +54,24 @@ def _compiles(fn) -> int:
     return _COUNTER.count - before
 
 
-def test_one_compilation_per_bucket(tmp_path_factory):
+def test_compilations_are_bounded_by_the_buckets(tmp_path_factory):
+    """Within a bucket (prompt and output lengths, rows), a few shapes compile (a prompt step, decode steps at the
+    table widths they reach) and then nothing: not other prompts, not sampling values."""
     llm = _tiny_llm(tmp_path_factory)  # fresh executables
     gen = lambda prompts: llm.generate(prompts, max_new_tokens=6)  # noqa: E731
-    first = _compiles(lambda: gen("abc"))
-    assert first >= 2  # prefill and decode of the 16-token bucket (plus one-off helpers)
-    for prompt in ["abcdefg", "x" * 12, "y" * 16, "z"]:  # same bucket (<= 16 tokens)
-        assert _compiles(lambda: gen(prompt)) == 0
-    assert _compiles(lambda: gen("w" * 20)) == 2  # new bucket 32: its prefill and decode, nothing else
-    for prompt in ["v" * 25, "u" * 31]:
-        assert _compiles(lambda: gen(prompt)) == 0
-    assert _compiles(lambda: gen(["a", "bb", "ccc"])) == 2  # batch bucket 4
+    short = ["abc", "abcdefg", "x" * 12, "y" * 14, "z"]  # <= 16 tokens
+    assert sum(_compiles(lambda: gen(p)) for p in short) >= 2  # a prompt step and a decode step at least
+    for prompt in short + ["q" * 9, "r" * 13]:
+        assert _compiles(lambda: gen(prompt)) == 0, prompt
+    assert _compiles(lambda: gen("w" * 20)) > 0  # the 32-token bucket
+    for prompt in ["v" * 25, "u" * 30, "w" * 20]:
+        gen(prompt)
+    for prompt in ["v" * 25, "u" * 30, "t" * 22]:
+        assert _compiles(lambda: gen(prompt)) == 0, prompt
+    assert _compiles(lambda: gen(["a", "bb", "ccc"])) > 0  # 4 rows
+    gen(["aaaaaaaaaaaaa", "b", "c", "d"])
     assert _compiles(lambda: gen(["a", "bb", "ccc", "dddd"])) == 0
-    assert _compiles(lambda: llm.generate("abc", max_new_tokens=6, temperature=0.5, seed=1)) == 2  # sampling variant
+    assert _compiles(lambda: llm.generate("abc", max_new_tokens=6, temperature=0.5, seed=1)) == 0
     assert _compiles(lambda: llm.generate("abd", max_new_tokens=6, temperature=0.9, top_k=5, seed=2)) == 0
 
 
@@ -88,19 +93,23 @@ def test_seed_reproducible_and_varied(llm):
 
 
 def test_max_new_tokens_and_length_finish(llm):
-    out = llm.generate("count", max_new_tokens=5)
-    eos = set(llm.tokenizer.eos_ids)
-    assert len(out.token_ids) == 5 or out.token_ids[-1] in eos
-    if len(out.token_ids) == 5 and out.token_ids[-1] not in eos:
-        assert out.finish_reason == "length"
+    out = llm.generate("count", max_new_tokens=5, ignore_eos=True)
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    assert out.text == llm.tokenizer.decode(out.token_ids)
 
 
 def test_eos_stops_generation(llm):
-    free = Generator(CFG, llm.params, eos_ids=()).generate([[1, 2, 3]], 20, SamplingParams())[0].token_ids
+    free = llm.generate_ids([[1, 2, 3]], 20, SamplingParams(), ignore_eos=True)[0].token_ids
     eos = free[6]
-    stopped = Generator(CFG, llm.params, eos_ids=[eos]).generate([[1, 2, 3]], 20, SamplingParams())[0]
+    engine = Engine(llm, max_batch=1)
+    engine.eos_ids = frozenset([eos])
+    engine.add(Request([1, 2, 3], max_tokens=20, request_id="x"))
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
     first = free.index(eos)
-    assert stopped.token_ids == free[:first + 1] and stopped.finish_reason == "stop"
+    assert [t for out in outputs for t in out.token_ids] == free[:first + 1]
+    assert outputs[-1].finish_reason == "stop"
 
 
 def test_stop_string_truncates_text(llm):
@@ -114,18 +123,23 @@ def test_stop_string_truncates_text(llm):
     assert free.token_ids[:len(out.token_ids)] == out.token_ids
 
 
-def test_context_limits(llm):
-    with pytest.raises(JaxkvError, match="context of 128"):
-        llm.generate("p" * 128, max_new_tokens=1)
-    out = llm.generate("q" * 120, max_new_tokens=50)  # clamped to the room left in the context
-    assert len(out.token_ids) <= 8
-    with pytest.raises(JaxkvError, match="empty"):
-        llm.generate("", max_new_tokens=4)
-    for bad in (0, -1, 2.5):
-        with pytest.raises(JaxkvError, match="max_new_tokens"):
-            llm.generate("ok", max_new_tokens=bad)
-    with pytest.raises(JaxkvError, match="must be a string"):
-        llm.generate(["ok", 3], max_new_tokens=2)
+@pytest.mark.parametrize("call, param, message", [
+    (dict(prompts="p" * 128, max_new_tokens=1), "prompt", "at most 127"),
+    (dict(prompts="q" * 120, max_new_tokens=50), "max_tokens", "context is 128"),  # an error, never clamped
+    (dict(prompts="", max_new_tokens=4), "prompt", "empty"),
+    (dict(prompts="ok", max_new_tokens=0), "max_tokens", "max_new_tokens"),
+    (dict(prompts="ok", max_new_tokens=2.5), "max_tokens", "max_new_tokens"),
+    (dict(prompts=["ok", 3], max_new_tokens=2), "prompt", "must be a string"),
+    (dict(prompts="ok", temperature=-1), "temperature", "temperature"),
+    (dict(prompts="ok", temperature=0.5, top_k=999), "top_k", "vocabulary size"),
+    (dict(prompts="ok", stop=[""]), "stop", "empty"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_out_of_range_is_an_error_naming_the_parameter(llm, call, param, message):
+    """The engine's one check, from the Python API: what the server answers 400 to raises here."""
+    with pytest.raises(InvalidRequest, match=message) as e:
+        llm.generate(**call)
+    assert e.value.param == param
+    assert isinstance(e.value, JaxkvError)
 
 
 def test_chat_template_applied(llm):

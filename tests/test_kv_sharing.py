@@ -14,10 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import relative_error
+from jaxkv.api import LLM
 from jaxkv.cache.dense import KVCache, kv_bytes_per_token
 from jaxkv.checkpoints.hf_layout import hf_to_param
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
+from jaxkv.generate.sampling import SamplingParams
 from jaxkv.model.attention import cached_attention
 from jaxkv.model.decoder import Decoder, forward, init_params, sequence_logits
 from jaxkv.model.uptrain import share_kv
@@ -36,9 +38,9 @@ def _tokens(batch, length, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, 64, size=(batch, length)))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("all_logits",))
-def _forward(cfg, params, tokens, cache, all_logits=True):
-    return forward(cfg, params, tokens, cache, all_logits=all_logits)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(cfg, params, tokens, cache):
+    return forward(cfg, params, tokens, cache)
 
 
 def _token_by_token(cfg, params, tokens, cache_len):
@@ -135,13 +137,6 @@ def test_default_passes_converge_on_a_trained_like_model_to_a_stated_tolerance()
     assert errors[0] > errors[1] > errors[2] > errors[3]
 
 
-def test_single_pass_on_an_upward_model_is_refused():
-    cfg = _tiny(lckv(4, 0))
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    with pytest.raises(JaxkvError, match="forward"):
-        Decoder(cfg).apply({"params": params}, jnp.zeros((1, 2), jnp.int32), KVCache.init(cfg, 1, 4))
-
-
 # --- gradients -----------------------------------------------------------------------------
 def _loss(cfg, params, tokens):
     return _nll(sequence_logits(cfg, params, tokens[:, :-1]), tokens)
@@ -175,16 +170,23 @@ def test_gradient_reaches_the_kv_layer_through_its_readers_only_with_b_at_least_
 
 def _pass_loss(cfg, params, tokens, cache):
     """The loss of one last pass over `cache` (the iteration's final, cache-writing pass)."""
-    return _nll(Decoder(cfg).apply({"params": params}, tokens[:, :-1], cache, all_logits=True, single_pass=True)[0],
-                tokens)
+    model, inputs = Decoder(cfg), tokens[:, :-1]
+    hidden, _ = model.apply({"params": params}, inputs, cache, jnp.full(inputs.shape[:1], inputs.shape[1]))
+    return _nll(model.apply({"params": params}, hidden, method=Decoder.logits), tokens)
 
 
 def _kv_after(cfg, params, tokens, passes):
     """The cache after `passes` kv-only passes from zeros, computed without any gradient."""
     cache = KVCache.init(cfg, tokens.shape[0], tokens.shape[1])
     for _ in range(passes):
-        cache = Decoder(cfg).apply({"params": params}, tokens, cache, kv_only=True)
+        cache = _refine(cfg, params, tokens, cache)
     return cache
+
+
+def _refine(cfg, params, tokens, cache):
+    """One pass of the layers up to the last upward KV source: the sources' KV of `tokens` refreshed."""
+    n_new = jnp.full(tokens.shape[:1], tokens.shape[1])
+    return Decoder(cfg).apply({"params": params}, tokens, cache, n_new, cfg.upward_targets[-1] + 1)[1]
 
 
 def test_no_gradient_flows_through_the_no_grad_passes():
@@ -196,7 +198,7 @@ def test_no_gradient_flows_through_the_no_grad_passes():
     start = jax.tree.map(jax.lax.stop_gradient, _kv_after(cfg, params, tokens[:, :-1], 4))
 
     def from_start(p):
-        return _pass_loss(cfg, p, tokens, Decoder(cfg).apply({"params": p}, tokens[:, :-1], start, kv_only=True))
+        return _pass_loss(cfg, p, tokens, _refine(cfg, p, tokens[:, :-1], start))
 
     want = jax.grad(from_start)(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -262,15 +264,12 @@ def test_uptraining_averages_the_projections_of_sharing_layers():
     assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_generator_serves_an_lckv_model_like_token_by_token_greedy():
-    """Bucketed iterative prefill + scanned decode give the greedy continuation of exact decoding."""
-    from jaxkv.generate.generator import Generator
-    from jaxkv.generate.sampling import SamplingParams
-
+def test_generate_serves_an_lckv_model_like_token_by_token_greedy(byte_tokenizer):
+    """Chunked iterative prefill and multi-token decode calls give the greedy continuation of exact decoding."""
     cfg = _tiny(lckv(6, 2), upward_passes_no_grad=16, max_seq_len=64)
     params = init_params(cfg, jax.random.PRNGKey(14))
     prompt = [int(t) for t in _tokens(1, 11, seed=15)[0]]
-    got = Generator(cfg, params).generate([prompt], max_new_tokens=6, sampling=SamplingParams())[0].token_ids
+    got = LLM(cfg, byte_tokenizer, params).generate_ids([prompt], 6, SamplingParams())[0].token_ids
     ids = list(prompt)
     for _ in range(6):
         ids.append(int(jnp.argmax(_token_by_token(cfg, params, jnp.asarray([ids]), 32)[0, -1])))

@@ -12,7 +12,7 @@ from conftest import relative_error, write_tiny_hf_llama
 from jaxkv.cache.dense import KVCache
 from jaxkv.checkpoints.hf import HFCheckpoint
 from jaxkv.checkpoints.store import assemble_params
-from jaxkv.model.decoder import Decoder
+from jaxkv.model.decoder import forward
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -39,7 +39,7 @@ def test_logits_match_transformers(tmp_path, case):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 40))
     with torch.no_grad():
         want = hf_model(torch.tensor(tokens)).logits.numpy()
-    got, _ = Decoder(cfg).apply({"params": params}, jnp.asarray(tokens), KVCache.init(cfg, 2, 64), all_logits=True)
+    got, _ = forward(cfg, params, jnp.asarray(tokens), KVCache.init(cfg, 2, 64))
     assert relative_error(got, want) < 1e-4
 
 
@@ -54,13 +54,12 @@ def test_config_read_from_hf(tmp_path):
 def test_incremental_decode_equals_full_forward(tmp_path):
     """Prefill a prefix, then feed tokens one at a time: logits equal one full forward."""
     _, cfg, params = _load_both(tmp_path, tie=False, n_kv_heads=2)
-    model = Decoder(cfg)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 24)))
-    full, _ = model.apply({"params": params}, tokens, KVCache.init(cfg, 2, 32), all_logits=True)
-    step_logits, cache = model.apply({"params": params}, tokens[:, :10], KVCache.init(cfg, 2, 32), all_logits=True)
+    full, _ = forward(cfg, params, tokens, KVCache.init(cfg, 2, 32))
+    step_logits, cache = forward(cfg, params, tokens[:, :10], KVCache.init(cfg, 2, 32))
     steps = [step_logits]
     for t in range(10, 24):
-        logits, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache, all_logits=True)
+        logits, cache = forward(cfg, params, tokens[:, t:t + 1], cache)
         steps.append(logits)
     assert relative_error(jnp.concatenate(steps, axis=1), full) < 1e-5
     assert list(np.asarray(cache.lengths)) == [24, 24]

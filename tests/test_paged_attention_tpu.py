@@ -8,7 +8,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from jaxkv.errors import JaxkvError
+from pallas_kernels.errors import KernelInputError
 from pallas_kernels import paged_attention
 from pallas_kernels.paged_attention import _KERNELS, tpu
 from test_paged_attention import check_kernel_matches_reference, check_kernel_skips_middle_pages, make_inputs
@@ -51,5 +51,5 @@ def test_tpu_kernel_reads_only_sink_and_window_pages(small_blocks, monkeypatch):
 
 def test_tpu_kernel_rejects_page_size_off_the_sublane_tiles():
     inputs = make_inputs(page_size=12)
-    with pytest.raises(JaxkvError, match="multiple of 8"):
+    with pytest.raises(KernelInputError, match="multiple of 8"):
         paged_attention(**inputs, backend="tpu", interpret=True)

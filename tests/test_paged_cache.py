@@ -1,6 +1,8 @@
-"""Paged KV cache: the host page allocator and the jitted write path (int8 included)."""
+"""Paged KV cache: the host page allocator, the page pool's ragged write path (int8 included), the model on it."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,11 @@ import pytest
 
 from jaxkv.cache.dense import kv_bytes_per_token
 from jaxkv.cache.pages import OutOfPages, PageAllocator
-from jaxkv.cache.paged import PagedKVCache, quantize_int8
+from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata, quantize_int8
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.sharing import cla, lckv
+from conftest import dense_greedy
 
 
 def _cfg(sources=(0, 1, 2, 3)) -> ModelConfig:
@@ -70,52 +73,57 @@ def test_block_table_layout():
 def test_pools_only_for_kv_layers():
     for sources, n_kv in (((0, 1, 2, 3), 4), (cla(4, 2), 2), (lckv(4, 2), 3)):
         cfg = _cfg(sources)
-        cache = PagedKVCache.init(cfg, batch=2, num_pages=10, page_size=4, pages_per_seq=3)
-        assert cache.k_pages.shape == (n_kv, 2, 10, 4, 8)
+        pool = PagePool.init(cfg, num_pages=10, page_size=4, max_seqs=2)
+        assert pool.k_pages.shape == (n_kv, 2, 11, 4, 8)  # and the scratch page
+        assert pool.num_pages == 10
         assert kv_bytes_per_token(cfg) == 2 * n_kv * 2 * 8 * 4  # K and V x KV layers x heads x dims x fp32
     # int8: 1 byte a value plus a float32 scale per (token, head): 0.53x of bf16 at head_dim 128
     big = ModelConfig(vocab_size=8, d_model=128, n_layers=2, n_heads=1, n_kv_heads=1, head_dim=128, mlp_dim=8)
     assert kv_bytes_per_token(big, "int8") / kv_bytes_per_token(big, "bfloat16") == pytest.approx(132 / 256)
 
 
-def _gather(cache, slot, b, length):
-    """Positions 0..length-1 of sequence b, read through its block table (numpy, dequantized)."""
-    table, ps = np.asarray(cache.block_tables[b]), cache.page_size
+def _gather(pool, kv_layer, table, length):
+    """Positions 0..length-1 of a sequence, read through its block table (numpy, dequantized)."""
+    table, ps = np.asarray(table), pool.page_size
     pos = np.arange(length)
-    k = np.asarray(cache.k_pages[slot], np.float32)[:, table[pos // ps], pos % ps]  # [K, length, D]
-    v = np.asarray(cache.v_pages[slot], np.float32)[:, table[pos // ps], pos % ps]
-    if cache.quantized:
-        k = k * np.asarray(cache.k_scales[slot])[:, table[pos // ps], pos % ps][..., None]
-        v = v * np.asarray(cache.v_scales[slot])[:, table[pos // ps], pos % ps][..., None]
+    k = np.asarray(pool.k_pages[kv_layer], np.float32)[:, table[pos // ps], pos % ps]  # [K, length, D]
+    v = np.asarray(pool.v_pages[kv_layer], np.float32)[:, table[pos // ps], pos % ps]
+    if pool.quantized:
+        k = k * np.asarray(pool.k_scales[kv_layer])[:, table[pos // ps], pos % ps][..., None]
+        v = v * np.asarray(pool.v_scales[kv_layer])[:, table[pos // ps], pos % ps][..., None]
     return k.transpose(1, 0, 2), v.transpose(1, 0, 2)
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
-def test_chunked_writes_read_back_through_scattered_pages(kv_dtype):
+def test_ragged_writes_read_back_through_scattered_pages(kv_dtype):
+    """Steps that pack chunks of several sequences (ragged, with padding tokens) write each token where its
+    sequence's block table says, and nowhere else."""
     cfg = _cfg(cla(4, 2))
     rng = np.random.default_rng(0)
-    pool = PageAllocator(num_pages=12, page_size=4)
-    pool._free = list(rng.permutation(12))  # pages handed out in random order
+    allocator = PageAllocator(num_pages=12, page_size=4)
+    allocator._free = list(rng.permutation(12))  # pages handed out in random order
     lengths = [7, 12, 1]
     for seq, n in enumerate(lengths):
-        pool.reserve(seq, n)
-    cache = PagedKVCache.init(cfg, batch=3, num_pages=12, page_size=4, pages_per_seq=3, kv_dtype=kv_dtype)
-    cache = cache.replace(block_tables=jnp.asarray(pool.block_table([0, 1, 2], 3)))
+        allocator.reserve(seq, n)
+    tables = allocator.block_table([0, 1, 2], 3)
+    pool = PagePool.init(cfg, num_pages=12, page_size=4, max_seqs=3, kv_dtype=kv_dtype)
     k_all = rng.normal(size=(3, 12, 2, 8)).astype(np.float32)
     v_all = rng.normal(size=(3, 12, 2, 8)).astype(np.float32)
-    step = jax.jit(PagedKVCache.write, static_argnums=1, donate_argnums=0)
-    for start in range(0, 12, 5):  # ragged chunks; rows past their length are padding
-        pos = np.arange(start, start + 5)[None].repeat(3, 0)
-        n_new = np.clip(np.asarray(lengths) - start, 0, 5).astype(np.int32)
-        rows, cols = np.arange(3)[:, None], np.minimum(pos, 11)
-        cache = step(cache, 1, jnp.asarray(k_all[rows, cols]), jnp.asarray(v_all[rows, cols]),
-                     jnp.asarray(pos, jnp.int32), jnp.asarray(n_new))
+    write = jax.jit(lambda pool, meta, k, v: PagedKV(pool, meta).write(1, k, v, meta.positions[None]).pool,
+                    donate_argnums=0)
+    for start in range(0, 12, 5):  # chunks of up to 5 per sequence, 2 padding tokens after them
+        n_new = np.clip(np.asarray(lengths) - start, 0, 5)
+        meta = StepMetadata.pack(tables, [min(start, n) for n in lengths], n_new, n_tokens=int(n_new.sum()) + 2)
+        rows, positions = np.asarray(meta.token_rows), np.asarray(meta.positions)
+        k, v = k_all[rows, np.minimum(positions, 11)][None], v_all[rows, np.minimum(positions, 11)][None]
+        pool = write(pool, meta, jnp.asarray(k), jnp.asarray(v))
     tol = 0 if kv_dtype == "float32" else 1 / 127 * np.abs(k_all).max()
     for b, n in enumerate(lengths):
-        k, v = _gather(cache, 1, b, n)
+        k, v = _gather(pool, 1, tables[b], n)
         np.testing.assert_allclose(k, k_all[b, :n], atol=tol + 1e-6)
         np.testing.assert_allclose(v, v_all[b, :n], atol=tol + 1e-6)
-    assert not np.asarray(cache.k_pages[0]).any()  # the other KV layer's pool is untouched
+    assert not np.asarray(pool.k_pages[0]).any()  # the other KV layer's pool is untouched
+    assert not np.asarray(pool.k_pages[1, :, 12]).any()  # padding wrote nothing, not even to the scratch page
 
 
 def test_int8_absmax_quantization():
@@ -124,7 +132,7 @@ def test_int8_absmax_quantization():
     np.testing.assert_allclose(s, [1 / 127, 0.0])
     np.testing.assert_array_equal(q, [[64, -127, 32], [0, 0, 0]])
     with pytest.raises(JaxkvError, match="KV dtype"):
-        PagedKVCache.init(_cfg(), 1, 2, 4, 1, kv_dtype="int4")
+        PagePool.init(_cfg(), 2, 4, kv_dtype="int4")
 
 
 # --- the model on a paged cache ---------------------------------------------------------------
@@ -132,35 +140,47 @@ def test_int8_absmax_quantization():
                                                ((0, 1, 2, 3), (1, 3)), (lckv(4, 2), (1, 3))],
                          ids=["standard", "cla2", "lckv2", "window", "lckv2-window"])
 def test_model_on_paged_cache_equals_dense(sources, windowed):
-    """Prefill of ragged prompts then decode steps: same logits through scattered pages as dense."""
+    """Ragged prompts prefilled in one step, then steps of one token per row: the logits of the rows' last
+    tokens through scattered pages equal the dense cache's (int8: close)."""
     from jaxkv.cache.dense import KVCache
     from jaxkv.model.decoder import forward, init_params
 
     cfg = _cfg(sources).replace(upward_passes_no_grad=12, window_layers=windowed, sliding_window=3)
     params = init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
-    tokens = jnp.asarray(rng.integers(0, 32, size=(2, 14)))
-    n_new = jnp.asarray([10, 7], jnp.int32)
-    pool = PageAllocator(num_pages=16, page_size=4)
-    pool._free = list(rng.permutation(16))
+    tokens = np.asarray(rng.integers(0, 32, size=(2, 14)), np.int32)
+    prompt = [10, 7]
+    allocator = PageAllocator(num_pages=16, page_size=4)
+    allocator._free = list(rng.permutation(16))
     for seq in (0, 1):
-        pool.reserve(seq, 16)
-    run = jax.jit(forward, static_argnums=0)
-    caches = {"dense": KVCache.init(cfg, 2, 16)}
+        allocator.reserve(seq, 16)
+    tables = allocator.block_table([0, 1], 4)
+    dense_step = jax.jit(forward, static_argnums=0)
+    first, cache = dense_step(cfg, params, jnp.asarray(tokens[:, :10]), KVCache.init(cfg, 2, 16), jnp.asarray(prompt))
+    want = [np.asarray(first)[np.arange(2), np.asarray(prompt) - 1]]
+    for t in range(3):  # each row continues from its own length
+        out, cache = dense_step(cfg, params, jnp.asarray(tokens[np.arange(2), np.asarray(prompt) + t][:, None]), cache)
+        want.append(np.asarray(out[:, 0]))
+    want = np.stack(want)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def paged_step(tokens, pool, meta):
+        logits, kv = forward(cfg, params, tokens[None], PagedKV(pool, meta), logits_at=meta.logits_index[None])
+        return logits[0], kv.pool
+
     for kv_dtype in ("float32", "int8"):
-        paged = PagedKVCache.init(cfg, 2, 16, 4, 4, kv_dtype=kv_dtype)
-        caches[kv_dtype] = paged.replace(block_tables=jnp.asarray(pool.block_table([0, 1], 4)))
-    logits = {}
-    for name, cache in caches.items():
-        first, cache = run(cfg, params, tokens[:, :10], cache, n_new)
-        steps = [first[:, 0]]
-        for t in range(3):  # each row continues from its own length
-            nxt = tokens[jnp.arange(2), n_new + t][:, None]
-            out, cache = run(cfg, params, nxt, cache)
-            steps.append(out[:, 0])
-        logits[name] = np.stack(steps)
-    np.testing.assert_allclose(logits["float32"], logits["dense"], rtol=1e-5, atol=1e-5)
-    assert np.max(np.abs(logits["int8"] - logits["dense"])) < 0.05 * np.max(np.abs(logits["dense"]))
+        pool, lengths, got = PagePool.init(cfg, 16, 4, 2, kv_dtype=kv_dtype), [0, 0], []
+        for n_new in (prompt, [1, 1], [1, 1], [1, 1]):
+            meta = StepMetadata.pack(tables, lengths, n_new)
+            step_tokens = np.concatenate([tokens[r, lengths[r]:lengths[r] + n] for r, n in enumerate(n_new)])
+            out, pool = paged_step(jnp.asarray(step_tokens), pool, meta)
+            got.append(np.asarray(out))
+            lengths = [c + n for c, n in zip(lengths, n_new)]
+        got = np.stack(got)
+        if kv_dtype == "float32":
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))
 
 
 def test_generation_through_pages_gives_the_dense_tokens(tiny_hf_dir):
@@ -168,10 +188,10 @@ def test_generation_through_pages_gives_the_dense_tokens(tiny_hf_dir):
     import jaxkv
 
     prompts = ["hello there", "a much longer prompt than the first one, to make rows ragged"]
-    dense = jaxkv.load(str(tiny_hf_dir)).generate(prompts, max_new_tokens=12)
     paged_llm = jaxkv.load(str(tiny_hf_dir), page_size=8)
-    paged = paged_llm.generate(prompts, max_new_tokens=12)
-    assert [c.token_ids for c in paged] == [c.token_ids for c in dense]
+    paged = paged_llm.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    dense = [dense_greedy(paged_llm.config, paged_llm.params, paged_llm.encode(p), 12) for p in prompts]
+    assert [c.token_ids for c in paged] == dense
     int8 = jaxkv.load(str(tiny_hf_dir), kv_dtype="int8")
     head_dim = int8.config.head_dim  # int8: a byte per value plus a float32 scale, against 4 bytes per value
     assert int8.kv_bytes_per_token * 4 * head_dim == paged_llm.kv_bytes_per_token * (head_dim + 4)

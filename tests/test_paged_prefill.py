@@ -8,7 +8,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from jaxkv.errors import JaxkvError
+from pallas_kernels.errors import KernelInputError
 from pallas_kernels import paged_attention
 from pallas_kernels.paged_prefill import gpu, paged_prefill_attention
 from conftest import relative_error
@@ -74,7 +74,7 @@ def naive_prefill(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scale
     dict(ratio=3, int8=True, sinks=9, window=20),
 ], ids=str)
 def test_reference_matches_naive_loop(case):
-    options = split_options(case)
+    options, case = split_options(case)
     inputs = make_inputs(**case)
     got = paged_prefill_attention(**inputs, **options, backend="reference")
     np.testing.assert_allclose(np.asarray(got), naive_prefill(**inputs, **options), atol=2e-5, rtol=1e-5)
@@ -92,7 +92,7 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.bfloat16, page_size=16, ratio=1, head_dim=128, int8=True),
 ], ids=str)
 def test_gpu_kernel_matches_reference(case):
-    options = split_options(case)
+    options, case = split_options(case)
     inputs = make_inputs(**case)
     want = paged_prefill_attention(**inputs, **options, backend="reference")
     got = paged_prefill_attention(**inputs, **options, backend="gpu", interpret=True)
@@ -158,7 +158,7 @@ def test_kernel_loads_exactly_the_pages_some_query_sees():
 ], ids=str)
 def test_chunks_of_one_are_decode(case):
     cached = case.pop("cached", [0, 7, 8, 29, 47])
-    options = split_options(case)
+    options, case = split_options(case)
     inputs = make_inputs(**case, chunks=[(c, 1) for c in cached], padding=0)
     decode_inputs = {k: v for k, v in inputs.items() if k != "cu_q_lens"}
     want = paged_attention(**decode_inputs, **options, backend="reference")
@@ -192,5 +192,5 @@ BAD_INPUTS = {  # name -> what to change in good inputs
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_raises(name):
     inputs = make_inputs(ratio=3)
-    with pytest.raises(JaxkvError):
+    with pytest.raises(KernelInputError):
         paged_prefill_attention(**{**inputs, **BAD_INPUTS[name](inputs)})

@@ -23,7 +23,7 @@ import dataclasses, json
 import jax, jax.numpy as jnp, optax
 from jax.sharding import PartitionSpec as P
 from jaxkv.cache.dense import KVCache
-from jaxkv.cache.paged import PagedKVCache
+from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata
 from jaxkv.config import ModelConfig
 from jaxkv.model.decoder import forward, init_params
 from jaxkv.parallel import (cache_shardings, logical_to_mesh, make_mesh, opt_state_shardings, param_shardings,
@@ -55,7 +55,7 @@ def layer(params):
 def sharded_forward(cfg, mesh, params, tokens, cache):
     """Prefill, then one decode step: unsharded vs jit with in/out shardings from the rules."""
     def run(params, tokens, cache):
-        logits, cache = forward(cfg, params, tokens, cache, all_logits=True)
+        logits, cache = forward(cfg, params, tokens, cache)
         step, cache = forward(cfg, params, jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), cache)
         return logits, step, cache
     ref = jax.jit(run)(params, tokens, cache)
@@ -78,14 +78,32 @@ for name, cfg in (("even", even), ("smol", smol)):
                                                      "lm_head": placed["lm_head"]["kernel"],
                                                      "norm": placed["final_norm"]["scale"]}.items()},
                  "dense": sharded_forward(cfg, dm, params, tokens, KVCache.init(cfg, 4, 16))}
-paged = PagedKVCache.init(even, 4, 8, 4, 2)  # KV heads split over model; the reference paged attention on CPU
-paged = paged.replace(block_tables=jnp.arange(8, dtype=jnp.int32).reshape(4, 2))
-out["even"]["paged"] = sharded_forward(even, dm, init(even, jax.random.PRNGKey(0)), tokens, paged)
+def sharded_paged(cfg, mesh, params, tokens, pool):
+    """A step of four ragged prompts packed together, then a step of one token each (the page pool's KV heads
+    split over model; the reference ragged attention on CPU): unsharded vs jit with the rules' shardings."""
+    tables, lengths = jnp.arange(8, dtype=jnp.int32).reshape(4, 2), [6, 3, 5, 1]
+    prompts, steps = StepMetadata.pack(tables, [0] * 4, lengths), StepMetadata.pack(tables, lengths, [1] * 4)
+    packed = jnp.concatenate([tokens[r, :n] for r, n in enumerate(lengths)])
+    def run(params, pool):
+        logits, kv = forward(cfg, params, packed[None], PagedKV(pool, prompts), logits_at=prompts.logits_index[None])
+        nxt = jnp.argmax(logits[0], -1).astype(jnp.int32)
+        step, kv = forward(cfg, params, nxt[None], PagedKV(kv.pool, steps), logits_at=steps.logits_index[None])
+        return logits, step, kv.pool
+    ref = jax.jit(run)(params, pool)
+    p_sh, c_sh = param_shardings(cfg, mesh), cache_shardings(pool, mesh)
+    got = jax.jit(run, in_shardings=(p_sh, c_sh), out_shardings=(None, None, c_sh))(
+        shard_params(params, cfg, mesh), jax.device_put(pool, c_sh))
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ref[:2], got[:2]))
+    pool_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ref[2]), jax.tree.leaves(got[2])))
+    return {"diff": diff, "cache_diff": pool_diff,
+            "out_cache_specs": specs({k: a.sharding for k, a in fields(got[2]).items()})}
+
+out["even"]["paged"] = sharded_paged(even, dm, init(even, jax.random.PRNGKey(0)), tokens, PagePool.init(even, 8, 4, 4))
 
 dense = jax.device_put(KVCache.init(even, 4, 16), cache_shardings(KVCache.init(even, 4, 16), dm))
 out["dense_cache"] = {"k_ratio": ratio(dense.k), "lengths_ratio": ratio(dense.lengths),
                       "specs": specs(fields(cache_shardings(dense, dm)))}
-int8 = PagedKVCache.init(even, 4, 8, 4, 2, "int8")
+int8 = PagePool.init(even, 8, 4, 4, "int8")
 placed = jax.device_put(int8, cache_shardings(int8, dm))
 out["int8_paged"] = {"k_ratio": ratio(placed.k_pages), "scales_ratio": ratio(placed.k_scales),
                      "specs": specs(fields(cache_shardings(int8, dm)))}
@@ -222,7 +240,6 @@ def test_sharded_forward_matches_unsharded(report, model, cache):
                                           "v": [None, "data", None, kv_heads, None], "lengths": ["data"]}
     else:
         assert run["out_cache_specs"]["k_pages"] == [None, kv_heads, None, None, None]
-        assert run["out_cache_specs"]["block_tables"] == [None, None]
 
 
 def test_cache_bytes_per_device(report):
@@ -232,7 +249,7 @@ def test_cache_bytes_per_device(report):
     assert dense["specs"]["k"] == [None, "data", None, "model", None]
     int8 = report["int8_paged"]
     assert int8["k_ratio"] == 4 and int8["scales_ratio"] == 4
-    assert int8["specs"]["k_scales"] == [None, "model", None, None] and int8["specs"]["lengths"] == [None]
+    assert int8["specs"]["k_scales"] == [None, "model", None, None]
 
 
 def test_fsdp_shards_embed_dims(report):

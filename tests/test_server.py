@@ -130,7 +130,7 @@ def chat_ids(llm, text: str) -> list[int]:
 @jax.jit
 def _forward_logprobs(params, tokens):
     cfg = _forward_logprobs.cfg
-    logits, _ = forward(cfg, params, tokens, KVCache.init(cfg, tokens.shape[0], tokens.shape[1]), all_logits=True)
+    logits, _ = forward(cfg, params, tokens, KVCache.init(cfg, tokens.shape[0], tokens.shape[1]))
     return jax.nn.log_softmax(logits, axis=-1)
 
 
@@ -180,11 +180,10 @@ def test_chat_greedy_equals_python_api(client, llm):
 
 def test_chat_system_message_and_content_parts(client, llm):
     """A system turn goes through the template; list-of-text content equals the plain string."""
-    # (33..64 prompt tokens, as the other chat prompts: the reference generator compiles nothing new)
     messages = [{"role": "system", "content": "You are a concise assistant. You answer every question in one "
                                               "short sentence."}, {"role": "user", "content": CHAT}]
     ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
-    want = llm.generator.generate([ids], MAX, SamplingParams(), decode=llm.tokenizer.decode)[0].text
+    want = llm.generate_ids([ids], MAX, SamplingParams())[0].text
     parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": CHAT[:10]},
                                                        {"type": "text", "text": CHAT[10:]}]}]
     resp = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=MAX, temperature=0)
@@ -327,6 +326,16 @@ def test_sampling_is_reproducible_per_seed(client):
         again, four, five = pool.map(sample, [3, 4, 5])
     assert again == alone
     assert len({alone, four, five}) > 1
+
+
+def test_the_python_api_and_cli_sample_what_the_server_samples(client, llm):
+    """One runtime, one sampling rule: the request's seed and each token's index decide the draw, so
+    `jaxkv generate --seed 3 --temperature 0.8` (LLM.generate) and the server give the same text."""
+    for seed in (3, 11):
+        want = llm.generate(PROMPT, max_new_tokens=MAX, temperature=0.8, top_p=0.95, top_k=50, seed=seed)
+        got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX, temperature=0.8, top_p=0.95,
+                                        seed=seed, extra_body={"top_k": 50}).choices[0]
+        assert got.text == want.text and got.finish_reason == want.finish_reason, f"seed {seed}"
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from jaxkv.cache.dense import KVCache, kv_bytes_per_token
 from jaxkv.checkpoints.registry import resolve_config
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
-from jaxkv.model.decoder import Decoder, init_params
+from jaxkv.model.decoder import forward, init_params
 from jaxkv.plan import parameter_count, parse_bytes, plan
 from jaxkv.sharing import cla, from_string, lckv, parse_spec, to_string, yoco
 
@@ -88,14 +88,13 @@ def test_cla_model_decodes_consistently():
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
                       kv_sources=cla(4, 2))
     params = init_params(cfg, jax.random.PRNGKey(1))
-    model = Decoder(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 12)))
-    full, _ = model.apply({"params": params}, tokens, KVCache.init(cfg, 2, 16), all_logits=True)
+    full, _ = forward(cfg, params, tokens, KVCache.init(cfg, 2, 16))
     cache = KVCache.init(cfg, 2, 16)
     assert cache.k.shape[0] == 2
     steps = []
     for t in range(12):
-        logits, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache, all_logits=True)
+        logits, cache = forward(cfg, params, tokens[:, t:t + 1], cache)
         steps.append(logits)
     assert relative_error(jnp.concatenate(steps, axis=1), full) < 1e-5
 

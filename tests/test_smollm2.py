@@ -15,7 +15,7 @@ import torch
 import jaxkv
 from conftest import relative_error
 from jaxkv.cache.dense import KVCache
-from jaxkv.model.decoder import Decoder
+from jaxkv.model.decoder import forward
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,8 @@ def test_last_position_logits_match_hf(llm, hf_model, name):
     ids = llm.tokenizer.encode(LOGIT_PROMPTS[name])
     cfg = llm.config
     tokens = jnp.asarray([ids], jnp.int32)
-    got, cache = Decoder(cfg).apply({"params": llm.params}, tokens, KVCache.init(cfg, 1, len(ids)))
+    got, cache = forward(cfg, llm.params, tokens, KVCache.init(cfg, 1, len(ids)),
+                         logits_at=jnp.asarray([[len(ids) - 1]]))
     with torch.no_grad():
         want = hf_model(torch.tensor([ids])).logits[:, -1].numpy()
     got = np.asarray(got)[:, 0]

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxkv.api import LLM
 from jaxkv.cache.dense import KVCache
-from jaxkv.cache.paged import PagedKVCache, streaming_pages
+from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata, streaming_pages
 from jaxkv.config import ModelConfig
-from jaxkv.errors import JaxkvError
-from jaxkv.generate.generator import Generator
+from jaxkv.errors import InvalidRequest, JaxkvError
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.model.decoder import forward, init_params
 from jaxkv.sharing import cla, lckv
@@ -89,17 +89,27 @@ def _params(cfg, seed):
         lambda path, x: x * 12 if any(getattr(k, "key", None) in ("q_proj", "k_proj") for k in path) else x, params)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("all_logits",), donate_argnums=(3,))
-def _forward(cfg, params, tokens, cache, all_logits=True):
-    return forward(cfg, params, tokens, cache, all_logits=all_logits)
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+def _step(cfg, params, tokens, pool, meta):
+    logits, kv = forward(cfg, params, tokens, PagedKV(pool, meta))
+    return logits, kv.pool
 
 
-def _ring_cache(cfg, kv_dtype=None) -> PagedKVCache:
-    """One sequence on a table of just the sink pages and the window's ring, its pages shuffled in a larger pool."""
-    per_seq = streaming_pages(cfg, PAGE)
-    cache = PagedKVCache.init(cfg, 1, per_seq + 3, PAGE, per_seq, kv_dtype)
-    pages = np.random.default_rng(0).permutation(per_seq + 3)[:per_seq]
-    return cache.replace(block_tables=jnp.asarray(pages[None], jnp.int32))
+class _Ring:
+    """One sequence on a table of just the sink pages and the window's ring, its pages shuffled in a larger pool,
+    fed by hand: each call one step of `tokens` [1, T] after the ones before."""
+
+    def __init__(self, cfg, kv_dtype=None):
+        per_seq = streaming_pages(cfg, PAGE)
+        self.cfg, self.length = cfg, 0
+        self.pool = PagePool.init(cfg, per_seq + 3, PAGE, 1, kv_dtype)
+        self.table = np.random.default_rng(0).permutation(per_seq + 3)[:per_seq]
+
+    def __call__(self, params, tokens):
+        meta = StepMetadata.pack(self.table[None], [self.length], [tokens.shape[1]])
+        logits, self.pool = _step(self.cfg, params, jnp.asarray(tokens), self.pool, meta)
+        self.length += tokens.shape[1]
+        return logits
 
 
 @pytest.mark.parametrize("sources", [(0, 1, 2, 3), cla(4, 2), lckv(4, 2)], ids=["standard", "cla2", "lckv"])
@@ -108,32 +118,25 @@ def test_decoding_far_past_the_context_matches_the_literal_method(sources):
     cfg = _cfg(sources, upward_passes_no_grad=12)
     params = _params(cfg, 1)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, 96)
-    cache = _ring_cache(cfg)
-    assert cache.k_pages.shape[3] * cache.block_tables.shape[1] == 20 < len(tokens) / 4
-    logits, cache = _forward(cfg, params, jnp.asarray(tokens[None, :10]), cache)
-    steps = [logits[0]]
+    ring = _Ring(cfg)
+    assert PAGE * len(ring.table) == 20 < len(tokens) / 4
+    steps = [ring(params, tokens[None, :10])[0]]
     for t in range(10, len(tokens)):
-        logits, cache = _forward(cfg, params, jnp.asarray(tokens[None, t:t + 1]), cache)
-        steps.append(logits[0])
+        steps.append(ring(params, tokens[None, t:t + 1])[0])
     got = np.concatenate(steps)
     want = naive_streaming_logits(cfg, params, tokens)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
-    assert int(cache.lengths[0]) == len(tokens)
 
 
 def test_without_moving_the_sinks_the_logits_drift_from_the_literal_method(monkeypatch):
     """The sinks' re-rotation is what the test above checks: skip it and the logits agree only until
     the first eviction."""
-    import jaxkv.model.decoder
-
-    monkeypatch.setattr(jaxkv.model.decoder, "_slide_sinks", lambda cfg, cache, n_new: cache)
+    monkeypatch.setattr(PagedKV, "slide_sinks", lambda kv, cfg: kv)
     cfg = _cfg((0, 1, 2, 3), name="sinks-left-behind")  # a new static config: traced afresh, with the patch
     params = _params(cfg, 1)
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, 40)
-    cache, steps = _ring_cache(cfg), []
-    for t in range(len(tokens)):
-        logits, cache = _forward(cfg, params, jnp.asarray(tokens[None, t:t + 1]), cache)
-        steps.append(logits[0])
+    ring = _Ring(cfg)
+    steps = [ring(params, tokens[None, t:t + 1])[0] for t in range(len(tokens))]
     got, want = np.concatenate(steps), naive_streaming_logits(cfg, params, tokens)
     assert np.abs(got[:SINKS + WINDOW] - want[:SINKS + WINDOW]).max() < 1e-4
     assert np.abs(got[-10:] - want[-10:]).max() > 1e-2
@@ -145,40 +148,35 @@ def test_int8_streaming_stays_near_float():
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, 48))
     runs = {}
     for kv_dtype in ("float32", "int8"):
-        cache, steps = _ring_cache(cfg, kv_dtype), []
-        for t in range(len(tokens)):
-            logits, cache = _forward(cfg, params, tokens[None, t:t + 1], cache)
-            steps.append(logits[0])
-        runs[kv_dtype] = np.concatenate(steps)
+        ring = _Ring(cfg, kv_dtype)
+        runs[kv_dtype] = np.concatenate([ring(params, tokens[None, t:t + 1])[0] for t in range(len(tokens))])
     assert np.abs(runs["int8"] - runs["float32"]).max() < 2e-2 * np.abs(runs["float32"]).max()
 
 
-def test_generator_streams_past_the_context_with_one_fixed_cache():
-    """The generator's greedy tokens equal the literal method's, 6x past max_seq_len, and a longer run
+def test_generate_streams_past_the_context_with_one_fixed_cache(byte_tokenizer):
+    """LLM.generate's greedy tokens equal the literal method's, 6x past max_seq_len, and a longer run
     reuses the same executables: the cache does not grow with the length."""
     cfg = _cfg(cla(4, 2))
     params = _params(cfg, 6)
     prompt = [int(t) for t in np.random.default_rng(7).integers(0, cfg.vocab_size, 9)]
-    generator = Generator(cfg, params, page_size=PAGE)
-    short = generator.generate([prompt], 40, SamplingParams())[0].token_ids
-    compiled = generator.executables.count
-    got = generator.generate([prompt], 192, SamplingParams())[0].token_ids
-    assert generator.executables.count == compiled and len(got) == 192 and got[:40] == short
+    llm = LLM(cfg, byte_tokenizer, params, page_size=PAGE)  # (the byte tokenizer's EOS ids lie past this vocab)
+    short = llm.generate_ids([prompt], 40, SamplingParams())[0].token_ids
+    compiled = llm.executables.count
+    got = llm.generate_ids([prompt], 192, SamplingParams())[0].token_ids
+    assert llm.executables.count == compiled and len(got) == 192 and got[:40] == short
     ids = list(prompt)
     for _ in range(60):  # the literal method is slow: check the first 60 greedy tokens
         ids.append(int(np.argmax(naive_streaming_logits(cfg, params, ids)[-1])))
     assert got[:60] == ids[len(prompt):]
 
 
-def test_streaming_refuses_what_it_cannot_do():
+def test_streaming_refuses_what_it_cannot_do(byte_tokenizer):
     cfg = _cfg((0, 1))
     params = init_params(cfg, jax.random.PRNGKey(0))
-    with pytest.raises(JaxkvError, match="page_size"):
-        Generator(cfg, params)
-    with pytest.raises(JaxkvError, match="longer than the StreamingLLM cache"):
-        Generator(cfg, params, page_size=PAGE).generate([[1] * (SINKS + WINDOW + 1)], 4, SamplingParams())
-    with pytest.raises(JaxkvError, match="pages per sequence"):
-        PagedKVCache.init(cfg, 1, 8, PAGE, 3)
+    with pytest.raises(InvalidRequest, match=f"takes at most {SINKS + WINDOW}") as e:
+        LLM(cfg, byte_tokenizer, params, page_size=PAGE).generate_ids([[1] * (SINKS + WINDOW + 1)], 4,
+                                                                       SamplingParams())
+    assert e.value.param == "prompt"
     with pytest.raises(JaxkvError, match="paged cache"):
         forward(cfg, params, jnp.zeros((1, 1), jnp.int32), KVCache.init(cfg, 1, 8))
     with pytest.raises(JaxkvError, match="streaming_window"):

@@ -30,7 +30,7 @@ class PageStats:
     used: int
     free: int
     tokens: int  # valid tokens held by the tracked sequences
-    fragmentation: float  # unused fraction of the slots of used pages (0 = every slot holds a token)
+    fragmentation: float  # unused fraction of the token places of used pages (0 = every place holds a token)
     cached: int = 0  # unreferenced pages kept for their prefix (counted in free: evicted on demand)
 
 
@@ -155,12 +155,12 @@ class PageAllocator:
     def stats(self) -> PageStats:
         used = self.num_pages - self.free_pages
         tokens = sum(self._lengths.values())
-        slots = used * self.page_size  # a shared page counts once, and so do its tokens below
+        places = used * self.page_size  # a shared page counts once, and so do its tokens below
         distinct = {}
         for seq, pages in self._pages.items():
             for i, page in enumerate(pages):
                 filled = min(self.page_size, self._lengths[seq] - i * self.page_size)
                 distinct[page] = max(distinct.get(page, 0), max(filled, 0))
         return PageStats(total=self.num_pages, used=used, free=self.free_pages, tokens=tokens,
-                         fragmentation=0.0 if not slots else 1.0 - sum(distinct.values()) / slots,
+                         fragmentation=0.0 if not places else 1.0 - sum(distinct.values()) / places,
                          cached=len(self._idle))

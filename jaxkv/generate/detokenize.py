@@ -6,7 +6,7 @@ grow into a stop string is held back too, so a client never sees part of a stop 
 text ends right before the first stop string to be completed (if several complete at the same
 character, the one that starts earliest).
 
-Both runtimes use this: the engine streams the deltas, the generator only needs where the text stops.
+The engine streams the deltas; LLM.generate joins them.
 A client may send many long stop strings and ask for long outputs, so the work per token must not
 grow with the text so far: each token decodes a short window of ids (the prefix-offset method of
 vLLM and TGI) and feeds only the new characters to one KMP automaton per stop string.

@@ -7,10 +7,10 @@ pins activations inside the model; `initialize` joins a multi-process job.
 
 from jaxkv.parallel.distributed import initialize
 from jaxkv.parallel.mesh import AXES, make_mesh, parse_mesh_spec
-from jaxkv.parallel.rules import (CACHE_AXES, LOGICAL_RULES, cache_shardings, constrain, logical_spec,
+from jaxkv.parallel.rules import (LOGICAL_RULES, cache_shardings, constrain, logical_spec,
                                   logical_to_mesh, opt_state_shardings, param_shardings, replicated, shard_params,
                                   tree_shardings)
 
-__all__ = ["AXES", "initialize", "make_mesh", "parse_mesh_spec", "CACHE_AXES", "LOGICAL_RULES", "cache_shardings",
+__all__ = ["AXES", "initialize", "make_mesh", "parse_mesh_spec", "LOGICAL_RULES", "cache_shardings",
            "constrain", "logical_spec", "logical_to_mesh", "opt_state_shardings", "param_shardings", "replicated",
            "shard_params", "tree_shardings"]

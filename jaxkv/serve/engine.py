@@ -1,21 +1,23 @@
-"""The serving engine: continuous batching over the paged KV cache, with chunked prefill and prefix caching.
+"""The inference runtime: continuous batching over a paged KV cache, one ragged step per iteration.
 
-A fixed number of decode slots is served by executables compiled once (`warmup`). Each `step()` prefills
-up to `prefill_budget` prompt tokens (earliest admitted requests first, in chunks whose lengths are
-bucketed to powers of two) and then runs one decode step for every slot that is generating, so new
-arrivals never starve running requests. Decode packs the generating slots into the first rows of a batch
-bucketed to a power of two, with block tables cut to the widest sequence's pages (bucketed too): a step
-costs what is in flight, not max_batch x max_context. Requests are admitted when a slot and enough pages
-are free. When a decode step needs a page and none is left, the
-latest admitted request is preempted: its pages go back and it waits at the head of the queue, to be
-recomputed from its prompt and the tokens it already produced (a cached prefix makes that cheap). A
-finished or aborted request frees its pages at once; its full prompt pages stay in the prefix cache.
+Each `step()` packs into ONE device call the next token of every generating request (decode rows, chunks of
+one token) and prompt chunks of waiting requests (earliest admitted first) up to `prefill_budget` tokens.
+The call (`ragged_step`) writes their K/V into the page pool, attends through `ragged_paged_attention` and
+samples each row's next token. Shapes are bucketed (tokens, and block-table width) and `warmup` compiles
+them all, so serving never compiles. When a step holds only decode rows and nothing waits, it may run
+`decode_iters` iterations in one call, which keeps host round trips off the critical path (`LLM.generate`).
+
+Requests are admitted when a free row and enough pages are available. When a decode row needs a page and
+none is left, the latest admitted request is preempted: its pages go back and it waits at the head of the
+queue, to be recomputed from its prompt and the tokens it already produced (a cached prefix makes that
+cheap). A finished or aborted request frees its pages at once; its full prompt pages stay in the prefix
+cache. Sampling depends only on the request's seed and the token's index, never on the batch.
 
 One request cannot hurt another. `add` validates it completely (`requests.validate`), so nothing a client
 sends can raise inside a step. If a device call still fails, the requests in it become suspects and are
 retried alone: one that fails again, alone, ends with an error; the others go on. If the failed call consumed
-the donated pools, fresh ones are made and every running request is recomputed (sampling depends only on
-the seed and the token's index, so the text is unchanged). A request past its deadline ends too.
+the donated pool, a fresh one is made and every running request is recomputed. A request past its deadline
+ends too.
 """
 
 from __future__ import annotations
@@ -24,29 +26,35 @@ import collections
 import functools
 import itertools
 import time
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache.pages import OutOfPages, PageAllocator, prefix_hashes
-from jaxkv.cache.paged import PagedKVCache, streaming_pages
+from jaxkv.cache.paged import PagePool, StepMetadata, streaming_pages
 from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
 from jaxkv.generate.detokenize import TextStream
-from jaxkv.generate.generator import Executables, bucket
-from jaxkv.generate.sampling import sample
-from jaxkv.model.decoder import forward
-from jaxkv.parallel.rules import cache_shardings, keep_cache_sharding
+from jaxkv.parallel.rules import cache_shardings
+from jaxkv.serve.compiled import Executables, powers_of_two
 from jaxkv.serve.requests import Limits, Request, RequestOutput, validate
+from jaxkv.serve.step import ragged_step
 
 __all__ = ["Engine", "EngineStepError", "Limits", "Request", "RequestOutput"]
 
-MIN_CHUNK = 16
+MIN_TOKENS = 16  # the smallest token bucket of a step holding a prompt chunk
 UNBOUNDED_CONTEXT = 2**31 - 1  # StreamingLLM: a request may run for ever
 
 
 class EngineStepError(RuntimeError):
     """The engine failed while running a request (a server error, not bad input)."""
+
+
+class _Shapes(NamedTuple):
+    decode_rows: list[int]  # decode-only steps: T == R
+    decode_widths: list[int]
+    tokens: list[int]  # steps with a prompt chunk: T, with R = max_batch
+    widths: list[int]
 
 
 class _Sequence:
@@ -57,8 +65,7 @@ class _Sequence:
         self.tokens = list(request.prompt_ids)
         self.n_prompt = len(self.tokens)
         self.computed = 0  # tokens whose K/V is in the cache
-        self.prefilled = False  # all tokens computed and the next one sampled
-        self.slot: int | None = None
+        self.row: int | None = None  # its place among the running requests (where its sink keys live)
         self.order = 0  # admission order: the latest admitted is preempted first
         self.cached_tokens = 0
         self.deadline = deadline  # time.monotonic() by which it must finish
@@ -67,6 +74,11 @@ class _Sequence:
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.n_prompt
+
+    @property
+    def decoding(self) -> bool:
+        """All its tokens but the last sampled one are in the cache: its next step is a decode row."""
+        return self.computed == len(self.tokens) - 1 and self.generated > 0
 
     def output(self, token_ids, logprobs, text: str, reason: str | None, error=None) -> RequestOutput:
         return RequestOutput(self.request.request_id, text, list(token_ids),
@@ -79,11 +91,14 @@ class Engine:
 
     def __init__(self, llm, *, max_batch: int = 8, page_size: int = 16, num_pages: int | None = None,
                  kv_dtype: str | None = None, prefill_chunk: int = 64, prefill_budget: int | None = None,
-                 prefix_caching: bool = True, max_context: int | None = None, limits: Limits | None = None):
-        """max_context caps prompt + generated tokens per request (default: the model's max_seq_len).
-        num_pages defaults to max_batch full-length sequences. prefill_budget (default 4 chunks) caps the
-        prompt tokens prefilled per step: more fills free slots sooner, less keeps the running requests'
-        inter-token latency low. `limits` bounds what one request may cost (stop strings, queue, deadline)."""
+                 prefix_caching: bool = True, max_context: int | None = None, limits: Limits | None = None,
+                 decode_iters: int = 1, executables: Executables | None = None):
+        """max_batch: requests running at once (rows of a step). max_context caps prompt + generated tokens per
+        request (default: the model's max_seq_len). num_pages defaults to max_batch full-length sequences.
+        prefill_chunk: the most prompt tokens of one request in a step; prefill_budget (default 4 chunks) of all:
+        more fills free rows sooner, less keeps the running requests' inter-token latency low. `limits` bounds
+        what one request may cost. decode_iters: tokens per row in a call that holds only decode rows (when
+        nothing waits). `executables` may be shared between engines of one model."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -91,38 +106,39 @@ class Engine:
         if page_size < 1 or page_size & (page_size - 1) or prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise JaxkvError(f"page_size and prefill_chunk must be powers of two, got {page_size} and {prefill_chunk}")
         prefill_budget = 4 * prefill_chunk if prefill_budget is None else prefill_budget
-        if prefill_budget < 1:
-            raise JaxkvError(f"prefill_budget must be at least 1, got {prefill_budget}")
+        if prefill_budget < 1 or max_batch < 1 or decode_iters < 1:
+            raise JaxkvError(f"prefill_budget, max_batch and decode_iters must be at least 1, got {prefill_budget}, "
+                             f"{max_batch} and {decode_iters}")
         self.cfg, self.params, self.tokenizer = cfg, llm.params, llm.tokenizer
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
         self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
-        self.prefill_budget = prefill_budget
+        self.prefill_budget, self.decode_iters = prefill_budget, decode_iters
         self.streaming = cfg.streaming_window is not None
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.prefix_caching = prefix_caching and not self.streaming  # the ring rewrites pages: never share them
-        init = functools.partial(PagedKVCache.init, cfg, max_batch, num_pages, page_size, self.pages_per_seq, kv_dtype)
-        if llm.mesh is not None:  # built in place, each device allocating only its shard of the pools
+        init = functools.partial(PagePool.init, cfg, num_pages, page_size, max_batch, kv_dtype)
+        self.mesh = llm.mesh
+        if llm.mesh is not None:  # built in place, each device allocating only its shard of the pool
             init = jax.jit(init, out_shardings=cache_shardings(jax.eval_shape(init), llm.mesh))
         self._new_pool = lambda: (PageAllocator(num_pages, page_size), init())
-        self.allocator, self.cache = self._new_pool()
+        self.allocator, self.pool = self._new_pool()
         self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
         self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
-        self.executables = Executables(llm.mesh)
+        self.executables = executables or Executables(llm.mesh)
         self.waiting: collections.deque[_Sequence] = collections.deque()
-        self.slots: list[_Sequence | None] = [None] * max_batch
+        self.running: list[_Sequence | None] = [None] * max_batch  # by row
         self._by_id: dict[str, _Sequence] = {}
         self._undelivered: list[RequestOutput] = []
         self._admissions = itertools.count(1)
         self._totals = collections.Counter()
         self._recent: collections.deque[float] = collections.deque()  # when recent tokens came, for tokens/s
         self.limits = limits or Limits()
-        self._suspects: set[_Sequence] = set()  # were in a failed device call: decode alone until one passes
+        self._suspects: set[_Sequence] = set()  # were in a failed device call: run alone until one passes
 
     # --- requests -----------------------------------------------------------------------------
-    def add(self, request: Request) -> None:
-        """Queue a request, or raise (and keep nothing): InvalidRequest if it can never be served, QueueFull if
-        the queue is at its limit."""
+    def check(self, request: Request) -> None:
+        """Raise InvalidRequest (naming the field) unless this engine can serve `request`; queues nothing."""
         validate(request, vocab_size=self.cfg.vocab_size, max_prompt=self.max_prompt, max_context=self.max_context,
                  limits=self.limits)
         if request.request_id in self._by_id:
@@ -132,6 +148,11 @@ class Engine:
         if need > self.allocator.num_pages:
             raise InvalidRequest(f"the request needs {need} KV pages; the pool has {self.allocator.num_pages}",
                                  "max_tokens", "context_length_exceeded")
+
+    def add(self, request: Request) -> None:
+        """Queue a request, or raise (and keep nothing): InvalidRequest if it can never be served, QueueFull if
+        the queue is at its limit."""
+        self.check(request)
         if self.limits.max_waiting is not None and len(self.waiting) >= self.limits.max_waiting:
             self._totals["queue_full"] += 1
             raise QueueFull(f"the server's queue is full ({len(self.waiting)} requests waiting); try again shortly")
@@ -149,13 +170,14 @@ class Engine:
         self._undelivered.append(seq.output([], [], "", "abort"))
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self._undelivered or any(self.slots))
+        return bool(self.waiting or self._undelivered or any(self.running))
 
     # --- scheduling ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: end overdue requests, admit, prefill chunks (up to the budget), one decode step.
-        Returns the outputs it produced. A failing device call ends only the request that fails alone (its
-        output carries the error); a bug outside device calls propagates after `_recover`."""
+        """One iteration: end overdue requests, admit, then one device call for every running request (decode
+        rows, prompt chunks within the budget). Returns the outputs it produced. A failing device call ends only
+        the request that fails alone (its output carries the error); a bug outside device calls propagates
+        after `_recover`."""
         outputs, self._undelivered = self._undelivered, []
         try:
             self._step(outputs)
@@ -166,41 +188,151 @@ class Engine:
         return outputs
 
     def _recover(self) -> None:
-        """The pools may be gone (a failed call consumed the donated cache): start from fresh pools (the prefix
-        cache goes too) and send every running request back to the queue, to be recomputed like a preempted
-        one."""
-        for seq in sorted((s for s in self.slots if s is not None), key=lambda s: s.order, reverse=True):
-            seq.slot, seq.computed, seq.prefilled = None, 0, False
+        """The pool may be gone (a failed call consumed it): start from a fresh one (the prefix cache goes too)
+        and send every running request back to the queue, to be recomputed like a preempted one."""
+        for seq in sorted((s for s in self.running if s is not None), key=lambda s: s.order, reverse=True):
+            seq.row, seq.computed = None, 0
             self.waiting.appendleft(seq)
-        self.slots = [None] * self.max_batch
-        self.allocator, self.cache = self._new_pool()
+        self.running = [None] * self.max_batch
+        self.allocator, self.pool = self._new_pool()
 
     def _step(self, outputs: list[RequestOutput]) -> None:
         self._expire(outputs)
         self._admit()
-        budget = self.prefill_budget
-        for seq in sorted((s for s in self.slots if s is not None and not s.prefilled), key=lambda s: s.order):
-            while budget > 0 and seq.slot is not None and not seq.prefilled:
-                budget -= self._prefill(seq, budget, outputs)
-        decoding = sorted((s for s in self.slots if s is not None and s.prefilled), key=lambda s: s.order)
-        decoding = [s for s in decoding if s.slot is not None and self._make_room(s)]  # (preempted ones: not)
-        clean = [s for s in decoding if s not in self._suspects]
+        rows = self._schedule()
+        clean = [(s, n) for s, n in rows if s not in self._suspects]
         if clean:
-            self._decode(clean, outputs)
-        for seq in decoding:  # suspects (also those just made so) alone, while the pools survive
-            if seq in self._suspects and seq.slot is not None and seq.prefilled and self._decode([seq], outputs):
+            self._run(clean, outputs)
+        for seq, n in rows:  # suspects (also those just made so) alone, while the pool survives
+            if seq in self._suspects and seq.row is not None and self._run([(seq, n)], outputs):
                 self._suspects.discard(seq)
 
-    def _device(self, seqs: list[_Sequence], outputs: list[RequestOutput], fn, args) -> list[np.ndarray] | None:
-        """fn(params, cache, *args()) for seqs (args() builds the host arrays), its results on the host; None if
-        anything failed. Then seqs become suspects, to be retried alone; a suspect that fails again, alone, ends
-        with the error."""
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """This step's rows, (request, tokens to feed): every decode row first (making room for its token, which
+        may preempt the latest admitted), then prompt chunks in admission order within the budget."""
+        running = sorted((s for s in self.running if s is not None), key=lambda s: s.order)
+        rows = [(s, 1) for s in running if s.decoding and s.row is not None and self._make_room(s, s.computed + 1)]
+        budget = self.prefill_budget
+        for seq in running:
+            if seq.row is not None and not seq.decoding and budget > 0:
+                n = min(len(seq.tokens) - seq.computed, self.prefill_chunk, budget)
+                rows.append((seq, n))
+                budget -= n
+        return [(s, n) for s, n in rows if s.row is not None]  # (a preempted one: not)
+
+    def _shape(self, rows: list[tuple[_Sequence, int]], iters: int) -> tuple[int, int, int]:
+        """(tokens T, rows R, table width W) of a step: decode-only steps in row buckets (T == R), others in token
+        buckets with every row; W the narrowest width bucket holding every position written."""
+        shapes = self._shapes()
+        if all(n == 1 for _, n in rows):
+            n_tokens = n_rows = min(r for r in shapes.decode_rows if r >= len(rows))
+            widths = shapes.decode_widths
+        else:
+            n_tokens, n_rows = min(t for t in shapes.tokens if t >= sum(n for _, n in rows)), self.max_batch
+            widths = shapes.widths
+        need = max(self.allocator.pages_for(s.computed + n + iters - 1) for s, n in rows)
+        return n_tokens, n_rows, min(w for w in widths if w >= need or w == self.pages_per_seq)
+
+    def _shapes(self) -> _Shapes:
+        """The bucket sizes steps compile for: few, since each is an executable that warm-up compiles.
+        Decode-only steps: rows in powers of two from a quarter of max_batch (at least 4: below that a step
+        costs the weight reads anyway), table widths at quarters of pages_per_seq (attention reads rows x width
+        pages). Steps with a prompt chunk: tokens in powers of two from 16 up to max_batch + prefill_budget
+        (always more than max_batch, so a decode step's shape never doubles as one), widths at halves.
+        Streaming: the ring's width alone."""
+        mb, per_seq = self.max_batch, self.pages_per_seq
+        top = mb + self.prefill_budget
+        rows = powers_of_two(min(mb, max(4, mb // 4)), mb)
+        tokens = [t for t in powers_of_two(min(MIN_TOKENS, top), top) if t > mb]
+        if self.streaming:
+            return _Shapes(rows, [per_seq], tokens, [per_seq])
+        quarters = sorted({max(1, per_seq * i // 4) for i in range(1, 5)})
+        return _Shapes(rows, quarters, tokens, sorted({max(1, per_seq // 2), per_seq}))
+
+    def _iterations(self, rows: list[tuple[_Sequence, int]]) -> int:
+        """decode_iters when the step is decode rows only, nothing waits, every row has pages for that many
+        tokens (reserved now; past a request's end they are wasted, not wrong) and no suspect is among them."""
+        iters = self.decode_iters
+        if iters == 1 or self.waiting or any(n > 1 or s in self._suspects for s, n in rows):
+            return 1
+        if self.streaming:  # the ring holds every position
+            return iters
+        if any(s.computed + iters > self.pages_per_seq * self.page_size for s, _ in rows):
+            return 1
         try:
-            *results, self.cache = self.executables.run(fn, (1,), self.params, self.cache, *args())
-            return [np.asarray(r) for r in results]
+            for seq, _ in rows:
+                end = min(seq.computed + iters, seq.n_prompt + seq.request.max_tokens)
+                self.allocator.reserve(seq.request.request_id, end)
+        except OutOfPages:
+            return 1
+        return iters
+
+    def _run(self, rows: list[tuple[_Sequence, int]], outputs: list[RequestOutput]) -> bool:
+        """One device call for `rows`; emits the tokens sampled for the rows whose tokens are all in the cache.
+        False if the call failed."""
+        iters = self._iterations(rows)
+        n_tokens, n_rows, width = self._shape(rows, iters)
+        result = self._device([s for s, _ in rows], outputs, iters,
+                              lambda: self._arguments(rows, n_tokens, n_rows, width))
+        if result is None:
+            return False
+        tokens, logprobs = result
+        self._totals["steps"] += 1
+        self._totals["step_rows"] += len(rows)
+        self._totals["step_tokens"] += sum(n for _, n in rows)
+        for r, (seq, n) in enumerate(rows):
+            if seq.computed < seq.n_prompt:
+                self._totals["prefilled"] += min(n, seq.n_prompt - seq.computed)
+            seq.computed += n
+            if self.prefix_caching:
+                for page, key in zip(self._pages(seq), prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
+                    self.allocator.register(int(page), key)
+            for i in range(iters):
+                if i:  # the token emitted last was fed back in this call, unless its request ended
+                    if seq.row is None:
+                        break
+                    seq.computed += 1
+                if seq.computed < len(seq.tokens):  # mid-prompt
+                    break
+                outputs.append(self._emit(seq, int(tokens[i, r]), float(logprobs[i, r])))
+        return True
+
+    def _arguments(self, rows, n_tokens: int, n_rows: int, width: int) -> tuple:
+        """The host arrays of one step: packed tokens, their metadata, the rows' sampling values and LCKV passes."""
+        tables = np.full((n_rows, width), self.allocator.num_pages, np.int32)  # unreserved: the scratch page
+        tokens = np.zeros(n_tokens, np.int32)
+        at = 0
+        for r, (seq, n) in enumerate(rows):
+            pages = self._pages(seq)[:width]
+            tables[r, :len(pages)] = pages
+            tokens[at:at + n] = seq.tokens[seq.computed:seq.computed + n]
+            at += n
+        meta = StepMetadata.pack(tables, [s.computed for s, _ in rows], [n for _, n in rows], n_tokens=n_tokens,
+                                 max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[s.row for s, _ in rows])
+        sampling = [s.request.sampling for s, _ in rows]
+        pad = n_rows - len(rows)  # idle rows: greedy
+        seeds = np.asarray([p.seed for p in sampling] + [0] * pad, np.uint32)
+        steps = np.asarray([s.generated for s, _ in rows] + [0] * pad, np.int32)
+        temperature = np.asarray([p.temperature for p in sampling] + [0] * pad, np.float32)
+        top_k = np.asarray([p.top_k for p in sampling] + [0] * pad, np.int32)
+        top_p = np.asarray([p.top_p for p in sampling] + [1] * pad, np.float32)
+        passes = min(max(n for _, n in rows), self.cfg.upward_passes_no_grad + self.cfg.upward_passes_grad)
+        return tokens, meta, seeds, steps, temperature, top_k, top_p, np.int32(passes)
+
+    def _max_q_len(self, n_tokens: int, n_rows: int) -> int:
+        """Static per shape: 1 for decode-only shapes (T == R), else the longest chunk a row may have."""
+        return 1 if n_tokens == n_rows else self.prefill_chunk
+
+    def _device(self, seqs: list[_Sequence], outputs: list[RequestOutput], iters: int, args) -> tuple | None:
+        """The step for seqs (args() builds the host arrays), its results on the host; None if anything failed.
+        Then seqs become suspects, to be retried alone; a suspect that fails again, alone, ends with the error."""
+        try:
+            tokens, logprobs, self.pool = self.executables.run(
+                ragged_step, (1,), self.params, self.pool, *args(), cfg=self.cfg, iters=iters, mesh=self.mesh)
+            return np.asarray(tokens), np.asarray(logprobs)
         except Exception as e:  # noqa: BLE001 - whatever the device raised, other requests go on
             self._totals["step_failures"] += 1
-            if not self._pools_intact():
+            if not self._pool_intact():
                 self._recover()
             if len(seqs) == 1 and seqs[0] in self._suspects:
                 self._totals["failed"] += 1
@@ -210,10 +342,10 @@ class Engine:
                 self._suspects.update(seqs)
             return None
 
-    def _pools_intact(self) -> bool:
-        """Whether the cache survived a failed call: not donated away, and not the result of a failed run."""
+    def _pool_intact(self) -> bool:
+        """Whether the pool survived a failed call: not donated away, and not the result of a failed run."""
         try:
-            leaves = jax.tree.leaves(self.cache)
+            leaves = jax.tree.leaves(self.pool)
             if any(leaf.is_deleted() for leaf in leaves):
                 return False
             jax.block_until_ready(leaves)
@@ -227,10 +359,10 @@ class Engine:
         return seq.output([], [], "", "error", error)
 
     def _end(self, seq: _Sequence) -> None:
-        """Forget a finished, aborted or failed request and free its slot and pages (or its place in the queue)."""
+        """Forget a finished, aborted or failed request and free its row and pages (or its place in the queue)."""
         self._by_id.pop(seq.request.request_id, None)
         self._suspects.discard(seq)
-        if seq.slot is not None:
+        if seq.row is not None:
             self._evict(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
@@ -244,7 +376,7 @@ class Engine:
                 f"after {seq.generated} tokens")))
 
     def _admit(self) -> None:
-        while self.waiting and None in self.slots:
+        while self.waiting and None in self.running:
             seq = self.waiting[0]
             shared = []
             if self.prefix_caching:  # leave at least the last token to compute: its logits start generation
@@ -262,19 +394,20 @@ class Engine:
             if not seq.order:  # first admission (not a recompute after preemption)
                 self._totals["prompt"] += seq.n_prompt
                 self._totals["cached"] += seq.cached_tokens
-            seq.slot, seq.order = self.slots.index(None), next(self._admissions)
-            self.slots[seq.slot] = seq
+            seq.row, seq.order = self.running.index(None), next(self._admissions)
+            self.running[seq.row] = seq
 
-    def _make_room(self, seq: _Sequence) -> bool:
-        """Pages for seq's next token, preempting the latest admitted requests if needed; False if seq itself was."""
+    def _make_room(self, seq: _Sequence, length: int) -> bool:
+        """Pages for seq to hold `length` tokens, preempting the latest admitted requests if needed; False if seq
+        itself was."""
         while not self.streaming:
             try:
-                self.allocator.reserve(seq.request.request_id, seq.computed + 1)
+                self.allocator.reserve(seq.request.request_id, length)
                 return True
             except OutOfPages:
-                victim = max((s for s in self.slots if s is not None), key=lambda s: s.order)
+                victim = max((s for s in self.running if s is not None), key=lambda s: s.order)
                 self._evict(victim)
-                victim.computed, victim.prefilled = 0, False
+                victim.computed = 0
                 self.waiting.appendleft(victim)
                 self._totals["preempted"] += 1
                 if victim is seq:
@@ -283,79 +416,10 @@ class Engine:
 
     def _evict(self, seq: _Sequence) -> None:
         self.allocator.release(seq.request.request_id)
-        self.slots[seq.slot], seq.slot = None, None
+        self.running[seq.row], seq.row = None, None
 
-    def _table_row(self, seq: _Sequence) -> np.ndarray:
+    def _pages(self, seq: _Sequence) -> np.ndarray:
         return self.allocator.block_table([seq.request.request_id], self.pages_per_seq)[0]
-
-    def _sampling_args(self, seqs):
-        params = [s.request.sampling for s in seqs]
-        return (np.asarray([p.seed for p in params], np.uint32), np.asarray([s.generated for s in seqs], np.int32),
-                np.asarray([p.temperature for p in params], np.float32), np.asarray([p.top_k for p in params], np.int32),
-                np.asarray([p.top_p for p in params], np.float32))
-
-    def _prefill(self, seq: _Sequence, limit: int, outputs: list[RequestOutput]) -> int:
-        """One chunk of seq's uncomputed tokens, at most `limit`; the first token's output once all are in.
-        Returns the number of tokens prefilled (0 if the call failed)."""
-        n = min(len(seq.tokens) - seq.computed, self.prefill_chunk, limit)
-        tokens = np.zeros(bucket(n, MIN_CHUNK, self.prefill_chunk), np.int32)
-        tokens[:n] = seq.tokens[seq.computed:seq.computed + n]
-        result = self._device([seq], outputs, self._prefill_chunk, lambda: (
-            np.asarray([seq.slot], np.int32), self._table_row(seq)[None], np.int32(seq.computed), tokens,
-            np.int32(n), *self._sampling_args([seq])))
-        if result is None:
-            return 0
-        token, logprob = result
-        seq.computed += n
-        self._totals["prefilled"] += n
-        if self.prefix_caching:
-            pages = self._table_row(seq)
-            for page, key in zip(pages, prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
-                self.allocator.register(int(page), key)
-        if seq.computed == len(seq.tokens):
-            seq.prefilled = True
-            outputs.append(self._emit(seq, int(token), float(logprob)))
-        return n
-
-    def _decode_shapes(self) -> tuple[list[int], list[int]]:
-        """The batch sizes and block-table widths decode compiles for: powers of two up to max_batch (from an
-        eighth of it, at least 4: below that a step costs the weight reads anyway) and up to pages_per_seq
-        (from an eighth, and three quarters of it: attention reads rows x width pages, and the widest
-        sequence in flight is usually past half the context; the ring's width alone if streaming)."""
-        rows = _powers_of_two(min(self.max_batch, max(4, self.max_batch // 8)), self.max_batch)
-        if self.streaming:
-            return rows, [self.pages_per_seq]
-        widths = _powers_of_two(max(1, self.pages_per_seq // 8), self.pages_per_seq)
-        return rows, sorted(set(widths + [max(widths[0], 3 * self.pages_per_seq // 4)]))
-
-    def _decode(self, seqs: list[_Sequence], outputs: list[RequestOutput]) -> bool:
-        """One token for each of seqs, packed into the first rows of the batch; the other rows are idle and
-        stand for distinct other slots (so that writing back their unchanged streaming state is harmless).
-        False if the call failed."""
-        rows_options, width_options = self._decode_shapes()
-        rows = min(r for r in rows_options if r >= len(seqs))
-        need = max(self.allocator.pages_for(s.computed + 1) for s in seqs)
-        width = min(w for w in width_options if w >= need or w == self.pages_per_seq)
-
-        def args():
-            busy = {s.slot for s in seqs}
-            slots = [s.slot for s in seqs] + [i for i in range(self.max_batch) if i not in busy][:rows - len(seqs)]
-            tables = np.zeros((rows, width), np.int32)
-            lengths, tokens, active = (np.zeros(rows, np.int32) for _ in range(3))
-            for i, seq in enumerate(seqs):
-                tables[i], lengths[i], tokens[i], active[i] = (self._table_row(seq)[:width], seq.computed,
-                                                               seq.tokens[-1], 1)
-            sampling = [np.pad(part, (0, rows - len(seqs))) for part in self._sampling_args(seqs)]  # idle: greedy
-            return np.asarray(slots, np.int32), tables, lengths, tokens, active, *sampling
-
-        result = self._device(seqs, outputs, self._decode_step, args)
-        if result is None:
-            return False
-        next_tokens, logprobs = result
-        for i, seq in enumerate(seqs):
-            seq.computed += 1
-            outputs.append(self._emit(seq, int(next_tokens[i]), float(logprobs[i])))
-        return True
 
     def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestOutput:
         """Append a sampled token; finish the request on EOS, a stop string or its budget."""
@@ -369,58 +433,20 @@ class Engine:
             self._end(seq)
         return seq.output([token], [logprob], text, reason)
 
-    # --- device functions ---------------------------------------------------------------------
-    def _sample(self, logits, seeds, steps, temperature, top_k, top_p):
-        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds, steps)
-        token = sample(logits, keys, temperature, top_k, top_p, greedy=False)
-        return token, jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
-
-    @staticmethod
-    def _rows(cache, slots, tables, lengths):
-        """The cache as the batch `slots` (distinct) sees it: the shared pools, the given tables and lengths."""
-        return cache.replace(block_tables=tables, lengths=lengths,
-                             sink_keys=None if cache.sink_keys is None else cache.sink_keys[:, slots])
-
-    def _merge(self, cache, rows, slots):
-        """Back from `_rows`: the pools and the slots' streaming state; the host keeps tables and lengths.
-        On a mesh the pools keep the rules' sharding, so every step runs the same executable."""
-        return keep_cache_sharding(rows.replace(
-            block_tables=cache.block_tables, lengths=cache.lengths,
-            sink_keys=None if cache.sink_keys is None else cache.sink_keys.at[:, slots].set(rows.sink_keys)),
-            self.executables.mesh)
-
-    def _prefill_chunk(self, params, cache, slots, table, start, tokens, n_new, seed, step, temperature, top_k,
-                       top_p):
-        """One chunk of one sequence (slots [1], table [1, P]), appended after `start` cached tokens."""
-        logits, rows = forward(self.cfg, params, tokens[None], self._rows(cache, slots, table, start[None]),
-                               n_new[None])
-        token, logprob = self._sample(logits[:, 0], seed, step, temperature, top_k, top_p)  # each [1]
-        return token[0], logprob[0], self._merge(cache, rows, slots)
-
-    def _decode_step(self, params, cache, slots, tables, lengths, tokens, active, seeds, steps, temperature, top_k,
-                     top_p):
-        """One token for every active row; idle rows write nothing."""
-        logits, rows = forward(self.cfg, params, tokens[:, None], self._rows(cache, slots, tables, lengths), active)
-        token, logprob = self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p)
-        return token, logprob, self._merge(cache, rows, slots)
-
+    # --- compilation --------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Compile every prefill chunk bucket and decode shape now, writing nothing (idle rows, empty chunks),
-        so that serving never compiles."""
-        sampling = self._sampling_args([_Sequence(Request([0], max_tokens=1), self.tokenizer.decode, 0.0)])
-        for size in _powers_of_two(MIN_CHUNK, self.prefill_chunk):
-            _, _, self.cache = self.executables.run(
-                self._prefill_chunk, (1,), self.params, self.cache, np.zeros(1, np.int32),
-                np.zeros((1, self.pages_per_seq), np.int32), np.int32(0), np.zeros(size, np.int32), np.int32(0),
-                *sampling)
-        all_rows, widths = self._decode_shapes()
-        for rows in all_rows:
-            zeros = np.zeros(rows, np.int32)
-            for width in widths:
-                _, _, self.cache = self.executables.run(
-                    self._decode_step, (1,), self.params, self.cache, np.arange(rows, dtype=np.int32),
-                    np.zeros((rows, width), np.int32), zeros, zeros, zeros,
-                    *[np.zeros(rows, a.dtype) for a in sampling])
+        """Compile every step shape now, writing nothing (idle rows), so that serving never compiles."""
+        shapes = self._shapes()
+        every = [(r, r, w) for r in shapes.decode_rows for w in shapes.decode_widths] + \
+            [(t, self.max_batch, w) for t in shapes.tokens for w in shapes.widths]
+        for n_tokens, n_rows, width in every:
+            meta = StepMetadata.pack(np.zeros((n_rows, width), np.int32), [], [], n_tokens=n_tokens,
+                                     max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[])
+            rows = np.zeros(n_rows, np.int32)
+            _, _, self.pool = self.executables.run(
+                ragged_step, (1,), self.params, self.pool, np.zeros(n_tokens, np.int32), meta,
+                rows.astype(np.uint32), rows, rows.astype(np.float32), rows, np.ones(n_rows, np.float32),
+                np.int32(1), cfg=self.cfg, iters=1, mesh=self.mesh)
 
     # --- metrics ------------------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -429,23 +455,19 @@ class Engine:
         while self._recent and now - self._recent[0] > 10.0:
             self._recent.popleft()
         span = now - self._recent[0] if len(self._recent) > 1 else 0.0
+        steps = self._totals["steps"]
         return {
-            "running": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
+            "running": sum(s is not None for s in self.running), "waiting": len(self.waiting),
             "kv_pages_used": stats.used, "kv_pages_free": stats.free, "kv_pages_total": stats.total,
             "kv_pages_cached": stats.cached,
             "prefix_cache_hit_rate": self._totals["cached"] / self._totals["prompt"] if self._totals["prompt"] else 0.0,
             "prompt_tokens_total": self._totals["prompt"], "prefilled_tokens_total": self._totals["prefilled"],
+            "cached_tokens_total": self._totals["cached"],
             "generation_tokens_total": self._totals["generated"], "preemptions_total": self._totals["preempted"],
             "step_failures_total": self._totals["step_failures"], "requests_failed_total": self._totals["failed"],
             "requests_timed_out_total": self._totals["timed_out"], "queue_full_total": self._totals["queue_full"],
+            "steps_total": steps, "mean_rows_per_step": self._totals["step_rows"] / steps if steps else 0.0,
+            "mean_tokens_per_step": self._totals["step_tokens"] / steps if steps else 0.0,
             "tokens_per_s": (len(self._recent) - 1) / span if span > 0 else 0.0,
             "compilations": self.executables.count,
         }
-
-
-def _powers_of_two(low: int, high: int) -> list[int]:
-    """low, 2 low, 4 low, ... below high, then high: the bucket sizes `bucket(n, low, high)` can return."""
-    sizes = [low]
-    while sizes[-1] * 2 < high:
-        sizes.append(sizes[-1] * 2)
-    return sorted(set(sizes + [high]))

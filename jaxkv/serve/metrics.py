@@ -4,8 +4,8 @@ from __future__ import annotations
 
 _PROMETHEUS = [
     # (metric, engine key, type, help)
-    ("jaxkv_requests_running", "running", "gauge", "Requests holding a decode slot."),
-    ("jaxkv_requests_waiting", "waiting", "gauge", "Requests queued for a slot or for KV pages."),
+    ("jaxkv_requests_running", "running", "gauge", "Requests holding a row of the engine's steps."),
+    ("jaxkv_requests_waiting", "waiting", "gauge", "Requests queued for a row or for KV pages."),
     ("jaxkv_kv_pages_used", "kv_pages_used", "gauge", "KV cache pages referenced by requests."),
     ("jaxkv_kv_pages_free", "kv_pages_free", "gauge", "KV cache pages free (including idle prefix-cache pages)."),
     ("jaxkv_kv_pages_total", "kv_pages_total", "gauge", "KV cache pages in the pool."),
@@ -15,6 +15,11 @@ _PROMETHEUS = [
     ("jaxkv_prompt_tokens_total", "prompt_tokens_total", "counter", "Prompt tokens of admitted requests."),
     ("jaxkv_generation_tokens_total", "generation_tokens_total", "counter", "Tokens generated."),
     ("jaxkv_compilations_total", "compilations", "counter", "XLA compilations by the engine."),
+    ("jaxkv_engine_steps_total", "steps_total", "counter", "Engine steps (one device call each)."),
+    ("jaxkv_engine_rows_per_step", "mean_rows_per_step", "gauge", "Mean requests in a step (decode rows and chunks)."),
+    ("jaxkv_engine_tokens_per_step", "mean_tokens_per_step", "gauge", "Mean new tokens in a step."),
+    ("jaxkv_prefix_cache_tokens_total", "cached_tokens_total", "counter",
+     "Prompt tokens taken from the prefix cache instead of computed."),
     ("jaxkv_preemptions_total", "preemptions_total", "counter",
      "Requests sent back to the queue to free KV pages (recomputed later)."),
     ("jaxkv_engine_step_failures_total", "step_failures_total", "counter",

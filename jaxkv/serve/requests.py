@@ -48,7 +48,7 @@ class Limits:
 
     max_stop_strings: int = 16  # OpenAI allows 4; matching costs new text x stops per token
     max_stop_chars: int = 512  # per stop string
-    max_waiting: int | None = 256  # requests queued for a slot; past it, 429 with Retry-After
+    max_waiting: int | None = 256  # requests queued for a row; past it, 429 with Retry-After
     request_timeout_s: float | None = 600.0  # from arrival to the last token; then the request is ended
     max_body_bytes: int = 8 * 2**20  # 413 past it
     max_prompt_chars: int | None = None  # default: 32 characters per token the engine takes in a prompt
@@ -75,8 +75,8 @@ def validate(request: Request, *, vocab_size: int, max_prompt: int, max_context:
     if not ids:
         raise InvalidRequest("the prompt is empty (it tokenized to zero tokens)", "prompt")
     if len(ids) > max_prompt:
-        raise InvalidRequest(f"the prompt has {len(ids)} tokens; this model takes at most {max_prompt}", "prompt",
-                             "context_length_exceeded")
+        raise InvalidRequest(f"the prompt has {len(ids)} tokens; this model's context takes at most {max_prompt}",
+                             "prompt", "context_length_exceeded")
     if any(not 0 <= t < vocab_size for t in ids):
         raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})", "prompt")
     if not isinstance(budget, numbers.Integral) or isinstance(budget, bool) or budget < 1:

@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
-from jaxkv.errors import InvalidRequest, check_text
+from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull, check_text
+from jaxkv.serve.async_engine import EngineShutdownError, EngineStepError
 
 
 def _encodable(text: str) -> str:
@@ -168,3 +169,20 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     code = _CODES.get(telling[0].get("type"), "invalid_type")
     messages = list(dict.fromkeys(e.get("msg", "") for e in telling))
     return ApiError(400, f"invalid value for {param!r}: {'; or '.join(messages)}", param, code)
+
+
+def api_error(e: BaseException, prompt_param: str = "prompt") -> ApiError:
+    """The HTTP answer to an exception from the engine: 4xx for what the client can change, 5xx for ours."""
+    if isinstance(e, InvalidRequest):
+        return ApiError(400, str(e), prompt_param if e.param == "prompt" else e.param, e.code)
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after_s)})
+    if isinstance(e, DeadlineExceeded):
+        return ApiError(408, str(e), code="request_timeout")
+    if isinstance(e, JaxkvError):
+        return ApiError(400, str(e), code="invalid_value")
+    if isinstance(e, EngineShutdownError):
+        return ApiError(503, str(e), type_="server_error", code="unavailable")
+    if isinstance(e, EngineStepError):
+        return ApiError(500, str(e), type_="server_error", code="engine_error")
+    return ApiError(500, str(e) or type(e).__name__, type_="server_error", code="internal_error")

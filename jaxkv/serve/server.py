@@ -11,7 +11,8 @@ header and the optional API key), the prompt's characters before it is tokenized
 chat messages, stop strings, the queue (429 with Retry-After) and a deadline (408).
 
 `create_app(llm, ...)` builds the app (for tests or embedding); `serve(model, host, port, ...)` loads
-a model and runs uvicorn (`jaxkv serve`).
+a model and runs uvicorn (`jaxkv serve`). Request bodies and the mapping of errors to answers live in
+`schema`, the events and logprobs of a response in `events`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
-import json
 import os
-import re
 import secrets
 import socket
 import sys
@@ -36,72 +35,21 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
+from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.serve.async_engine import AsyncEngine, EngineShutdownError, EngineStepError, RequestStream
 from jaxkv.serve.guard import LOOPBACK_HOSTS, Guard, IdleTimeoutH11
 from jaxkv.serve.metrics import prometheus_text
 from jaxkv.serve.requests import Limits
-from jaxkv.serve.schema import AsciiJSONResponse, ApiError, ChatCompletionRequest, CompletionRequest, validation_error
+from jaxkv.serve.events import Generation, chat_events, completion_events
+from jaxkv.serve.schema import (AsciiJSONResponse, ApiError, ChatCompletionRequest, CompletionRequest, api_error,
+                                validation_error)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
-def _byte_decoder():
-    from jaxkv.tokenizer import _bytes_to_unicode
-
-    return {c: b for b, c in _bytes_to_unicode().items()}
-
-
-class _TokenText:
-    """A token's own bytes and display string (as OpenAI's logprobs show them), cached per id."""
-
-    _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        try:
-            decoder = json.loads(tokenizer.hf.to_str()).get("decoder") or {}
-        except Exception:  # noqa: BLE001 - an exotic tokenizer: fall back to decoding one token
-            decoder = {}
-        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or ()}
-        self.byte_level = "ByteLevel" in kinds
-        self.metaspace = "Metaspace" in kinds or any(
-            d.get("type") == "Replace" and "▁" in json.dumps(d) for d in decoder.get("decoders") or ())
-        self.inverse = _byte_decoder() if self.byte_level else {}
-        self._cache: dict[int, bytes] = {}
-
-    def bytes(self, token_id: int) -> bytes:
-        if token_id not in self._cache:
-            self._cache[token_id] = self._bytes(token_id)
-        return self._cache[token_id]
-
-    def _bytes(self, token_id: int) -> bytes:
-        piece = self.tokenizer.hf.id_to_token(int(token_id))
-        if piece is None:
-            return b""
-        if self.byte_level and all(c in self.inverse for c in piece):
-            return bytes(self.inverse[c] for c in piece)
-        match = self._BYTE_TOKEN.fullmatch(piece)
-        if match:
-            return bytes([int(match.group(1), 16)])
-        if self.metaspace:
-            return piece.replace("▁", " ").encode()
-        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
-
-    def text(self, token_id: int) -> str:
-        return self.bytes(token_id).decode("utf-8", errors="backslashreplace")
-
-
-def _sse(payload: dict | str, ascii_only: bool = False) -> str:
-    """One event; ascii_only for errors, whose message may quote a client's text (lone surrogates included)."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=ascii_only,
-                                                               separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
 async def _wait_disconnect(http: Request) -> None:
     while True:
         message = await http.receive()
@@ -109,55 +57,12 @@ async def _wait_disconnect(http: Request) -> None:
             return
 
 
-class _Generation:
-    """One request's bookkeeping while it streams or is collected."""
-
-    def __init__(self, server: _Server, request_id: str, logprobs: bool):
-        self.server, self.request_id, self.want_logprobs = server, request_id, logprobs
-        self.created = int(time.time())
-        self.text = ""
-        self.ids: list[int] = []  # generated ids with logprobs reported (EOS left out)
-        self.logprobs: list[float] = []
-        self.finish_reason: str | None = None
-        self.usage: dict | None = None
-
-    def add(self, out) -> tuple[list[int], list[float]]:
-        """Record an output; return the ids and logprobs it adds to the reported tokens."""
-        ids, lps = list(out.token_ids), list(out.logprobs or [0.0] * len(out.token_ids))
-        if out.finished and out.finish_reason == "stop" and ids and ids[-1] in self.server.eos_ids:
-            ids, lps = ids[:-1], lps[:-1]  # the end-of-text token is not part of the text
-        self.text += out.text
-        self.ids += ids
-        self.logprobs += lps
-        if out.finished:
-            self.finish_reason = out.finish_reason
-        self.usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                      "total_tokens": out.prompt_tokens + out.completion_tokens,
-                      "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
-        return ids, lps
-
-    def completion_logprobs(self, ids: list[int], lps: list[float]) -> dict:
-        """OpenAI's completions logprobs for `ids`, the last len(ids) of self.ids."""
-        start = len(self.ids) - len(ids)
-        decode = self.server.llm.tokenizer.decode
-        offsets = [min(len(decode(self.ids[:i])), len(self.text)) for i in range(start, len(self.ids))]
-        return {"tokens": [self.server.token_text.text(i) for i in ids], "token_logprobs": lps,
-                "top_logprobs": None, "text_offset": offsets}
-
-    def chat_logprobs(self, ids: list[int], lps: list[float]) -> dict:
-        tt = self.server.token_text
-        return {"content": [{"token": tt.text(i), "logprob": lp, "bytes": list(tt.bytes(i)), "top_logprobs": []}
-                            for i, lp in zip(ids, lps)]}
-
-
-# --- the app -----------------------------------------------------------------------------------
 class _Server:
     def __init__(self, llm, engine: AsyncEngine, model_name: str, capacity: int, limits: Limits):
         self.llm, self.engine, self.model_name, self.limits = llm, engine, model_name, limits
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
         self.capacity = capacity  # tokens one request may hold in the page pool
         self.max_prompt_chars = limits.prompt_chars(engine.engine.max_prompt)
-        self.token_text = _TokenText(llm.tokenizer)
         self.started = int(time.time())
         self.rejected: collections.Counter[str] = collections.Counter()  # 4xx answers by error code
 
@@ -226,7 +131,7 @@ class _Server:
         except (JaxkvError, EngineShutdownError) as e:
             raise api_error(e, prompt_param) from None
 
-    async def collect(self, stream: RequestStream, gen: _Generation, http: Request) -> bool:
+    async def collect(self, stream: RequestStream, gen: Generation, http: Request) -> bool:
         """Read the whole stream into gen; False if the client went away first (the request is aborted)."""
         async def consume():
             async for out in stream:
@@ -253,23 +158,6 @@ class _Server:
         # The background abort covers a client that leaves before the body iterator even starts.
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(stream.abort))
-
-
-def api_error(e: BaseException, prompt_param: str = "prompt") -> ApiError:
-    """The HTTP answer to an exception from the engine: 4xx for what the client can change, 5xx for ours."""
-    if isinstance(e, InvalidRequest):
-        return ApiError(400, str(e), prompt_param if e.param == "prompt" else e.param, e.code)
-    if isinstance(e, QueueFull):
-        return ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after_s)})
-    if isinstance(e, DeadlineExceeded):
-        return ApiError(408, str(e), code="request_timeout")
-    if isinstance(e, JaxkvError):
-        return ApiError(400, str(e), code="invalid_value")
-    if isinstance(e, EngineShutdownError):
-        return ApiError(503, str(e), type_="server_error", code="unavailable")
-    if isinstance(e, EngineStepError):
-        return ApiError(500, str(e), type_="server_error", code="engine_error")
-    return ApiError(500, str(e) or type(e).__name__, type_="server_error", code="internal_error")
 
 
 def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_size: int = 16,
@@ -350,7 +238,7 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
         want_logprobs = body.logprobs is not None and body.logprobs is not False
         request = server.make_request(await server.encode(prompt, "prompt"), body, body.max_tokens,
                                       DEFAULT_COMPLETION_TOKENS, want_logprobs, "cmpl", "prompt")
-        return await _respond(server, request, "prompt", body, http, _completion_events, "text_completion",
+        return await _respond(server, request, "prompt", body, http, completion_events, "text_completion",
                               lambda gen: {"index": 0, "text": gen.text, "finish_reason": gen.finish_reason,
                                            "logprobs": gen.completion_logprobs(gen.ids, gen.logprobs)
                                            if want_logprobs else None})
@@ -374,7 +262,7 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         want_logprobs = bool(body.logprobs)
         request = server.make_request(ids, body, max_tokens, None, want_logprobs, "chatcmpl", "messages")
-        return await _respond(server, request, "messages", body, http, _chat_events, "chat.completion",
+        return await _respond(server, request, "messages", body, http, chat_events, "chat.completion",
                               lambda gen: {"index": 0, "message": {"role": "assistant", "content": gen.text},
                                            "finish_reason": gen.finish_reason,
                                            "logprobs": gen.chat_logprobs(gen.ids, gen.logprobs)
@@ -418,10 +306,10 @@ def _version() -> str:
 async def _respond(server: _Server, request, prompt_param: str, body, http: Request, events, kind: str, choice_of):
     """Submit, then stream events (stream=true) or collect the whole completion into one response body."""
     stream = await server.submit(request, prompt_param)
-    gen = _Generation(server, request.request_id, request.logprobs)
+    gen = Generation(server.llm.tokenizer, server.eos_ids, request.request_id, request.logprobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return server.streaming_response(events(server, stream, gen, include_usage), stream)
+        return server.streaming_response(events(server.model_name, stream, gen, include_usage), stream)
     if not await server.collect(stream, gen, http):
         return Response(status_code=499)
     return {"id": gen.request_id, "object": kind, "created": gen.created, "model": server.model_name,
@@ -431,57 +319,6 @@ async def _respond(server: _Server, request, prompt_param: str, body, http: Requ
 def _model_card(server: _Server) -> dict:
     return {"id": server.model_name, "object": "model", "created": server.started, "owned_by": "jaxkv",
             "max_model_len": server.engine.max_context}
-
-
-async def _events(server: _Server, stream: RequestStream, gen: _Generation, include_usage: bool, kind: str,
-                  choices_of, opening: tuple = ()) -> AsyncIterator[str]:
-    """Server-sent events for both endpoints: `opening` chunks, then `choices_of(out, ids, logprobs)`'s chunks per
-    engine output, the usage chunk when asked, errors in-band once the stream has begun, and [DONE]."""
-    def chunk(choices: list, usage=None) -> str:
-        out = {"id": gen.request_id, "object": kind, "created": gen.created, "model": server.model_name,
-               "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            out["usage"] = usage
-        return _sse(out)
-
-    try:
-        for choices in opening:
-            yield chunk(choices)
-        async for out in stream:
-            ids, lps = gen.add(out)
-            for choices in choices_of(out, ids, lps):
-                yield chunk(choices)
-        if include_usage:
-            yield chunk([], gen.usage)
-    except Exception as e:  # noqa: BLE001 - the stream has begun: report in-band
-        yield _sse(api_error(e).body(), ascii_only=True)
-    finally:
-        stream.abort()
-    yield _sse("[DONE]")
-
-
-def _completion_events(server: _Server, stream: RequestStream, gen: _Generation,
-                       include_usage: bool) -> AsyncIterator[str]:
-    def choices_of(out, ids, lps):
-        if out.text or out.finished or (gen.want_logprobs and ids):
-            lp = gen.completion_logprobs(ids, lps) if gen.want_logprobs else None
-            yield [{"index": 0, "text": out.text, "logprobs": lp,
-                    "finish_reason": out.finish_reason if out.finished else None}]
-
-    return _events(server, stream, gen, include_usage, "text_completion", choices_of)
-
-
-def _chat_events(server: _Server, stream: RequestStream, gen: _Generation,
-                 include_usage: bool) -> AsyncIterator[str]:
-    def choices_of(out, ids, lps):
-        if out.text or (gen.want_logprobs and ids):
-            lp = gen.chat_logprobs(ids, lps) if gen.want_logprobs else None
-            yield [{"index": 0, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}]
-        if out.finished:
-            yield [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}]
-
-    opening = ([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],)
-    return _events(server, stream, gen, include_usage, "chat.completion.chunk", choices_of, opening)
 
 
 # --- running it ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxkv.errors import JaxkvError
+from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import gpu, reference, tpu
 from pallas_kernels.sharded import per_shard
 
@@ -39,7 +39,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
     if backend == "reference":
         return reference.paged_attention(q, k_pages, v_pages, block_tables, lengths, **options)
     if backend not in _KERNELS:
-        raise JaxkvError(f"paged_attention: unknown backend {backend!r}; choose auto, reference or "
+        raise KernelInputError(f"paged_attention: unknown backend {backend!r}; choose auto, reference or "
                          f"{', '.join(_KERNELS)}")
     return per_shard(_KERNELS[backend], q, k_pages, v_pages, block_tables, lengths, interpret=interpret, **options)
 
@@ -53,10 +53,10 @@ def _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, si
 
 
 def checker(name: str):
-    """check(ok, message): raise one clear JaxkvError line naming the entry point."""
+    """check(ok, message): raise one clear KernelInputError line naming the entry point."""
     def check(ok, message):
         if not ok:
-            raise JaxkvError(f"{name}: {message}")
+            raise KernelInputError(f"{name}: {message}")
     return check
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxkv.errors import JaxkvError
-from pallas_kernels.paged_attention.reference import MASKED, table_slot, visible
+from pallas_kernels.errors import KernelInputError
+from pallas_kernels.paged_attention.reference import MASKED, table_column, visible
 
 _BLOCK_TOKENS = 32  # tokens per loop step: Triton's dot wants every dimension >= 16
 _MAX_SPLITS = 8  # split-K programs per (sequence, KV head), so short batches still fill the GPU
@@ -46,8 +46,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
         logical = start + i * pages_per_block + jnp.arange(pages_per_block)
         seen = jnp.minimum(logical, n_visible - 1)  # the tail of the last block re-reads a visible page, masked
         page = jnp.where(seen < n_sink, seen, seen - n_sink + window_first)  # position // page_size
-        slot = table_slot(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
-        pages = jnp.clip(tables_ref[slot], 0, n_pages - 1)  # never read outside the pool, whatever the table holds
+        column = table_column(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
+        pages = jnp.clip(tables_ref[column], 0, n_pages - 1)  # never read outside the pool, whatever the table holds
         positions = (page[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
         in_split = jnp.broadcast_to((logical < stop)[:, None], (pages_per_block, page_size)).reshape(block_k)
         keep = (visible(positions, length, sinks, window) & in_split)[None, :]
@@ -69,7 +69,7 @@ def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep
     """One online-softmax step of the rows q [R, Dh] over the pool pages `pages` (block_k tokens together):
     carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8 scales
     (refs or None) apply to the logits and to p. `used` [block_k], when given, zeroes V (and its scales) where
-    no row looks, so stale or NaN slots of a loaded page cannot reach the output through 0 * NaN."""
+    no row looks, so stale or NaN places of a loaded page cannot reach the output through 0 * NaN."""
     acc, m, l = carry
     block_k, head_dim = keep.shape[-1], q.shape[-1]
     k = k_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
@@ -99,7 +99,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     pages_per_seq = block_tables.shape[1]
     for name, size in (("page_size", page_size), ("head_dim", head_dim)):
         if size & (size - 1):
-            raise JaxkvError(f"paged_attention: the gpu backend needs a power-of-two {name}, got {size}")
+            raise KernelInputError(f"paged_attention: the gpu backend needs a power-of-two {name}, got {size}")
     group = n_heads // n_kv
     padded_group = max(16, pl.next_power_of_2(group))  # Triton's dot and loads want powers of two >= 16
     pages_per_block = max(1, _BLOCK_TOKENS // page_size)

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 MASKED = -1e30  # finite, so a fully masked row or block stays NaN-free
 
 
-def table_slot(page: jax.Array, pages_per_seq: int, sinks: int, page_size: int) -> jax.Array:
+def table_column(page: jax.Array, pages_per_seq: int, sinks: int, page_size: int) -> jax.Array:
     """The block-table column that holds a sequence's page `page` (= position // page_size).
 
-    Pages inside the table map to themselves. Pages past it wrap around the slots after the
+    Pages inside the table map to themselves. Pages past it wrap around the columns after the
     sink pages (a ring), so a sequence with sinks and a window (StreamingLLM) runs forever on a
     table of cdiv(sinks, page_size) + cdiv(window, page_size) + 1 pages: a window page reuses the
-    slot of a page that fell out of the window.
+    column of a page that fell out of the window.
     """
     sink_pages = min(-(-sinks // page_size), pages_per_seq - 1)
     ring = pages_per_seq - sink_pages
@@ -57,8 +57,8 @@ def gather_tokens(pages, scales, block_tables, positions, sinks, window):
         row_scales = None if scales is None else jnp.take(scales, block_tables, axis=1, mode="clip")
         dense = dequantize(rows.reshape(*rows.shape[:3], page_size, head_dim), row_scales, jnp.float32)
         return dense.reshape(*dense.shape[:2], -1, head_dim)
-    slot = table_slot(jnp.maximum(positions, 0) // page_size, block_tables.shape[1], sinks, page_size)
-    page = jnp.take_along_axis(block_tables, slot, axis=1)
+    column = table_column(jnp.maximum(positions, 0) // page_size, block_tables.shape[1], sinks, page_size)
+    page = jnp.take_along_axis(block_tables, column, axis=1)
     offset = jnp.maximum(positions, 0) % page_size
     return dequantize(pages[:, page, offset], None if scales is None else scales[:, page, offset], jnp.float32)
 

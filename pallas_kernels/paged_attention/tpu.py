@@ -3,7 +3,7 @@
 The page pools stay in HBM. Each (sequence, KV head, split) program walks its share of the visible pages (the
 sink pages, then the window's; never the middle) in blocks of pages_per_block pages, DMA-ing block i+1 into one
 half of a double VMEM buffer while it computes on block i in the other. Pool page numbers come from the
-scalar-prefetched lengths and block tables (SMEM), through the reference's ring `table_slot`. Each split
+scalar-prefetched lengths and block tables (SMEM), through the reference's ring `table_column`. Each split
 writes a partial (acc, max, sum) that JAX combines, as in gpu.py.
 """
 
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxkv.errors import JaxkvError
-from pallas_kernels.paged_attention.reference import MASKED, table_slot, visible
+from pallas_kernels.errors import KernelInputError
+from pallas_kernels.paged_attention.reference import MASKED, table_column, visible
 
 _BLOCK_TOKENS = 128  # tokens per loop step: one MXU-wide block of keys, and DMAs big enough to hide latency
 _MAX_SPLITS = 2  # split-K programs per (sequence, KV head): one long sequence still spans a megacore's 2 cores
@@ -63,7 +63,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
         out = []
         for j in range(pages_per_block):
             logical = jnp.minimum(start + block * pages_per_block + j, stop - 1)
-            column = table_slot(page_of(logical), pages_per_seq, sinks, page_size)
+            column = table_column(page_of(logical), pages_per_seq, sinks, page_size)
             page = jnp.clip(tables_ref[b * pages_per_seq + column], 0, n_pages - 1)  # never outside the pool
             out += [pltpu.make_async_copy(pool.at[h, page], buffer.at[half, j], sems.at[half])
                     for pool, buffer in zip(pools, buffers)]
@@ -133,7 +133,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     n_kv, _, page_size, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
     if page_size % 8:
-        raise JaxkvError(f"paged_attention: the tpu backend needs a page_size multiple of 8 (TPU sublane tiles), "
+        raise KernelInputError(f"paged_attention: the tpu backend needs a page_size multiple of 8 (TPU sublane tiles), "
                          f"got {page_size}")
     group = n_heads // n_kv
     padded_group = -(-group // 8) * 8  # whole (8, 128) tiles for q and the accumulator

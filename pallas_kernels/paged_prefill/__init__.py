@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxkv.errors import JaxkvError
+from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import checker, validate_pages
 from pallas_kernels.paged_prefill import gpu, reference
 from pallas_kernels.sharded import per_shard
@@ -37,7 +37,7 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     if backend == "auto":
         backend = jax.default_backend() if jax.default_backend() in _KERNELS else "reference"
     if backend != "reference" and backend not in _KERNELS:
-        raise JaxkvError(f"paged_prefill_attention: unknown backend {backend!r}; choose auto, reference or "
+        raise KernelInputError(f"paged_prefill_attention: unknown backend {backend!r}; choose auto, reference or "
                          f"{', '.join(_KERNELS)}")
     options = dict(k_scales=k_scales, v_scales=v_scales, sinks=sinks, window=window,
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))

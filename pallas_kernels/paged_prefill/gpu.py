@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxkv.errors import JaxkvError
+from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention.gpu import attend_pages
-from pallas_kernels.paged_attention.reference import MASKED, table_slot, visible
+from pallas_kernels.paged_attention.reference import MASKED, table_column, visible
 
 _BLOCK_ROWS = 64  # query rows (queries x padded group) per program
 _BLOCK_TOKENS = 64  # KV tokens per loop step: Triton's dot wants every dimension >= 16
@@ -51,8 +51,8 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, wind
     def body(i, carry):
         logical = i * pages_per_block + jnp.arange(pages_per_block)
         page = jnp.where(logical < n_sink, logical, logical - n_sink + window_first)  # position // page_size
-        slot = table_slot(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
-        pages = jnp.clip(tables_ref[seq * pages_per_seq + slot], 0, n_pages - 1)  # never outside the pool
+        column = table_column(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
+        pages = jnp.clip(tables_ref[seq * pages_per_seq + column], 0, n_pages - 1)  # never outside the pool
         positions = (page[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
         in_range = jnp.broadcast_to((logical < n_visible)[:, None], (pages_per_block, page_size)).reshape(block_k)
         # tokens some query of the block sees; the rest of a loaded page (past the sequence, between the sinks
@@ -114,16 +114,16 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     batch, pages_per_seq = block_tables.shape
     for name, size in (("page_size", page_size), ("head_dim", head_dim)):
         if size & (size - 1):
-            raise JaxkvError(f"paged_prefill_attention: the gpu backend needs a power-of-two {name}, got {size}")
+            raise KernelInputError(f"paged_prefill_attention: the gpu backend needs a power-of-two {name}, got {size}")
     if head_dim < 16:
-        raise JaxkvError(f"paged_prefill_attention: the gpu backend needs head_dim >= 16, got {head_dim}")
+        raise KernelInputError(f"paged_prefill_attention: the gpu backend needs head_dim >= 16, got {head_dim}")
     if n_tokens == 0 or batch == 0:
         return jnp.zeros_like(q)
     group = n_heads // n_kv
     padded_group = pl.next_power_of_2(group)
     block_q = max(1, _BLOCK_ROWS // padded_group) if block_q is None else block_q
     if block_q & (block_q - 1) or block_q * padded_group < 16:
-        raise JaxkvError(f"paged_prefill_attention: block_q must be a power of two with block_q * {padded_group} "
+        raise KernelInputError(f"paged_prefill_attention: block_q must be a power of two with block_q * {padded_group} "
                          f">= 16, got {block_q}")
     block_rows = block_q * padded_group
     pages_per_block = max(1, block_tokens // page_size)

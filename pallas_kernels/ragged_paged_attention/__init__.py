@@ -1,0 +1,100 @@
+"""Attention of one ragged step over a paged KV cache: the single entry point the model calls.
+
+A step packs the new tokens of several sequences one after another (a decode row is a chunk of one
+token, a prefill row a chunk of many); their K/V are already written into the pages. `RaggedMetadata`
+says where each row's queries are, how long its sequence is after them and where its pages are. The
+pure-JAX reference is the ground truth and the CPU path; on GPU the Triton kernel of `paged_prefill`
+runs, on TPU the Mosaic decode kernel when every row is one token (the reference otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.errors import KernelInputError
+from pallas_kernels.paged_attention import checker, gpu as decode_gpu, tpu as decode_tpu, validate_pages
+from pallas_kernels.paged_prefill import gpu as prefill_gpu
+from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.sharded import per_shard
+
+BACKENDS = ("reference", "gpu", "tpu")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["cu_q_lens", "kv_lens", "block_tables"],
+                   meta_fields=["max_q_len"])
+@dataclasses.dataclass(frozen=True)
+class RaggedMetadata:
+    """Where a step's rows are. cu_q_lens int32 [R+1]: row r's queries are q[cu_q_lens[r]:cu_q_lens[r+1]] (from
+    0, non-decreasing; q rows past cu_q_lens[R] are padding). kv_lens int32 [R]: row r's tokens once its new ones
+    are written, so its query i sits at position kv_lens[r] - q_len_r + i. block_tables int32 [R, W]: the pages of
+    each row, in position order (past W they wrap as a ring after the sink pages, for StreamingLLM).
+    max_q_len (static): the longest chunk any row may have; 1 means every row is a decode row."""
+
+    cu_q_lens: jax.Array
+    kv_lens: jax.Array
+    block_tables: jax.Array
+    max_q_len: int = 1
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "k_scales", "v_scales"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class PoolLayer:
+    """One KV layer's pages: k, v [kv_heads, num_pages, page_size, head_dim]; int8 pages carry float32 scales
+    [kv_heads, num_pages, page_size] (value = int8 x scale per token and head)."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scales: jax.Array | None = None
+    v_scales: jax.Array | None = None
+
+
+def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, sinks: int = 0,
+                           window: int | None = None, strict: bool = False, backend: str = "auto",
+                           interpret: bool = False):
+    """Causal attention of every packed query [T, H, Dh] over its row's pages; returns [T, H, Dh] in q.dtype.
+
+    With a window only the first `sinks` positions and the last `window` up to the query are visible. strict:
+    a query sees the positions strictly before its own (LCKV's upward source, whose KV of the current token is
+    not known yet); one that sees nothing gives zeros. GQA maps query head h to KV head h // (H // K); the
+    softmax runs in float32. backend: "reference", "gpu", "tpu" or "auto" (the platform's kernel, else the
+    reference); interpret=True runs a kernel on CPU. Under a mesh a kernel runs per shard of the heads.
+    """
+    check = checker("ragged_paged_attention")
+    meta = jax.tree.map(jnp.asarray, meta)  # host arrays (a step built outside jit) index like traced ones
+    check(q.ndim == 3, f"q must be [tokens, q_heads, head_dim], got shape {q.shape}")
+    validate_pages(check, q, pages.k, pages.v, meta.block_tables, meta.kv_lens, pages.k_scales, pages.v_scales,
+                   sinks, window)
+    check(meta.cu_q_lens.shape == (meta.kv_lens.shape[0] + 1,) and meta.cu_q_lens.dtype == jnp.int32,
+          f"cu_q_lens must be int32 [rows + 1] = [{meta.kv_lens.shape[0] + 1}], got {meta.cu_q_lens.dtype} "
+          f"{meta.cu_q_lens.shape}")
+    check(meta.max_q_len >= 1, f"max_q_len must be >= 1, got {meta.max_q_len}")
+    if backend == "auto":
+        backend = jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "reference"
+    if backend not in BACKENDS:
+        raise KernelInputError(f"ragged_paged_attention: unknown backend {backend!r}; choose auto, "
+                               f"{', '.join(BACKENDS)}")
+    if strict:  # a query at p sees what one at p - 1 sees, its window one shorter: positions p - window + 1 .. p - 1
+        meta = dataclasses.replace(meta, kv_lens=meta.kv_lens - 1)
+        window = None if window is None else window - 1
+    options = dict(k_scales=pages.k_scales, v_scales=pages.v_scales, sinks=sinks, window=window,
+                   scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
+    if backend == "reference":
+        return reference.ragged_paged_attention(q, pages.k, pages.v, meta, **options)
+    lengths = jnp.maximum(meta.kv_lens, 0)
+    if meta.max_q_len == 1:  # every row one query: the decode kernel, on each row's query
+        kernel = decode_gpu.paged_attention if backend == "gpu" else decode_tpu.paged_attention
+        rows, real = reference.last_queries(meta.cu_q_lens, q.shape[0])
+        out = per_shard(kernel, q[rows], pages.k, pages.v, meta.block_tables, jnp.where(real, lengths, 0),
+                        interpret=interpret, **options)
+        return jnp.zeros_like(q).at[jnp.where(real, rows, q.shape[0])].set(out, mode="drop")
+    if backend == "tpu":  # no ragged Mosaic kernel yet: the reference, which XLA compiles for TPU
+        return reference.ragged_paged_attention(q, pages.k, pages.v, meta, **options)
+    return per_shard(prefill_gpu.paged_prefill_attention, q, pages.k, pages.v, meta.block_tables, lengths,
+                     meta.cu_q_lens, interpret=interpret, rows_are_sequences=False, **options)
+
+
+__all__ = ["PoolLayer", "RaggedMetadata", "ragged_paged_attention"]
