@@ -64,7 +64,9 @@ def test_block_table_layout():
     pool = PageAllocator(num_pages=8, page_size=2)
     pool.reserve("x", 1)
     pool.reserve("y", 5)
-    np.testing.assert_array_equal(pool.block_table(["y", "x"], 4), [[1, 2, 3, 0], [0, 0, 0, 0]])
+    # unreserved columns name the scratch page (8), never page 0, which "x" owns
+    np.testing.assert_array_equal(pool.block_table(["y", "x"], 4), [[1, 2, 3, 8], [0, 8, 8, 8]])
+    assert pool.pages("y") == [1, 2, 3]
     with pytest.raises(JaxkvError, match="table holds 2"):
         pool.block_table(["y"], 2)
 

@@ -141,10 +141,14 @@ class PageAllocator:
         self._drop(self._pages.pop(seq))
         del self._lengths[seq]
 
+    def pages(self, seq) -> list[int]:
+        """The pages of `seq`, in position order."""
+        return list(self._pages[seq])
+
     def block_table(self, seqs: list, pages_per_seq: int) -> np.ndarray:
-        """int32 [len(seqs), pages_per_seq]: each sequence's pages in order, padded with page 0
-        (never read: lengths bound every read)."""
-        table = np.zeros((len(seqs), pages_per_seq), np.int32)
+        """int32 [len(seqs), pages_per_seq]: each sequence's pages in order, padded with page `num_pages`: the
+        pool's scratch page, which no sequence owns, so a write past a sequence's pages harms no one."""
+        table = np.full((len(seqs), pages_per_seq), self.num_pages, np.int32)
         for row, seq in enumerate(seqs):
             pages = self._pages[seq]
             if len(pages) > pages_per_seq:

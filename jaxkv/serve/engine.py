@@ -418,8 +418,8 @@ class Engine:
         self.allocator.release(seq.request.request_id)
         self.running[seq.row], seq.row = None, None
 
-    def _pages(self, seq: _Sequence) -> np.ndarray:
-        return self.allocator.block_table([seq.request.request_id], self.pages_per_seq)[0]
+    def _pages(self, seq: _Sequence) -> list[int]:
+        return self.allocator.pages(seq.request.request_id)
 
     def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestOutput:
         """Append a sampled token; finish the request on EOS, a stop string or its budget."""
