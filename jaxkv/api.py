@@ -101,8 +101,8 @@ class LLM:
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         ids = [self.encode(t, chat) for t in texts]
-        return self.generate_ids(ids, max_new_tokens, sampling, stops, ignore_eos)[0] if single else \
-            self.generate_ids(ids, max_new_tokens, sampling, stops, ignore_eos)
+        out = self.generate_ids(ids, max_new_tokens, sampling, stops, ignore_eos)
+        return out[0] if single else out
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                      stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Completion]:

@@ -132,8 +132,8 @@ class StepMetadata:
             positions[cu_q_lens[r]:cu_q_lens[r + 1]] = np.arange(start, start + n)
             token_rows[cu_q_lens[r]:cu_q_lens[r + 1]] = r
         logits_index = np.maximum(cu_q_lens[1:] - 1, 0)
-        sinks = np.arange(n_rows, dtype=np.int32) if sink_rows is None else np.zeros(n_rows, np.int32)
-        if sink_rows is not None:
+        sinks = np.arange(n_rows, dtype=np.int32)
+        if sink_rows is not None:  # idle rows keep their own index: they write nothing
             sinks[:len(sink_rows)] = sink_rows
         max_q_len = max(int(n_new.max(initial=1)), 1) if max_q_len is None else max_q_len
         return cls(RaggedMetadata(cu_q_lens, kv_lens, tables, max_q_len), positions, token_rows, logits_index,
