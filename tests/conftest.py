@@ -94,6 +94,26 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def first_layers(llm, n: int):
+    """The model cut to its first n layers (its own weights, embeddings, head and tokenizer): a real model that
+    traces and compiles about n_layers / n times faster, for tests of the runtime rather than of the model."""
+    from jaxkv.api import LLM
+
+    cfg = llm.config
+    cfg = cfg.replace(n_layers=n, kv_sources=tuple(cfg.kv_sources[:n]),
+                      window_layers=tuple(i for i in cfg.window_layers if i < n))
+    params = {name: value for name, value in llm.params.items()
+              if not name.startswith("layers_") or int(name.split("_")[1]) < n}
+    return LLM(cfg, llm.tokenizer, params, kv_dtype=llm.kv_dtype, page_size=llm.page_size)
+
+
+def interpret(backend: str) -> bool:
+    """Pallas' interpret mode, except for the Triton kernels when a GPU runs the suite (scripts/gpu_check.sh)."""
+    import jax
+
+    return not (backend == "gpu" and jax.default_backend() == "gpu")
+
+
 def relative_error(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels import paged_attention
 from pallas_kernels.paged_prefill import gpu, paged_prefill_attention
-from conftest import relative_error
+from conftest import interpret, relative_error
 from test_paged_attention import KV_HEADS, random_pool, split_options
 
 PAGES_PER_SEQ, PADDING = 6, 3
@@ -95,7 +96,7 @@ def test_gpu_kernel_matches_reference(case):
     options, case = split_options(case)
     inputs = make_inputs(**case)
     want = paged_prefill_attention(**inputs, **options, backend="reference")
-    got = paged_prefill_attention(**inputs, **options, backend="gpu", interpret=True)
+    got = paged_prefill_attention(**inputs, **options, backend="gpu", interpret=interpret("gpu"))
     assert got.dtype == want.dtype and got.shape == want.shape
     assert relative_error(got, want) < (2e-2 if case["dtype"] == jnp.bfloat16 else 1e-5)
     assert not np.asarray(got[-PADDING:]).any()  # padding rows after cu_q_lens[-1] give zeros
@@ -106,9 +107,9 @@ def test_gpu_kernel_small_query_blocks_and_kv_steps():
     inputs = make_inputs(chunks=[(3, 13), (0, 0), (17, 22), (0, 8)], ratio=1)
     options = dict(k_scales=None, v_scales=None, scale=0.125, sinks=2, window=9)
     want = paged_prefill_attention(**inputs, **options, backend="reference")
-    got = gpu.paged_prefill_attention(**inputs, **options, interpret=True, block_q=16, block_tokens=16)
+    got = gpu.paged_prefill_attention(**inputs, **options, interpret=interpret("gpu"), block_q=16, block_tokens=16)
     assert relative_error(got, want) < 1e-5
-    got = gpu.paged_prefill_attention(**inputs, **{**options, "window": None}, interpret=True, block_q=16,
+    got = gpu.paged_prefill_attention(**inputs, **{**options, "window": None}, interpret=interpret("gpu"), block_q=16,
                                       block_tokens=16)
     assert relative_error(got, paged_prefill_attention(**inputs, **{**options, "window": None},
                                                        backend="reference")) < 1e-5
@@ -127,7 +128,7 @@ def test_gpu_kernel_reads_only_what_some_query_sees():
                 keep[tables[b, p // page_size], p % page_size] = True
     poisoned = {name: jnp.where(keep[None, :, :, None], inputs[name], jnp.nan) for name in ("k_pages", "v_pages")}
     got = paged_prefill_attention(**{**inputs, **poisoned}, sinks=sinks, window=window, backend="gpu",
-                                  interpret=True)
+                                  interpret=interpret("gpu"))
     want = paged_prefill_attention(**inputs, sinks=sinks, window=window, backend="reference")
     assert relative_error(got, want) < 1e-5
 
@@ -164,14 +165,16 @@ def test_chunks_of_one_are_decode(case):
     want = paged_attention(**decode_inputs, **options, backend="reference")
     np.testing.assert_allclose(paged_prefill_attention(**inputs, **options, backend="reference"), want,
                                atol=1e-6, rtol=1e-6)
-    got = paged_prefill_attention(**inputs, **options, backend="gpu", interpret=True)
+    got = paged_prefill_attention(**inputs, **options, backend="gpu", interpret=interpret("gpu"))
     assert relative_error(got, want) < 1e-5
 
 
-def test_auto_is_the_reference_on_cpu():
+def test_auto_is_the_platforms_kernel():
+    """auto: the Triton kernel on a GPU, the reference on CPU."""
     inputs = make_inputs(ratio=3)
+    platform = "gpu" if jax.default_backend() == "gpu" else "reference"
     np.testing.assert_array_equal(paged_prefill_attention(**inputs),
-                                  paged_prefill_attention(**inputs, backend="reference"))
+                                  paged_prefill_attention(**inputs, backend=platform))
 
 
 BAD_INPUTS = {  # name -> what to change in good inputs
@@ -185,7 +188,7 @@ BAD_INPUTS = {  # name -> what to change in good inputs
                                                v_pages=inputs["v_pages"].astype(jnp.int8)),
     "window": lambda inputs: dict(window=-1),
     "gpu page size": lambda inputs: dict(k_pages=inputs["k_pages"][:, :, :6], v_pages=inputs["v_pages"][:, :, :6],
-                                         backend="gpu", interpret=True),
+                                         backend="gpu", interpret=interpret("gpu")),
 }
 
 
