@@ -2,9 +2,9 @@
 
 The page pools stay in HBM. Each (sequence, KV head, split) program walks its share of the visible pages (the
 sink pages, then the window's; never the middle) in blocks of pages_per_block pages, DMA-ing block i+1 into one
-half of a double VMEM buffer while it computes on block i in the other. Pool page numbers come from the
-scalar-prefetched lengths and block tables (SMEM), through the reference's ring `table_column`. Each split
-writes a partial (acc, max, sum) that JAX combines, as in gpu.py.
+half of a double VMEM buffer while it computes on block i in the other (`attend_pages`, which the ragged
+kernel shares). Pool page numbers come from the scalar-prefetched lengths and block tables (SMEM), through
+the reference's ring `table_column`. Each split writes a partial (acc, max, sum) that JAX combines, as in gpu.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _MAX_SPLITS = 2  # split-K programs per (sequence, KV head): one long sequence s
 
 def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_per_seq, pages_per_block,
             n_splits, quantized):
-    """One (sequence, KV head, split): double-buffered loop over this split's share of the visible pages.
+    """One (sequence, KV head, split): `attend_pages` over this split's share of the visible pages.
 
     The visible pages are numbered 0..n_visible-1 ("logical" pages: the sink pages, then the window's
     pages), so masked-out middles of long sequences are never copied out of HBM. Programs share no state
@@ -35,9 +35,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
     n_pools = 4 if quantized else 2  # k, v pages [, k, v scales]: in HBM, copied by hand
     pools, (acc_ref, m_ref, l_ref), buffers, sems = (refs[:n_pools], refs[n_pools:n_pools + 3],
                                                      refs[n_pools + 3:-1], refs[-1])
-    _, n_pages, page_size, head_dim = pools[0].shape
-    block_k = pages_per_block * page_size
-    b, h = pl.program_id(0), pl.program_id(1)
+    page_size = pools[0].shape[2]
+    b = pl.program_id(0)
     length = lengths_ref[b]
 
     if window is None:  # every page of the table up to the length
@@ -49,7 +48,27 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
         n_visible = n_sink + jnp.maximum(pl.cdiv(length, page_size) - window_first, 0)
     per_split = pl.cdiv(pl.cdiv(n_visible, n_splits), pages_per_block) * pages_per_block
     start = pl.program_id(2) * per_split
-    stop = jnp.minimum(start + per_split, n_visible)
+    acc_ref[...], m_ref[...], l_ref[...] = attend_pages(
+        q_ref[...], pools, buffers, sems, tables_ref, seq=b, head=pl.program_id(1), start=start,
+        stop=jnp.minimum(start + per_split, n_visible), n_sink=n_sink, window_first=window_first,
+        keep=lambda positions: visible(positions, length, sinks, window), scale=scale, sinks=sinks,
+        pages_per_seq=pages_per_seq)
+
+
+def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop, n_sink, window_first, keep, scale,
+                 sinks, pages_per_seq):
+    """Online softmax of the rows q [R, Dh] over logical pages start..stop-1 of sequence `seq`'s table, in blocks of
+    the buffers' pages; returns float32 (acc [R, Dh], max [R, 1], sum [R, 1]). Shared by the decode and the ragged
+    kernels: they differ only in which pages they walk and in keep(positions [1, block_k]) -> [R or 1, block_k].
+
+    Logical page i is page i below n_sink (the sinks), page i - n_sink + window_first from there. pools (k, v
+    [, k scales, v scales], in HBM) are DMA-ed into one half of the double VMEM buffers while the other is
+    computed on; sems holds one DMA semaphore per half (a block waits for all its copies before reading any).
+    """
+    quantized = len(pools) == 4
+    _, n_pages, page_size, head_dim = pools[0].shape
+    pages_per_block = buffers[0].shape[1]
+    block_k = pages_per_block * page_size
     n_blocks = pl.cdiv(jnp.maximum(stop - start, 0), pages_per_block)
 
     def page_of(logical):
@@ -58,14 +77,14 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
 
     def copies(block):
         """The DMAs of a block's pages (and scales) into its buffer half. A last block's tail past `stop`
-        re-reads the split's last page, so every buffer row holds visible pool data (masked below)."""
+        re-reads logical page stop - 1, so every buffer row holds visible pool data (masked below)."""
         half = block % 2
         out = []
         for j in range(pages_per_block):
             logical = jnp.minimum(start + block * pages_per_block + j, stop - 1)
             column = table_column(page_of(logical), pages_per_seq, sinks, page_size)
-            page = jnp.clip(tables_ref[b * pages_per_seq + column], 0, n_pages - 1)  # never outside the pool
-            out += [pltpu.make_async_copy(pool.at[h, page], buffer.at[half, j], sems.at[half])
+            page = jnp.clip(tables_ref[seq * pages_per_seq + column], 0, n_pages - 1)  # never outside the pool
+            out += [pltpu.make_async_copy(pool.at[head, page], buffer.at[half, j], sems.at[half])
                     for pool, buffer in zip(pools, buffers)]
         return out
 
@@ -74,7 +93,6 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
         a free reshape whenever page_size is a multiple of 8 (bf16 and int8 tiles are 16 and 32 rows)."""
         return buffer[half].astype(jnp.float32).reshape(block_k, head_dim).astype(dtype)
 
-    q = q_ref[...]
     compute_dtype = q.dtype if quantized else pools[0].dtype
 
     def body(i, carry):
@@ -91,16 +109,16 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
         tokens = jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         logical = start + i * pages_per_block + tokens // page_size
         positions = page_of(logical) * page_size + tokens % page_size
-        keep = visible(positions, length, sinks, window) & (logical < stop)
+        seen = keep(positions) & (logical < stop)
 
         k = merged(buffers[0], half, compute_dtype)
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
             logits *= buffers[2][half].reshape(1, block_k)  # per-token K scales, as a row
-        logits = jnp.where(keep, logits * scale, MASKED)
+        logits = jnp.where(seen, logits * scale, MASKED)
         m_next = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
         alpha = jnp.exp(m - m_next)
-        p = jnp.where(keep, jnp.exp(logits - m_next), 0.0)
+        p = jnp.where(seen, jnp.exp(logits - m_next), 0.0)
         l_next = alpha * l + p.sum(axis=-1, keepdims=True)
         if quantized:
             p *= buffers[3][half].reshape(1, block_k)
@@ -113,10 +131,10 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
         for copy in copies(0):
             copy.start()
 
-    group = q.shape[0]
-    init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group, 1), MASKED, jnp.float32),
-            jnp.zeros((group, 1), jnp.float32))
-    acc_ref[...], m_ref[...], l_ref[...] = jax.lax.fori_loop(0, n_blocks, body, init)
+    rows = q.shape[0]
+    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASKED, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+    return jax.lax.fori_loop(0, n_blocks, body, init)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret", "block_tokens",

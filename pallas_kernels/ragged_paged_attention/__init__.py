@@ -4,7 +4,8 @@ A step packs the new tokens of several sequences one after another (a decode row
 token, a prefill row a chunk of many); their K/V are already written into the pages. `RaggedMetadata`
 says where each row's queries are, how long its sequence is after them and where its pages are. The
 pure-JAX reference is the ground truth and the CPU path; on GPU the Triton kernel of `paged_prefill`
-runs, on TPU the Mosaic decode kernel when every row is one token (the reference otherwise).
+runs, on TPU the ragged Mosaic kernel of `tpu.py`; a step whose rows are all one token runs either
+platform's decode kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import checker, gpu as decode_gpu, tpu as decode_tpu, validate_pages
 from pallas_kernels.paged_prefill import gpu as prefill_gpu
-from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention import reference, tpu as ragged_tpu
 from pallas_kernels.sharded import per_shard
 
 BACKENDS = ("reference", "gpu", "tpu")
@@ -85,16 +86,18 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
     if backend == "reference":
         return reference.ragged_paged_attention(q, pages.k, pages.v, meta, **options)
     lengths = jnp.maximum(meta.kv_lens, 0)
-    if meta.max_q_len == 1:  # every row one query: the decode kernel, on each row's query
+    # Every row one query: the decode kernel, on each row's query. On TPU it beats the ragged kernel there: a
+    # program has `group` rows, not block_q * group mostly empty ones, and long sequences split over 2 programs.
+    if meta.max_q_len == 1:
         kernel = decode_gpu.paged_attention if backend == "gpu" else decode_tpu.paged_attention
         rows, real = reference.last_queries(meta.cu_q_lens, q.shape[0])
         out = per_shard(kernel, q[rows], pages.k, pages.v, meta.block_tables, jnp.where(real, lengths, 0),
                         interpret=interpret, **options)
         return jnp.zeros_like(q).at[jnp.where(real, rows, q.shape[0])].set(out, mode="drop")
-    if backend == "tpu":  # no ragged Mosaic kernel yet: the reference, which XLA compiles for TPU
-        return reference.ragged_paged_attention(q, pages.k, pages.v, meta, **options)
-    return per_shard(prefill_gpu.paged_prefill_attention, q, pages.k, pages.v, meta.block_tables, lengths,
-                     meta.cu_q_lens, interpret=interpret, rows_are_sequences=False, **options)
+    kernel = (prefill_gpu.paged_prefill_attention if backend == "gpu"
+              else functools.partial(ragged_tpu.ragged_paged_attention, max_q_len=meta.max_q_len))
+    return per_shard(kernel, q, pages.k, pages.v, meta.block_tables, lengths, meta.cu_q_lens, interpret=interpret,
+                     rows_are_sequences=False, **options)
 
 
 __all__ = ["PoolLayer", "RaggedMetadata", "ragged_paged_attention"]
