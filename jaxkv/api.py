@@ -22,8 +22,8 @@ from jaxkv.checkpoints.store import assemble_params, load_checkpoint
 from jaxkv.config import DTYPES, ModelConfig
 from jaxkv.errors import InvalidRequest, JaxkvError
 from jaxkv.generate.sampling import SamplingParams
+from jaxkv.model.decoder import shard_params
 from jaxkv.parallel.mesh import make_mesh
-from jaxkv.parallel.rules import shard_params
 from jaxkv.serve.compiled import Executables, bucket
 from jaxkv.serve.engine import Engine
 from jaxkv.serve.requests import Limits, Request

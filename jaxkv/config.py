@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from jaxkv.errors import JaxkvError
+from jaxkv.sharing import from_string
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "reference", "gpu", "tpu")
@@ -88,8 +89,6 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         sources = self.kv_sources
         if isinstance(sources, str):  # the underscore form of published LCKV configs
-            from jaxkv.sharing import from_string
-
             sources, windowed = from_string(sources)
             object.__setattr__(self, "window_layers", tuple(self.window_layers) + windowed)
         if sources is not None and not isinstance(sources, (list, tuple)):

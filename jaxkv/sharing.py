@@ -12,10 +12,12 @@ is the form published LCKV configs use.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
+
+if TYPE_CHECKING:  # config parses the underscore form with from_string: sharing must not import it back
+    from jaxkv.config import ModelConfig
 
 KVSources = tuple[int, ...]
 PARTITIONS = ("pizza", "sandwich", "lasagna")

@@ -25,9 +25,8 @@ from jax.sharding import PartitionSpec as P
 from jaxkv.cache.dense import KVCache
 from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata
 from jaxkv.config import ModelConfig
-from jaxkv.model.decoder import forward, init_params
-from jaxkv.parallel import (cache_shardings, logical_to_mesh, make_mesh, opt_state_shardings, param_shardings,
-                            shard_params)
+from jaxkv.model.decoder import forward, init_params, param_shardings, shard_params
+from jaxkv.parallel import cache_shardings, logical_to_mesh, make_mesh, opt_state_shardings
 from jaxkv.train.trainer import decay_mask, train_step
 
 out = {"devices": jax.device_count()}

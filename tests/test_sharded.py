@@ -25,8 +25,8 @@ from conftest import byte_tokenizer_files, dense_greedy
 from jaxkv.api import LLM
 from jaxkv.config import ModelConfig
 from jaxkv.generate.sampling import SamplingParams
-from jaxkv.model.decoder import init_params
-from jaxkv.parallel import make_mesh, opt_state_shardings, param_shardings, shard_params
+from jaxkv.model.decoder import init_params, param_shardings, shard_params
+from jaxkv.parallel import make_mesh, opt_state_shardings
 from jaxkv.serve.engine import Engine, Request
 from jaxkv.sharing import cla, lckv
 from jaxkv.tokenizer import Tokenizer
@@ -149,12 +149,12 @@ print("REPORT " + json.dumps(out))
 TWO_PROCESS = r'''
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from jaxkv.parallel import initialize, make_mesh, opt_state_shardings, param_shardings, shard_params
+from jaxkv.parallel import initialize, make_mesh, opt_state_shardings
 initialize(sys.argv[1], 2, int(sys.argv[2]))
 from jax.experimental import multihost_utils
 from jaxkv.config import ModelConfig
 from jaxkv.cache.dense import KVCache
-from jaxkv.model.decoder import forward, init_params
+from jaxkv.model.decoder import forward, init_params, param_shardings, shard_params
 from jaxkv.sharing import lckv
 from jaxkv.train.config import TrainSection
 from jaxkv.train.trainer import optimizer, train_step

@@ -21,6 +21,7 @@ from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.rope import apply_rope, inverse_frequencies
 from jaxkv.parallel.logical import constrain
+from jaxkv.parallel.rules import tree_shardings
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -207,6 +208,17 @@ def abstract_params(cfg: ModelConfig) -> dict:
 def param_logical_axes(cfg: ModelConfig) -> dict:
     """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
     return nn.get_partition_spec(_abstract_boxed(cfg))
+
+
+def param_shardings(cfg: ModelConfig, mesh):
+    """NamedShardings for the parameter tree of `cfg` from its logical axes and abstract shapes (nothing is
+    allocated): the one rules table decides."""
+    return tree_shardings(param_logical_axes(cfg), abstract_params(cfg), mesh)
+
+
+def shard_params(params, cfg: ModelConfig, mesh):
+    """`params` placed on the mesh as `param_shardings` says (each device receives only its shards)."""
+    return jax.device_put(params, param_shardings(cfg, mesh))
 
 
 def _abstract_boxed(cfg: ModelConfig) -> dict:

@@ -18,7 +18,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.parallel.logical import LOGICAL_RULES, constrain, logical_spec, logical_to_mesh  # noqa: F401 (re-exported)
 
@@ -47,19 +46,6 @@ def tree_shardings(logical_tree, shapes_tree, mesh: Mesh,
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, PartitionSpec())
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh):
-    """NamedShardings for the parameter tree of `cfg` (the tree `init_params` returns), from the
-    model's own logical axes and abstract shapes: nothing is allocated."""
-    from jaxkv.model.decoder import abstract_params, param_logical_axes  # (jaxkv.parallel is imported by the model)
-
-    return tree_shardings(param_logical_axes(cfg), abstract_params(cfg), mesh)
-
-
-def shard_params(params, cfg: ModelConfig, mesh: Mesh):
-    """`params` placed on the mesh as `param_shardings` says (each device receives only its shards)."""
-    return jax.device_put(params, param_shardings(cfg, mesh))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params, shardings, mesh: Mesh):

@@ -39,10 +39,10 @@ from jaxkv.config import ModelConfig
 from jaxkv.data.corpus import Split, load_split
 from jaxkv.data.tokens import Batches, eval_batches, packed_rows, train_bpe
 from jaxkv.errors import JaxkvError
-from jaxkv.model.decoder import init_params, sequence_logits
+from jaxkv.model.decoder import init_params, param_shardings, sequence_logits
 from jaxkv.model.uptrain import share_kv
 from jaxkv.parallel.mesh import make_mesh
-from jaxkv.parallel.rules import constrain, opt_state_shardings, param_shardings, put
+from jaxkv.parallel.rules import constrain, opt_state_shardings, put
 from jaxkv.sharing import with_sharing
 from jaxkv.tokenizer import Tokenizer
 from jaxkv.train.config import TrainConfig, TrainSection
