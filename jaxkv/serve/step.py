@@ -28,17 +28,17 @@ def ragged_step(params, pool, tokens, meta, seeds, steps, temperature, top_k, to
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         return keep_cache_sharding(kv.pool, mesh), token, logprob
 
-    pool, token, logprob = one(pool, meta, tokens, steps)
     if iters == 1:
+        pool, token, logprob = one(pool, meta, tokens, steps)
         return token[None], logprob[None], pool
     live = (meta.attention.cu_q_lens[1:] > meta.attention.cu_q_lens[:-1]).astype(jnp.int32)
 
-    def again(carry, _):
-        pool, meta, token, steps = carry
-        meta = meta.replace(positions=meta.positions + 1,
-                            attention=dataclasses.replace(meta.attention, kv_lens=meta.attention.kv_lens + live))
-        pool, token, logprob = one(pool, meta, token, steps + 1)
-        return (pool, meta, token, steps + 1), (token, logprob)
+    def again(carry, i):  # the model traced once for all iterations: half the compile of unrolling the first
+        pool, token = carry
+        moved = meta.replace(positions=meta.positions + i,
+                             attention=dataclasses.replace(meta.attention, kv_lens=meta.attention.kv_lens + live * i))
+        pool, token, logprob = one(pool, moved, token, steps + i)
+        return (pool, token), (token, logprob)
 
-    (pool, *_), (more, more_logprobs) = jax.lax.scan(again, (pool, meta, token, steps), length=iters - 1)
-    return (jnp.concatenate([token[None], more]), jnp.concatenate([logprob[None], more_logprobs]), pool)
+    (pool, _), (tokens, logprobs) = jax.lax.scan(again, (pool, tokens), jnp.arange(iters, dtype=jnp.int32))
+    return tokens, logprobs, pool
