@@ -14,7 +14,9 @@ fi
 failed=()
 for file in tests/test_*.py; do
   echo "== $file"
-  .venv/bin/python -m pytest -q -p no:cacheprovider "$file" || failed+=("$file")
+  start=$SECONDS
+  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=5 "$file" || failed+=("$file")
+  echo "== $file took $((SECONDS - start)) s"
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED files: ${failed[*]}"

@@ -38,6 +38,7 @@ MAX_NEW = 8
 def _env() -> dict[str, str]:
     env = dict(os.environ)  # JAXKV_HOME is inherited
     env.pop("JAXKV_DEBUG", None)  # errors must be one line without it
+    env["JAXKV_COMPILATION_CACHE"] = "1"  # runs load what an earlier one compiled, as a user's repeated commands do
     return env
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxkv
-from conftest import POISON_SEED, dense_greedy, failing_device, poisoned
+from conftest import POISON_SEED, dense_greedy, failing_device, first_layers, poisoned
 from jaxkv.api import LLM
 from jaxkv.cache.dense import KVCache
 from jaxkv.config import ModelConfig
@@ -92,7 +92,9 @@ QUESTIONS = ["Who is Hamlet's father?", "Where is Twelfth Night set?", "Who wrot
 
 @pytest.fixture(scope="module")
 def llm(smollm2_checkpoint):
-    return jaxkv.load(str(smollm2_checkpoint))
+    """SmolLM2's first 4 layers: its weights and tokenizer, compiled in a fraction of the full model's time
+    (the whole model's tokens are checked against transformers in test_smollm2 and served in test_server)."""
+    return first_layers(jaxkv.load(str(smollm2_checkpoint)), 4)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
-"""The OpenAI-compatible server (`jaxkv.serve.server`) on the real SmolLM2, driven over HTTP.
+"""The OpenAI-compatible server (`jaxkv.serve.server`) on SmolLM2's first 4 layers, driven over HTTP.
 
 The server runs in this process (uvicorn on a background thread, a free port on 127.0.0.1) and is
-driven by the official `openai` client and by raw httpx. Expected values come from elsewhere: the
-Python API's dense `llm.generate` (a separate code path from the paged serving engine), a plain
-forward pass for logprobs, and the OpenAI wire format itself. The AsyncEngine's own contract
-(errors before output, failing steps, aborts, no busy loop) is checked on a scripted fake engine.
+driven by the official `openai` client and by raw httpx. The model keeps SmolLM2's weights, tokenizer and
+chat template but only 4 of its 30 layers, so warm-up compiles in a fraction of the time; `jaxkv serve` on the
+whole model runs in `test_serve_command_serves_until_interrupted`. Expected values come from elsewhere: the
+Python API's `llm.generate` (no HTTP, no OpenAI layer), a dense forward pass for logprobs, and the OpenAI wire
+format itself. The AsyncEngine's own contract (errors before output, failing steps, aborts, no busy loop) is
+checked on a scripted fake engine.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pytest
 import uvicorn
 
 import jaxkv
+from conftest import first_layers
 from jaxkv.cache.dense import KVCache
 from jaxkv.errors import JaxkvError
 from jaxkv.generate.sampling import SamplingParams
@@ -76,7 +79,7 @@ def wait_healthy(base: str, timeout_s: float, proc=None) -> None:
 
 @pytest.fixture(scope="module")
 def llm(smollm2_checkpoint):
-    return jaxkv.load(str(smollm2_checkpoint))
+    return first_layers(jaxkv.load(str(smollm2_checkpoint)), 4)
 
 
 @pytest.fixture(scope="module")
@@ -300,20 +303,6 @@ def test_max_tokens_finishes_with_length(client):
     resp = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=3, temperature=0)
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage.completion_tokens == 3
-
-
-def test_chat_default_max_tokens_runs_to_the_end_of_turn(client, llm):
-    """Without max_tokens a chat answer ends at the model's end-of-turn token (OpenAI's default)."""
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
-                                          temperature=0)
-    assert resp.choices[0].finish_reason == "stop"
-    assert resp.choices[0].message.content == llm.generate("Say hi.", max_new_tokens=64, temperature=0,
-                                                           chat=True).text
-    # ignore_eos (an extension, as vLLM's) runs past the end of turn to max_tokens
-    n = resp.usage.completion_tokens + 3
-    longer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
-                                            temperature=0, max_tokens=n, extra_body={"ignore_eos": True})
-    assert longer.choices[0].finish_reason == "length" and longer.usage.completion_tokens == n
 
 
 def test_sampling_is_reproducible_per_seed(client):
@@ -582,19 +571,21 @@ def test_serve_fails_in_one_line_on_a_busy_port():
 
 
 def test_serve_command_serves_until_interrupted(smollm2_checkpoint):
-    """`jaxkv serve` end to end in a subprocess: it comes up, requires the key from $JAXKV_API_KEY, answers
-    under its served name, and a Ctrl-C stops it without a traceback."""
+    """`jaxkv serve` on the whole SmolLM2 in a subprocess: it comes up, requires the key from $JAXKV_API_KEY,
+    answers under its served name, ends a chat answer at the end of turn, and a Ctrl-C stops it without a
+    traceback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "jaxkv"), "serve", "--port", str(port),
-                             "--max-batch", "1", "--prefill-chunk", "16", "--max-context", "256",
+                             "--max-batch", "1", "--prefill-chunk", "16", "--prefill-budget", "16",
+                             "--max-context", "128",  # few shapes: warm-up compiles 8 executables
                              "--served-model-name", "tiny-test",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "JAXKV_API_KEY": "k-123"})
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_healthy(base, 240, proc)
+        wait_healthy(base, 420, proc)
         assert httpx.get(f"{base}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="k-123", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["tiny-test"]
@@ -603,6 +594,15 @@ def test_serve_command_serves_until_interrupted(smollm2_checkpoint):
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 256},
                        headers={"Authorization": "Bearer k-123"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # --max-context took effect
+        # Without max_tokens a chat answer ends at the model's end-of-turn token (OpenAI's default) ...
+        say_hi = [{"role": "user", "content": "Say hi."}]
+        resp = client.chat.completions.create(model="tiny-test", messages=say_hi, temperature=0)
+        assert resp.choices[0].finish_reason == "stop" and resp.choices[0].message.content
+        # ... and ignore_eos (an extension, as vLLM's) runs past it to max_tokens.
+        n = resp.usage.completion_tokens + 3
+        longer = client.chat.completions.create(model="tiny-test", messages=say_hi, temperature=0, max_tokens=n,
+                                                extra_body={"ignore_eos": True})
+        assert longer.choices[0].finish_reason == "length" and longer.usage.completion_tokens == n
     finally:
         proc.send_signal(signal.SIGINT)
         try:
