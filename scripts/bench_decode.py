@@ -3,9 +3,10 @@
 Both run the same dequantized weights of the default model's GGUF. jaxkv loads its converted
 checkpoint; HF loads a dense safetensors export of the same tensors, the usual HF path (its
 own GGUF loader keeps weights packed and dequantizes inside its kernels, a different thing).
-Both get the same prompts (equal token lengths, so HF needs no padding) and generate exactly
-N tokens with EOS ignored. Each configuration is warmed up once (jaxkv compiles there), then
-timed `--repeats` times end to end (prefill + decode); the table reports medians and ratios.
+Both get the same prompts (equal token lengths, so HF needs no padding; random ids, new for every
+run, so jaxkv's prefix cache never serves one) and generate exactly N tokens with EOS ignored. Each
+configuration is warmed up once (jaxkv compiles there), then timed `--repeats` times end to end
+(prefill + decode); the table reports medians and ratios.
 
     .venv/bin/python scripts/bench_decode.py --batches 1 16 64 --dtypes float32 bfloat16
 """
@@ -16,17 +17,14 @@ import argparse
 import statistics
 import time
 
-
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
-        "it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had "
-        "everything before us, we had nothing before us, we were all going direct to Heaven, we were all going "
-        "direct the other way.")
+import numpy as np
 
 
-def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
-    ids = tokenizer.encode(TEXT)
-    return [(ids[i % (len(ids) - length):] + ids)[:length] for i in range(batch)]
+def prompts(vocab_size: int, batch: int, length: int, run: int) -> list[list[int]]:
+    """Fresh random prompts for every run (warm-up included), so no run finds an earlier one's pages in the
+    engine's prefix cache: each side computes every prompt, as HF does."""
+    rng = np.random.default_rng(run)
+    return rng.integers(100, vocab_size, (batch, length)).tolist()
 
 
 def export_dense_hf() -> str:
@@ -51,11 +49,12 @@ def export_dense_hf() -> str:
 
 
 def time_runs(fn, repeats: int) -> float:
-    fn()  # warm-up (jaxkv compiles here)
+    """Median time of fn(run) for runs 1..repeats, after fn(0) as warm-up (jaxkv compiles there)."""
+    fn(0)
     times = []
-    for _ in range(repeats):
+    for run in range(1, repeats + 1):
         start = time.perf_counter()
-        fn()
+        fn(run)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -85,12 +84,14 @@ def main() -> None:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).eval()
         for batch in args.batches:
-            ids = prompts(llm.tokenizer, batch, args.prompt_len)
-            ours = time_runs(lambda: llm.generate_ids(ids, args.new_tokens, SamplingParams(), ignore_eos=True),
-                             args.repeats)  # exactly N tokens, like HF below
-            inputs = torch.tensor(ids)
+            def ids(run, batch=batch):
+                return prompts(llm.config.vocab_size, batch, args.prompt_len, run)
 
-            def hf_generate():
+            ours = time_runs(lambda run: llm.generate_ids(ids(run), args.new_tokens, SamplingParams(),
+                                                          ignore_eos=True), args.repeats)  # exactly N, like HF
+
+            def hf_generate(run):
+                inputs = torch.tensor(ids(run))
                 with torch.inference_mode():
                     out = hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
                                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
