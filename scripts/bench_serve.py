@@ -190,6 +190,14 @@ def hf_static(model, requests: list[dict], batch: int, pad_id: int) -> dict:
     return {"tokens": produced, "wall": wall, "tok_s": produced / wall}
 
 
+def level_row(name: str, r: dict, warm_compilations: int) -> str:
+    """One level as a table row (printed as it finishes, so a stopped run keeps what it measured)."""
+    return (f"| {name} | {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} "
+            f"| {1e3 * r['itl_p50']:.0f} / {1e3 * r['itl_p99']:.0f} | {int(r['cached'])} of {int(r['prompt'])} | "
+            f"{100 * r['kv_peak']:.0f}% | {r['rows']:.1f} / {r['step_tokens']:.1f} | "
+            f"{int(r['compilations']) - warm_compilations} |")
+
+
 # --- a fixed KV budget ---------------------------------------------------------------------------
 def at_budget(llm, spec: str, requests: list[dict], budget_bytes: int, max_batch: int, max_context: int,
               prefill_chunk: int, prefill_budget: int) -> dict:
@@ -259,12 +267,13 @@ def main() -> None:
     engine.warmup()
     warm_compilations, warm_s = engine.executables.count, engine.executables.compile_s
     levels = []
+    print(f"warm-up: {warm_compilations} executables in {warm_s:.0f} s", flush=True)
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         levels.append(serve_cold(llm, engine, requests, concurrency))
-        print(f"jaxkv, {concurrency} clients: {levels[-1]['tok_s']:.1f} tok/s", flush=True)
+        print(level_row("distinct prompts", levels[-1], warm_compilations), flush=True)
     top = max(int(c) for c in args.concurrency.split(","))
     shared_run = serve_cold(llm, engine, shared, top)
-    print(f"jaxkv, shared system prompt, {top} clients: {shared_run['tok_s']:.1f} tok/s", flush=True)
+    print(level_row("shared system prompt", shared_run, warm_compilations), flush=True)
     hf_runs, hf_shared, hf_model = {}, {}, _hf_model()
     for batch in (int(b) for b in args.hf_batch.split(",")):
         hf_runs[batch] = hf_static(hf_model, requests, batch, llm.tokenizer.eos_ids[0])
@@ -275,9 +284,11 @@ def main() -> None:
     hf_shared_batch, hf_shared_best = max(hf_shared.items(), key=lambda item: item[1]["tok_s"])
     runs = [("standard", args.prefill_chunk)] + [("lckv:2", int(c)) for c in args.lckv_chunks.split(",")] + \
         [("cla2", args.prefill_chunk)]
-    budget = [at_budget(llm, spec, drawn[:args.budget_requests], int(args.kv_budget_mib * 2**20), args.budget_slots,
-                        args.max_context, chunk, engine.prefill_budget) for spec, chunk in runs] \
-        if args.budget_requests else []  # 0: skip this part
+    budget = []
+    for spec, chunk in runs if args.budget_requests else []:  # 0: skip this part
+        budget.append(at_budget(llm, spec, drawn[:args.budget_requests], int(args.kv_budget_mib * 2**20),
+                                args.budget_slots, args.max_context, chunk, engine.prefill_budget))
+        print(f"at the KV budget: {budget[-1]}", flush=True)
 
     best = max(levels, key=lambda r: r["tok_s"])
     lines = [f"# Serving {args.model}: jaxkv's server against HF transformers", "",
@@ -292,12 +303,8 @@ def main() -> None:
              "", "| workload | clients | tok/s | TTFT p50 / p99 (s) | inter-token p50 / p99 (ms) | prompt tokens "
              "from the prefix cache | peak KV pages used | mean rows / tokens per step | compilations after "
              "warm-up |", "|---|---:|---:|---|---|---:|---:|---|---:|"]
-    for name, r in [("distinct prompts", r) for r in levels] + [(f"{args.system_tokens}-token system prompt",
-                                                                 shared_run)]:
-        lines.append(f"| {name} | {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} "
-                     f"| {1e3 * r['itl_p50']:.0f} / {1e3 * r['itl_p99']:.0f} | {int(r['cached'])} of "
-                     f"{int(r['prompt'])} | {100 * r['kv_peak']:.0f}% | {r['rows']:.1f} / {r['step_tokens']:.1f} | "
-                     f"{int(r['compilations']) - warm_compilations} |")
+    lines += [level_row(name, r, warm_compilations) for name, r in [("distinct prompts", r) for r in levels] +
+              [(f"{args.system_tokens}-token system prompt", shared_run)]]
     lines += ["", "HF transformers `generate` with static batches (arrival order, left-padded, each batch runs "
               "to its longest request): " + ", ".join(f"{b}: {r['tok_s']:.1f} tok/s" for b, r in hf_runs.items())
               + "; on the shared-system-prompt workload " + ", ".join(f"{b}: {r['tok_s']:.1f} tok/s" for b, r
