@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels import paged_attention
+from pallas_kernels.paged_attention.reference import visible_pages
 from pallas_kernels.paged_prefill import gpu, paged_prefill_attention
 from conftest import interpret, relative_error
 from test_paged_attention import KV_HEADS, random_pool, split_options
@@ -142,7 +143,7 @@ def test_kernel_loads_exactly_the_pages_some_query_sees():
     for page_size in (4, 8):
         for sinks in (0, 3, 9):
             for window in (None, 0, 1, 6, 20):
-                n_sink, window_first, n_visible = map(np.asarray, gpu.visible_pages(
+                n_sink, window_first, n_visible = map(np.asarray, visible_pages(
                     firsts, lasts, page_size=page_size, pages_per_seq=pages_per_seq, sinks=sinks, window=window))
                 for i, (first, last) in enumerate(zip(firsts, lasts)):
                     loaded = [j if j < n_sink[i] else j - n_sink[i] + window_first[i] for j in range(n_visible[i])]

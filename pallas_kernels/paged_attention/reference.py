@@ -1,9 +1,11 @@
-"""Decode paged attention in pure JAX: gather each sequence's visible tokens, softmax. The ground truth for kernels."""
+"""Decode paged attention in pure JAX: gather each sequence's visible tokens, softmax. The ground truth for kernels,
+and the page arithmetic they share (ring columns, visible positions and pages, query-block plans)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 MASKED = -1e30  # finite, so a fully masked row or block stays NaN-free
 
@@ -79,3 +81,38 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     probs = jax.nn.softmax(logits, axis=2) * keep  # length 0: all zeros
     out = jnp.matmul(probs.swapaxes(-1, -2), v)  # [K, B, G, Dh]
     return out.transpose(1, 0, 2, 3).reshape(q.shape).astype(q.dtype)
+
+
+def visible_pages(first_pos, last_pos, *, page_size, pages_per_seq, sinks, window):
+    """The pages queries at positions first_pos..last_pos can see, as (n_sink, window_first, n_visible).
+
+    Logical page i < n_sink is page i (the sinks); logical page i >= n_sink is page i - n_sink + window_first
+    (the window of the first query up to the last query's page; without a window the causal prefix, inside the
+    table). Exactly the pages that hold a position some of the queries sees; none for no query at a position >= 0.
+    """
+    n_sink = pl.cdiv(jnp.clip(last_pos + 1, 0, sinks), page_size)
+    if window is None:
+        window_first = n_sink
+        last_page = jnp.minimum(jnp.maximum(last_pos, 0) // page_size, pages_per_seq - 1)
+    else:
+        window_first = jnp.maximum(jnp.maximum(first_pos - window + 1, 0) // page_size, n_sink)
+        last_page = jnp.maximum(last_pos, 0) // page_size if window else window_first - 1  # window 0: sinks only
+    any_seen = last_pos >= jnp.maximum(first_pos, 0)  # some query, at a position >= 0
+    return n_sink, window_first, jnp.where(any_seen, n_sink + jnp.maximum(last_page + 1 - window_first, 0), 0)
+
+
+def block_plan(cu_q_lens, lengths, n_blocks: int, block_q: int):
+    """[n_blocks, 4] int32 per query block: (sequence, first row in q, real queries, first query's position).
+
+    Blocks are numbered sequence by sequence; those past the last real block have no queries."""
+    batch = lengths.shape[0]
+    q_lens = jnp.maximum(cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q)).astype(jnp.int32)])
+    block = jnp.arange(n_blocks, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_blocks, block, side="right") - 1, 0, batch - 1).astype(jnp.int32)
+    real = block < cu_blocks[-1]
+    offset = (block - cu_blocks[seq]) * block_q  # the block's first query inside its chunk
+    return jnp.stack([seq,
+                      jnp.where(real, cu_q_lens[seq] + offset, 0),
+                      jnp.where(real, jnp.clip(q_lens[seq] - offset, 0, block_q), 0),
+                      jnp.where(real, lengths[seq] - q_lens[seq] + offset, 0)], axis=1).astype(jnp.int32)

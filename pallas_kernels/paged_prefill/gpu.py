@@ -19,7 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention.gpu import attend_pages
-from pallas_kernels.paged_attention.reference import MASKED, table_column, visible
+from pallas_kernels.paged_attention.reference import MASKED, block_plan, table_column, visible, visible_pages
 
 _BLOCK_ROWS = 64  # query rows (queries x padded group) per program
 _BLOCK_TOKENS = 64  # KV tokens per loop step: Triton's dot wants every dimension >= 16
@@ -68,41 +68,6 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, wind
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # a query that sees nothing: zeros
     plgpu.store(o_ref.at[pl.ds(first * group, block_rows), :], out.astype(o_ref.dtype),
                 mask=jnp.broadcast_to(real[:, None], out.shape))  # the rows past the chunk belong to others
-
-
-def visible_pages(first_pos, last_pos, *, page_size, pages_per_seq, sinks, window):
-    """The pages queries at positions first_pos..last_pos can see, as (n_sink, window_first, n_visible).
-
-    Logical page i < n_sink is page i (the sinks); logical page i >= n_sink is page i - n_sink + window_first
-    (the window of the first query up to the last query's page; without a window the causal prefix, inside the
-    table). Exactly the pages that hold a position some of the queries sees; none for no query at a position >= 0.
-    """
-    n_sink = pl.cdiv(jnp.clip(last_pos + 1, 0, sinks), page_size)
-    if window is None:
-        window_first = n_sink
-        last_page = jnp.minimum(jnp.maximum(last_pos, 0) // page_size, pages_per_seq - 1)
-    else:
-        window_first = jnp.maximum(jnp.maximum(first_pos - window + 1, 0) // page_size, n_sink)
-        last_page = jnp.maximum(last_pos, 0) // page_size if window else window_first - 1  # window 0: sinks only
-    any_seen = last_pos >= jnp.maximum(first_pos, 0)  # some query, at a position >= 0
-    return n_sink, window_first, jnp.where(any_seen, n_sink + jnp.maximum(last_page + 1 - window_first, 0), 0)
-
-
-def block_plan(cu_q_lens, lengths, n_blocks: int, block_q: int):
-    """[n_blocks, 4] int32 per query block: (sequence, first row in q, real queries, first query's position).
-
-    Blocks are numbered sequence by sequence; those past the last real block have no queries."""
-    batch = lengths.shape[0]
-    q_lens = jnp.maximum(cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q)).astype(jnp.int32)])
-    block = jnp.arange(n_blocks, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_blocks, block, side="right") - 1, 0, batch - 1).astype(jnp.int32)
-    real = block < cu_blocks[-1]
-    offset = (block - cu_blocks[seq]) * block_q  # the block's first query inside its chunk
-    return jnp.stack([seq,
-                      jnp.where(real, cu_q_lens[seq] + offset, 0),
-                      jnp.where(real, jnp.clip(q_lens[seq] - offset, 0, block_q), 0),
-                      jnp.where(real, lengths[seq] - q_lens[seq] + offset, 0)], axis=1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret", "block_q", "block_tokens"))

@@ -1,8 +1,8 @@
 """Ragged paged attention as a Pallas TPU kernel: prefill chunks and decode rows of one step in one call.
 
 Grid (query block, KV head). The packed queries are cut into blocks of `block_q` that never straddle two rows
-(the Triton prefill kernel's `block_plan`, scalar-prefetched into SMEM with the block tables); JAX gathers each
-block's queries into a dense [block_q * group, Dh] tile first, so the kernel sees whole VMEM tiles and no program
+(`block_plan`, as the Triton prefill kernel does; scalar-prefetched into SMEM with the block tables); JAX gathers
+each block's queries into a dense [block_q * group, Dh] tile first, so the kernel sees whole VMEM tiles and no program
 writes another's rows, and gathers the outputs back. A program walks only the pages some of its queries can see
 (`visible_pages`: the sink pages, then from its first query's window start, or page 0, to its last query's page)
 through the decode kernel's double-buffered DMA loop (`attend_pages`), with a causal/window mask per query.
@@ -18,9 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.errors import KernelInputError
-from pallas_kernels.paged_attention.reference import visible
+from pallas_kernels.paged_attention.reference import block_plan, visible, visible_pages
 from pallas_kernels.paged_attention.tpu import attend_pages
-from pallas_kernels.paged_prefill.gpu import block_plan, visible_pages
 
 _BLOCK_TOKENS = 128  # KV tokens per loop step, as in the decode kernel
 _MAX_BLOCK_Q = 32  # queries per program at most: block_q * group rows of logits [rows, 128] stay small in VMEM
