@@ -161,7 +161,8 @@ class LLM:
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
          page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4,
          mesh: str | Mesh | None = None) -> LLM:
-    """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir or a GGUF file.
+    """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir, a GGUF file or a Hugging
+    Face Hub id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
     checkpoint's own. The KV cache lives in pages of page_size tokens (default 16); kv_dtype "int8"

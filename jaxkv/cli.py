@@ -24,7 +24,8 @@ def _generate(args) -> None:
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
                      streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh)
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat,
+                       ignore_eos=args.ignore_eos)
     stats = llm.stats
     if args.json:
         print(json.dumps({
@@ -91,8 +92,20 @@ def _convert(args) -> None:
 
     from jaxkv.checkpoints.registry import open_source
     from jaxkv.checkpoints.store import convert
+    from jaxkv.errors import JaxkvError
 
-    out = convert(open_source(Path(args.gguf or args.hf).expanduser()), args.out, name=args.name, dtype=args.dtype)
+    if args.to_hf:
+        from jaxkv.api import load
+        from jaxkv.checkpoints.export import export_hf, export_target
+
+        export_target(args.to_hf)  # before loading: a refusal should not wait for a large model
+        out = export_hf(load(args.gguf or args.hf or args.model, dtype=args.dtype), args.to_hf)
+    elif args.model:
+        raise JaxkvError("--model converts only to HF (--to-hf DIR): presets and Hub ids become jaxkv checkpoints "
+                         "on first use")
+    else:
+        out = convert(open_source(Path(args.gguf or args.hf).expanduser()), args.out, name=args.name,
+                      dtype=args.dtype)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -146,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("--model", default="smollm2-135m",
-                     help="preset name, jaxkv checkpoint dir, HF dir or GGUF file (default: smollm2-135m)")
+                     help="preset name, jaxkv checkpoint dir, HF dir, GGUF file or Hub id org/name[@revision] "
+                          "(default: smollm2-135m)")
     gen.add_argument("--prompt", required=True, help="prompt text, used as is")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
@@ -155,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens, past EOS")
     gen.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
     gen.add_argument("--kv-dtype", choices=_DTYPES + ("int8",), default=None,
@@ -170,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     srv.add_argument("--model", default="smollm2-135m",
-                     help="preset name, jaxkv checkpoint dir, HF dir or GGUF file (default: smollm2-135m)")
+                     help="preset name, jaxkv checkpoint dir, HF dir, GGUF file or Hub id org/name[@revision] "
+                          "(default: smollm2-135m)")
     srv.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
@@ -201,18 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_limits(srv.add_argument_group("security and per-request limits"))
     srv.set_defaults(func=_serve)
 
-    conv = sub.add_parser("convert", help="convert an HF or GGUF checkpoint to a jaxkv checkpoint")
+    conv = sub.add_parser("convert", help="convert an HF or GGUF checkpoint to a jaxkv checkpoint (--out), or any "
+                                          "model to an HF checkpoint transformers loads (--to-hf)")
     src = conv.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf", metavar="FILE", help="GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1)")
-    src.add_argument("--hf", metavar="DIR", help="HF Llama-family directory (config.json + safetensors)")
-    conv.add_argument("--out", required=True, metavar="DIR")
+    src.add_argument("--hf", metavar="DIR", help="HF directory (config.json + safetensors) of a supported family")
+    src.add_argument("--model", metavar="NAME", help="with --to-hf: a preset, jaxkv checkpoint dir or Hub id")
+    dst = conv.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--out", metavar="DIR", help="write a jaxkv checkpoint")
+    dst.add_argument("--to-hf", metavar="DIR", help="write HF safetensors + config + tokenizer (standard KV map)")
     conv.add_argument("--name", default=None, help="model name stored in the config")
     conv.add_argument("--dtype", choices=_DTYPES, default=None,
                       help="stored parameter dtype (default: float32)")
     conv.set_defaults(func=_convert)
 
     plan = sub.add_parser("plan", help="KV cache memory of a model, with and without KV sharing")
-    plan.add_argument("--model", default="smollm2-135m", help="preset, config file, checkpoint dir, HF dir or GGUF")
+    plan.add_argument("--model", default="smollm2-135m",
+                      help="preset, config file, checkpoint dir, HF dir, GGUF or Hub id org/name[@revision]")
     plan.add_argument("--kv-sharing", default=None, metavar="SPEC",
                       help='cla2, cla:3, lckv:2 (warmup layers), yoco, sandwich-middle:3 (one of the nine '
                            '<pizza|sandwich|lasagna>-<bottom|middle|top>:KV_LAYERS), or a map such as "0_0_2_2"')

@@ -11,6 +11,10 @@ Layers in `window_layers` attend only to the last `sliding_window` positions.
 size no longer grows with the sequence.
 `attention_backend` picks the paged decode kernel (pallas_kernels.paged_attention):
 "auto" is Pallas on GPU/TPU and the pure-JAX reference on CPU.
+The remaining fields are what the families beyond Llama change (Qwen2/3, Mistral, Gemma 2/3), as
+configuration of the one decoder: projection biases, per-head q/k norms, the MLP's activation,
+Gemma's (1 + w) norms, norms after each sublayer, scaled embeddings, soft-capped logits, the query
+scale and a RoPE base of its own for window layers; `family` is the HF architecture an export writes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from jaxkv.sharing import from_string
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "reference", "gpu", "tpu")
+ACTIVATIONS = ("silu", "gelu_tanh")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")  # what an HF export writes it as
+ROPE_TYPES = ("llama3", "linear")
 
 
 def _coerce_numbers(obj) -> None:
@@ -43,7 +50,8 @@ def _coerce_numbers(obj) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling of RoPE (HF `rope_type: llama3`)."""
+    """Frequency scaling of RoPE: Llama 3's (HF `rope_type: llama3`) or position interpolation (`linear`:
+    every frequency divided by `factor`, the other fields unused)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
@@ -53,8 +61,8 @@ class RopeScaling:
 
     def __post_init__(self):
         _coerce_numbers(self)
-        if self.rope_type != "llama3":
-            raise JaxkvError(f"unsupported RoPE scaling type {self.rope_type!r} (supported: llama3)")
+        if self.rope_type not in ROPE_TYPES:
+            raise JaxkvError(f"unsupported RoPE scaling type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,18 @@ class ModelConfig:
     attention_backend: str = "auto"
     streaming_window: int | None = None
     streaming_sinks: int = 4
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    activation: str = "silu"
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    embed_scale: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_scale: float | None = None
+    window_rope_theta: float | None = None
+    family: str = "llama"
     name: str = "custom"
 
     def __post_init__(self):
@@ -97,9 +117,10 @@ class ModelConfig:
         sources = tuple(range(self.n_layers)) if sources is None else tuple(int(s) for s in sources)
         object.__setattr__(self, "kv_sources", sources)
         object.__setattr__(self, "window_layers", tuple(sorted({int(i) for i in self.window_layers})))
-        for field in ("sliding_window", "streaming_window"):
+        for field, kind in (("sliding_window", int), ("streaming_window", int), ("attn_softcap", float),
+                            ("final_softcap", float), ("query_scale", float), ("window_rope_theta", float)):
             if getattr(self, field) is not None:
-                object.__setattr__(self, field, int(getattr(self, field)))
+                object.__setattr__(self, field, kind(getattr(self, field)))
         self._validate()
 
     def _validate(self):
@@ -130,6 +151,13 @@ class ModelConfig:
             raise JaxkvError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.window_layers and (self.sliding_window or 0) < 1:
             raise JaxkvError("window_layers need a positive sliding_window (in tokens)")
+        if self.family not in FAMILIES:
+            raise JaxkvError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.activation not in ACTIVATIONS:
+            raise JaxkvError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for field in ("attn_softcap", "final_softcap", "query_scale", "window_rope_theta"):
+            if getattr(self, field) is not None and getattr(self, field) <= 0:
+                raise JaxkvError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
         if self.streaming_window is not None and (self.streaming_window < 1 or self.streaming_sinks < 0):
             raise JaxkvError(f"StreamingLLM needs streaming_window >= 1 and streaming_sinks >= 0, got "
                              f"{self.streaming_window} and {self.streaming_sinks}")
@@ -161,6 +189,15 @@ class ModelConfig:
         windows = [w for w in (self.sliding_window if layer in self.window_layers else None, self.streaming_window)
                    if w is not None]
         return min(windows) if windows else None
+
+    def rope(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """(base, scaling) of the RoPE that `layer`'s KV is rotated with: a window layer's own base when the
+        model has one (Gemma 3's local layers, unscaled), else the model's. A layer reading another's KV rotates
+        its queries as that KV was, so the source decides."""
+        source = self.kv_sources[layer]
+        if self.window_rope_theta is not None and source in self.window_layers:
+            return self.window_rope_theta, None
+        return self.rope_theta, self.rope_scaling
 
     @property
     def attention_sinks(self) -> int:

@@ -135,6 +135,8 @@ def parse_spec(spec: str, n_layers: int) -> LayerMap:
 
 
 def with_sharing(cfg: ModelConfig, spec: str) -> ModelConfig:
-    """`cfg` with the KV-sharing map (and sliding-window layers) that `spec` names."""
+    """`cfg` with the KV-sharing map that `spec` names; its window layers join the model's own (Mistral's,
+    Gemma's), which keep their windows."""
     layer_map = parse_spec(spec, cfg.n_layers)
-    return cfg.replace(kv_sources=layer_map.sources, window_layers=layer_map.windowed)
+    return cfg.replace(kv_sources=layer_map.sources,
+                       window_layers=tuple(sorted(set(cfg.window_layers) | set(layer_map.windowed))))

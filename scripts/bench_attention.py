@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         with jax.default_matmul_precision("highest"):  # float32 q and output: the truth is not rounded to bf16
             truth = jax.block_until_ready(reference.paged_attention(
                 x["q"].astype(jnp.float32), x["k_pages"], x["v_pages"], x["block_tables"], x["lengths"],
-                k_scales=x["k_scales"], v_scales=x["v_scales"], scale=args.head_dim ** -0.5, sinks=args.sinks,
-                window=args.window))
+                k_scales=x["k_scales"], v_scales=x["v_scales"], scale=args.head_dim ** -0.5, softcap=None,
+                sinks=args.sinks, window=args.window))
         done = {}
         for name in names:
             progress.set_postfix_str(f"{context} {name}")

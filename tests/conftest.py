@@ -86,6 +86,50 @@ def write_tiny_hf_llama(directory: Path, *, tie: bool, n_kv_heads: int = 2, rope
     return model
 
 
+# Tiny geometries per family: windows of 8 and prompts longer than that, soft-caps low enough to bite.
+TINY_FAMILIES = {
+    "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=8,
+                                                             max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
+    "qwen3-tied": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+}
+
+
+def write_tiny_hf_model(directory: Path, family: str, seed: int = 0, **overrides):
+    """A random model of a `TINY_FAMILIES` family written by transformers itself (safetensors + byte tokenizer),
+    its norms and biases perturbed so that a misplaced one would show; returns the torch model."""
+    import torch
+    import transformers
+
+    config_class, model_class, extra = TINY_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{
+        **dict(vocab_size=260, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+               bos_token_id=256, eos_token_id=257, pad_token_id=None, initializer_range=0.1),
+        **extra, **overrides})
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    byte_tokenizer_files(directory)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     """A tiny untied GQA Llama on disk, with its torch model kept for comparisons."""

@@ -44,9 +44,9 @@ def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths
 
 
 def split_options(case: dict) -> tuple[dict, dict]:
-    """A test case as (attention options: scale, sinks, window; make_inputs' arguments), leaving the case (a
-    parametrize value, shared by reruns) as it was."""
-    options = ("scale", "sinks", "window")
+    """A test case as (attention options: scale, softcap, sinks, window; make_inputs' arguments), leaving the case
+    (a parametrize value, shared by reruns) as it was."""
+    options = ("scale", "softcap", "sinks", "window")
     return {k: v for k, v in case.items() if k in options}, {k: v for k, v in case.items() if k not in options}
 
 

@@ -106,7 +106,7 @@ def test_gpu_kernel_matches_reference(case):
 def test_gpu_kernel_small_query_blocks_and_kv_steps():
     """Several query blocks per chunk and several KV steps per block, through the kernel's tuning knobs."""
     inputs = make_inputs(chunks=[(3, 13), (0, 0), (17, 22), (0, 8)], ratio=1)
-    options = dict(k_scales=None, v_scales=None, scale=0.125, sinks=2, window=9)
+    options = dict(k_scales=None, v_scales=None, scale=0.125, softcap=None, sinks=2, window=9)
     want = paged_prefill_attention(**inputs, **options, backend="reference")
     got = gpu.paged_prefill_attention(**inputs, **options, interpret=interpret("gpu"), block_q=16, block_tokens=16)
     assert relative_error(got, want) < 1e-5

@@ -38,8 +38,10 @@ def make_step(*, rows=MIXED, dtype=jnp.float32, page_size=8, head_dim=64, ratio=
     return q, pages, meta
 
 
-def literal(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, sinks=0, window=None, strict=False):
-    """Each query's visible tokens read one by one through its row's block table, attended in float64."""
+def literal(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, softcap=None, sinks=0, window=None,
+            strict=False):
+    """Each query's visible tokens read one by one through its row's block table, attended in float64 (logits
+    soft-capped as Gemma 2 does: cap * tanh(logits / cap))."""
     q, tables = np.asarray(q, np.float64), np.asarray(meta.block_tables)
     k, v = np.asarray(pages.k, np.float64), np.asarray(pages.v, np.float64)
     if pages.k_scales is not None:
@@ -58,6 +60,8 @@ def literal(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, sinks=0, w
                 keys = np.stack([k[h // group, tables[r, p // page_size], p % page_size] for p in seen])
                 values = np.stack([v[h // group, tables[r, p // page_size], p % page_size] for p in seen])
                 logits = keys @ q[cu[r] + i, h] * scale
+                if softcap is not None:
+                    logits = softcap * np.tanh(logits / softcap)
                 weights = np.exp(logits - logits.max())
                 out[cu[r] + i, h] = weights @ values / weights.sum()
     return out
@@ -65,11 +69,11 @@ def literal(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, sinks=0, w
 
 CASES = [
     dict(),
-    dict(page_size=16, ratio=3, scale=0.3, sinks=4, window=11),
+    dict(page_size=16, ratio=3, scale=0.3, softcap=1.5, sinks=4, window=11),
     dict(ratio=2, sinks=0, window=1),
     dict(ratio=3, int8=True, sinks=9, window=20),
     dict(rows=DECODE, ratio=2),
-    dict(rows=DECODE, int8=True, sinks=2, window=9),
+    dict(rows=DECODE, int8=True, softcap=2.0, sinks=2, window=9),
 ]
 
 
@@ -124,7 +128,8 @@ def test_tpu_paths_lower_for_tpu(rows):
     """Both TPU paths (the ragged Mosaic kernel, the decode kernel) lower to Mosaic on this CPU-only machine: an
     abstract mesh names the chip Pallas lowers for. (libtpu's own Mosaic compile still needs a TPU.)"""
     q, pages, meta = make_step(rows=rows, int8=True)
-    attend = jax.jit(lambda q, pages, meta: ragged_paged_attention(q, pages, meta, sinks=4, window=16, backend="tpu"))
+    attend = jax.jit(lambda q, pages, meta: ragged_paged_attention(q, pages, meta, sinks=4, window=16, softcap=5.0,
+                                                                     backend="tpu"))
     chip = AbstractMesh((1,), ("chip",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
                                                                          platform="tpu"))
     with jax.sharding.use_abstract_mesh(chip):
@@ -137,7 +142,8 @@ def test_tpu_paths_lower_for_tpu(rows):
 def test_gpu_paths_lower_for_cuda(rows):
     """Both GPU paths (the ragged Triton kernel, the decode kernel) still lower on this CPU-only machine."""
     q, pages, meta = make_step(rows=rows, int8=True)
-    attend = jax.jit(lambda q, pages, meta: ragged_paged_attention(q, pages, meta, sinks=4, window=16, backend="gpu"))
+    attend = jax.jit(lambda q, pages, meta: ragged_paged_attention(q, pages, meta, sinks=4, window=16, softcap=5.0,
+                                                                     backend="gpu"))
     text = attend.trace(q, pages, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower() or "__gpu$xla.gpu.triton" in text, "no Triton call in the CUDA lowering"
 

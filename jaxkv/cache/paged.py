@@ -166,10 +166,10 @@ class PagedKV:
         return self.replace(pool=pool.put(kv_layer, pages, positions % pool.page_size, k=k[0], v=v[0]))
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,
-               sinks: int, backend: str = "auto", remat: bool = False) -> jax.Array:
+               sinks: int, softcap: float | None = None, backend: str = "auto", remat: bool = False) -> jax.Array:
         """q [1, T, H, Dh] over every row's pages (`ragged_paged_attention`)."""
         out = ragged_paged_attention(q[0], self.pool.layer(kv_layer), self.meta.attention, sinks=sinks,
-                                     window=window, strict=strict, backend=backend)
+                                     window=window, softcap=softcap, strict=strict, backend=backend)
         return out[None]
 
     def advance(self, n_new=None) -> PagedKV:
@@ -189,10 +189,9 @@ class PagedKV:
         column = table_column(where // pool.page_size, attention.block_tables.shape[1], sinks, pool.page_size)
         active = (attention.cu_q_lens[1:] > attention.cu_q_lens[:-1])[:, None]  # idle rows write nothing
         pages = jnp.where(active, jnp.take_along_axis(attention.block_tables, column, axis=1), pool.k_pages.shape[2])
-        inv_freq = inverse_frequencies(cfg)
-        for kv_layer in range(cfg.n_kv_layers):
-            rotated = apply_rope(pool.sink_keys[kv_layer, meta.sink_rows], jnp.broadcast_to(evicted[:, None],
-                                                                                           (n_rows, sinks)), inv_freq)
+        for kv_layer, layer in enumerate(cfg.kv_layers):
+            rotated = apply_rope(pool.sink_keys[kv_layer, meta.sink_rows], jnp.broadcast_to(
+                evicted[:, None], (n_rows, sinks)), inverse_frequencies(cfg, layer))
             pool = pool.put(kv_layer, pages.reshape(-1), (where % pool.page_size).reshape(-1),
                             k=rotated.reshape(n_rows * sinks, *rotated.shape[2:]))
         return self.replace(pool=pool)

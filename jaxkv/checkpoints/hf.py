@@ -1,4 +1,4 @@
-"""Read an HF Llama-family checkpoint directory: config.json + (sharded) safetensors."""
+"""Read an HF checkpoint directory (a family `hf_config` knows): config.json + (sharded) safetensors."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jaxkv.config import ModelConfig, RopeScaling
+from jaxkv.checkpoints.hf_config import family, model_config
+from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.tokenizer import Tokenizer
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 @contextlib.contextmanager
@@ -35,13 +34,7 @@ class HFCheckpoint:
             self.hf_config = json.loads((self.path / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise JaxkvError(f"cannot read HF config {self.path / 'config.json'}: {e}") from None
-        archs = self.hf_config.get("architectures") or [self.hf_config.get("model_type", "?")]
-        if not any(a in SUPPORTED_ARCHITECTURES or a in ("llama", "mistral") for a in archs):
-            raise JaxkvError(f"unsupported architecture {archs[0]!r} in {self.path} "
-                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        for flag in ("attention_bias", "mlp_bias"):
-            if self.hf_config.get(flag):
-                raise JaxkvError(f"{self.path}: {flag}=true is not supported (Llama-family models have no biases)")
+        family(self.hf_config, str(self.path / "config.json"))  # an unsupported architecture fails here, early
         self.files = self._weight_files()
 
     def _weight_files(self) -> list[Path]:
@@ -62,29 +55,7 @@ class HFCheckpoint:
         return files
 
     def model_config(self, name: str | None = None) -> ModelConfig:
-        c = self.hf_config
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "llama3":
-            scaling = RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                                  high_freq_factor=rope["high_freq_factor"],
-                                  original_max_position_embeddings=rope["original_max_position_embeddings"])
-        elif rope_type != "default":
-            raise JaxkvError(f"{self.path}: RoPE type {rope_type!r} is not supported (supported: default, llama3)")
-        heads = c["num_attention_heads"]
-        try:
-            return ModelConfig(
-                name=name or self.path.name,
-                vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
-                head_dim=c.get("head_dim") or c["hidden_size"] // heads, mlp_dim=c["intermediate_size"],
-                rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), rope_scaling=scaling,
-                norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                max_seq_len=c.get("max_position_embeddings", 2048),
-            )
-        except KeyError as e:
-            raise JaxkvError(f"{self.path / 'config.json'} lacks {e}") from None
+        return model_config(self.hf_config, name or self.path.name, str(self.path / "config.json"))
 
     def __len__(self) -> int:
         total = 0

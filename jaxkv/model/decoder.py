@@ -26,25 +26,30 @@ from jaxkv.parallel.rules import tree_shardings
 _init = nn.initializers.normal(stddev=0.02)
 
 
-def _dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1) -> nn.DenseGeneral:
+def _dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1, bias: bool = False):
+    n_in = 1 if isinstance(axis, int) else len(axis)
     return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=False, name=name,
+        features=features, axis=axis, use_bias=bias, name=name,
         dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nn.with_logical_partitioning(_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[n_in:]),
     )
 
 
 class RMSNorm(nn.Module):
-    eps: float
-    param_dtype: str
+    """Over the last axis, times (offset + scale): Gemma stores w for a factor of 1 + w (offset 1)."""
+
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), jnp.dtype(self.param_dtype))
+        offset = self.cfg.norm_offset
+        init = nn.initializers.ones if offset == 0 else nn.initializers.zeros
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],),
+                           jnp.dtype(self.cfg.param_dtype))
         xf = x.astype(jnp.float32)
-        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * scale.astype(x.dtype)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return normed.astype(x.dtype) * (offset + scale.astype(jnp.float32)).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -61,19 +66,27 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, n_new, kv):
         cfg = self.cfg
-        inv_freq = inverse_frequencies(cfg)
-        q = _dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x)
-        q = constrain(apply_rope(q, positions, inv_freq), "batch", "seq", "heads")
+        inv_freq = inverse_frequencies(cfg, self.layer)
+        q = _dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=cfg.qkv_bias)(x)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg, name="q_norm")(q)
+        q = apply_rope(q, positions, inv_freq)
+        if cfg.query_scale is not None:  # attention scales by head_dim ** -0.5: fold the difference into q
+            q = q * jnp.asarray((cfg.head_dim / cfg.query_scale) ** 0.5, q.dtype)
+        q = constrain(q, "batch", "seq", "heads")
         kv_layer = cfg.kv_index(self.layer)
         if cfg.kv_sources[self.layer] == self.layer:
             kv_shape, kv_axes = (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
-            k = apply_rope(_dense(cfg, kv_shape, kv_axes, "k_proj")(x), positions, inv_freq)
-            v = _dense(cfg, kv_shape, kv_axes, "v_proj")(x)
+            k = _dense(cfg, kv_shape, kv_axes, "k_proj", bias=cfg.qkv_bias)(x)
+            if cfg.qk_norm:
+                k = RMSNorm(cfg, name="k_norm")(k)
+            k = apply_rope(k, positions, inv_freq)
+            v = _dense(cfg, kv_shape, kv_axes, "v_proj", bias=cfg.qkv_bias)(x)
             kv = kv.write(kv_layer, k, v, positions, n_new)
         out = kv.attend(kv_layer, q, positions, strict=cfg.kv_sources[self.layer] > self.layer,
-                        window=cfg.window(self.layer), sinks=cfg.attention_sinks, backend=cfg.attention_backend,
-                        remat=self.remat)
-        out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
+                        window=cfg.window(self.layer), sinks=cfg.attention_sinks, softcap=cfg.attn_softcap,
+                        backend=cfg.attention_backend, remat=self.remat)
+        out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1), bias=cfg.o_bias)(out)
         return out, kv
 
 
@@ -85,13 +98,14 @@ class MLP(nn.Module):
         cfg = self.cfg
         gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
         up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x)
-        return _dense(cfg, cfg.d_model, ("mlp", "embed"), "down_proj")(
-            constrain(nn.silu(gate) * up, "batch", "seq", "mlp"))
+        act = nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return _dense(cfg, cfg.d_model, ("mlp", "embed"), "down_proj")(constrain(act * up, "batch", "seq", "mlp"))
 
 
 class Block(nn.Module):
-    """remat recomputes the attention probabilities and the MLP in the backward pass instead
-    of storing them; the KV itself is never saved per layer."""
+    """Pre-norm residual attention then MLP; with sandwich norms (Gemma) each output is normed too. remat
+    recomputes the attention probabilities and the MLP in the backward pass instead of storing them; the KV
+    itself is never saved per layer."""
 
     cfg: ModelConfig
     layer: int
@@ -101,11 +115,15 @@ class Block(nn.Module):
     def __call__(self, x, positions, n_new, kv):
         cfg = self.cfg
         h, kv = Attention(cfg, self.layer, self.remat, name="attn")(
-            RMSNorm(cfg.norm_eps, cfg.param_dtype, name="attn_norm")(x), positions, n_new, kv)
+            RMSNorm(cfg, name="attn_norm")(x), positions, n_new, kv)
+        if cfg.sandwich_norms:
+            h = RMSNorm(cfg, name="attn_post_norm")(h)
         x = x + h
         mlp = nn.remat(MLP) if self.remat else MLP
-        x = x + mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="mlp_norm")(x))
-        return constrain(x, "batch", "seq"), kv
+        h = mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+        if cfg.sandwich_norms:
+            h = RMSNorm(cfg, name="mlp_post_norm")(h)
+        return constrain(x + h, "batch", "seq"), kv
 
 
 class Decoder(nn.Module):
@@ -121,7 +139,7 @@ class Decoder(nn.Module):
                               param_dtype=jnp.dtype(cfg.param_dtype),
                               embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         self.layers = [Block(cfg, layer, self.remat) for layer in range(cfg.n_layers)]
-        self.final_norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
+        self.final_norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")
 
@@ -129,7 +147,10 @@ class Decoder(nn.Module):
         """Hidden states [B, T, D] of tokens [B, T] after the first n_layers layers (default all), and kv with
         their K/V written where `kv.positions` puts them; n_new [B] counts each row's real tokens (dense KV)."""
         positions = kv.positions(tokens)
-        x = constrain(self.embed(tokens), "batch", "seq")
+        x = self.embed(tokens)
+        if self.cfg.embed_scale:  # Gemma: by sqrt(d_model), rounded to the activations' dtype as HF does
+            x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+        x = constrain(x, "batch", "seq")
         for block in self.layers[:n_layers]:
             x, kv = block(x, positions, n_new, kv)
         return x, kv
@@ -142,7 +163,10 @@ class Decoder(nn.Module):
             logits = jnp.einsum("vd,btd->btv", self.embed.embedding.astype(x.dtype), x)
         else:
             logits = self.lm_head(x)
-        return constrain(logits.astype(jnp.float32), "batch", "seq", "vocab")
+        logits = logits.astype(jnp.float32)
+        if self.cfg.final_softcap is not None:
+            logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return constrain(logits, "batch", "seq", "vocab")
 
 
 def forward(cfg: ModelConfig, params, tokens, kv, n_new=None, logits_at=None, passes=None, remat: bool = False):

@@ -10,12 +10,14 @@ import numpy as np
 from jaxkv.config import ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies, with Llama-3 scaling when the config asks for it."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
-    s = cfg.rope_scaling
+def inverse_frequencies(cfg: ModelConfig, layer: int = 0) -> np.ndarray:
+    """Per-pair rotation frequencies of `layer` (`ModelConfig.rope`), scaled when the config asks for it."""
+    theta, s = cfg.rope(layer)
+    inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
     if s is None:
         return inv_freq.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv_freq / s.factor).astype(np.float32)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq

@@ -18,14 +18,16 @@ _KERNELS = {"gpu": gpu.paged_attention, "tpu": tpu.paged_attention}
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None, v_scales=None, scale=None,
-                    sinks: int = 0, window: int | None = None, backend: str = "auto", interpret: bool = False):
+                    softcap: float | None = None, sinks: int = 0, window: int | None = None, backend: str = "auto",
+                    interpret: bool = False):
     """Attention of one new query per sequence over its paged K/V; returns [batch, q_heads, head_dim] in q.dtype.
 
     q [B, H, Dh]; k_pages, v_pages [K, N, S, Dh] (one pool per KV layer); block_tables int32 [B, P];
     lengths int32 [B]: the query is token lengths-1 and sees positions 0..lengths-1 (length 0: zeros).
     k_scales, v_scales float32 [K, N, S] dequantize int8 pages (value = int8 * scale per token and head).
-    scale multiplies the logits (default 1/sqrt(Dh)). With a window, only the first `sinks` and the last
-    `window` positions are visible. Query head h reads KV head h // (H // K); softmax is float32.
+    scale multiplies the logits (default 1/sqrt(Dh)); softcap then caps them (Gemma 2). With a window, only the
+    first `sinks` and the last `window` positions are visible. Query head h reads KV head h // (H // K); softmax
+    is float32.
     backend: "reference", "gpu" (Pallas Triton), "tpu" (Pallas Mosaic TPU) or "auto" (the kernel for
     jax.default_backend() when there is one, else the reference); interpret=True runs a kernel on CPU.
     Under a mesh (`jax.set_mesh`) a kernel runs per shard (`pallas_kernels.sharded.per_shard`); the reference
@@ -34,7 +36,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
     _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window)
     if backend == "auto":
         backend = jax.default_backend() if jax.default_backend() in _KERNELS else "reference"
-    options = dict(k_scales=k_scales, v_scales=v_scales, sinks=sinks, window=window,
+    options = dict(k_scales=k_scales, v_scales=v_scales, sinks=sinks, window=window, softcap=softcap,
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
     if backend == "reference":
         return reference.paged_attention(q, k_pages, v_pages, block_tables, lengths, **options)

@@ -10,13 +10,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.errors import KernelInputError
-from pallas_kernels.paged_attention.reference import MASKED, table_column, visible
+from pallas_kernels.paged_attention.reference import MASKED, soft_cap, table_column, visible, visible_pages
 
 _BLOCK_TOKENS = 32  # tokens per loop step: Triton's dot wants every dimension >= 16
 _MAX_SPLITS = 8  # split-K programs per (sequence, KV head), so short batches still fill the GPU
 
 
-def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, window, pages_per_block,
+def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, sinks, window, pages_per_block,
             n_splits, quantized):
     """One (sequence, KV head, split): loop over this split's share of the pages the query can see.
 
@@ -29,12 +29,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
     block_k = pages_per_block * page_size
     length = lengths_ref[0]
 
-    n_sink = pl.cdiv(jnp.minimum(length, sinks), page_size)
-    window_start = 0 if window is None else jnp.maximum(length - window, 0) // page_size
-    window_first = jnp.maximum(window_start, n_sink)
-    n_pages_seen = pl.cdiv(length, page_size) if window is not None else jnp.minimum(pl.cdiv(length, page_size),
-                                                                                      pages_per_seq)
-    n_visible = n_sink + jnp.maximum(n_pages_seen - window_first, 0)
+    n_sink, window_first, n_visible = visible_pages(length - 1, length - 1, page_size=page_size,
+                                                    pages_per_seq=pages_per_seq, sinks=sinks, window=window)
     per_split = pl.cdiv(pl.cdiv(n_visible, n_splits), pages_per_block) * pages_per_block
     start = pl.program_id(2) * per_split
     stop = jnp.minimum(start + per_split, n_visible)
@@ -52,7 +48,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
         in_split = jnp.broadcast_to((logical < stop)[:, None], (pages_per_block, page_size)).reshape(block_k)
         keep = (visible(positions, length, sinks, window) & in_split)[None, :]
         return attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, scale=scale,
-                            compute_dtype=compute_dtype)
+                            softcap=softcap, compute_dtype=compute_dtype)
 
     group = q.shape[0]
     init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group,), MASKED, jnp.float32),
@@ -64,7 +60,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, w
     l_ref[...] = l
 
 
-def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, *, scale, compute_dtype,
+def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, *, scale, softcap, compute_dtype,
                  used=None):
     """One online-softmax step of the rows q [R, Dh] over the pool pages `pages` (block_k tokens together):
     carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8 scales
@@ -76,7 +72,7 @@ def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep
     logits = plgpu.dot(q, k, trans_b=True)  # [R, block_k] float32
     if k_scales_ref is not None:
         logits *= k_scales_ref[pages].reshape(1, block_k)
-    logits = jnp.where(keep, logits * scale, MASKED)
+    logits = jnp.where(keep, soft_cap(logits * scale, softcap), MASKED)
     m_next = jnp.maximum(m, logits.max(axis=-1))
     alpha = jnp.exp(m - m_next)
     p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
@@ -90,8 +86,8 @@ def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep
     return alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v), m_next, l_next
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret"))
-def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, sinks, window,
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sinks", "window", "interpret"))
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, softcap, sinks, window,
                     interpret):
     """The Triton kernel over (sequence, KV head, split), then the partial (acc, max, sum) of splits combined."""
     batch, n_heads, head_dim = q.shape
@@ -120,8 +116,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
         in_specs += [scales_spec, scales_spec]
         args += [k_scales, v_scales]
     partial_shape = (batch, n_kv, n_splits, padded_group)
-    kernel = functools.partial(_kernel, scale=scale, sinks=sinks, window=window, pages_per_block=pages_per_block,
-                               n_splits=n_splits, quantized=quantized)
+    kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,
+                               pages_per_block=pages_per_block, n_splits=n_splits, quantized=quantized)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(batch, n_kv, n_splits),

@@ -10,6 +10,11 @@ from jax.experimental import pallas as pl
 MASKED = -1e30  # finite, so a fully masked row or block stays NaN-free
 
 
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's logit soft-capping, cap * tanh(logits / cap), applied to the scaled logits; None: unchanged."""
+    return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
 def table_column(page: jax.Array, pages_per_seq: int, sinks: int, page_size: int) -> jax.Array:
     """The block-table column that holds a sequence's page `page` (= position // page_size).
 
@@ -65,7 +70,8 @@ def gather_tokens(pages, scales, block_tables, positions, sinks, window):
     return dequantize(pages[:, page, offset], None if scales is None else scales[:, page, offset], jnp.float32)
 
 
-def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, sinks, window):
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, softcap, sinks,
+                    window):
     """q [B, H, Dh] over the pages block_tables [B, P] names in k/v_pages [K, N, S, Dh]; see the package docstring.
     Both products keep the gathered K/V as the row operand, in the layout it is gathered in: on CPU, where
     this path runs for real, that is several times faster than contracting both operands' minor axes."""
@@ -75,7 +81,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks, window)
     v = gather_tokens(v_pages, v_scales, block_tables, positions, sinks, window)
     qg = q.astype(jnp.float32).reshape(batch, n_kv, -1, head_dim).transpose(1, 0, 3, 2)  # [K, B, Dh, G]
-    logits = jnp.matmul(k, qg) * scale  # [K, B, C, G]
+    logits = soft_cap(jnp.matmul(k, qg) * scale, softcap)  # [K, B, C, G]
     keep = visible(positions, lengths[:, None], sinks, window)[None, :, :, None]
     logits = jnp.where(keep, logits, MASKED)
     probs = jax.nn.softmax(logits, axis=2) * keep  # length 0: all zeros

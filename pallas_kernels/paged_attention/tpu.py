@@ -17,13 +17,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.errors import KernelInputError
-from pallas_kernels.paged_attention.reference import MASKED, table_column, visible
+from pallas_kernels.paged_attention.reference import MASKED, soft_cap, table_column, visible, visible_pages
 
 _BLOCK_TOKENS = 128  # tokens per loop step: one MXU-wide block of keys, and DMAs big enough to hide latency
 _MAX_SPLITS = 2  # split-K programs per (sequence, KV head): one long sequence still spans a megacore's 2 cores
 
 
-def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_per_seq, pages_per_block,
+def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, softcap, sinks, window, pages_per_seq, pages_per_block,
             n_splits, quantized):
     """One (sequence, KV head, split): `attend_pages` over this split's share of the visible pages.
 
@@ -39,24 +39,19 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_p
     b = pl.program_id(0)
     length = lengths_ref[b]
 
-    if window is None:  # every page of the table up to the length
-        n_sink = window_first = 0
-        n_visible = jnp.minimum(pl.cdiv(length, page_size), pages_per_seq)
-    else:  # the sink pages, then the window's (a page holding both is a sink page)
-        n_sink = pl.cdiv(jnp.minimum(length, sinks), page_size)
-        window_first = jnp.maximum(jnp.maximum(length - window, 0) // page_size, n_sink)
-        n_visible = n_sink + jnp.maximum(pl.cdiv(length, page_size) - window_first, 0)
+    n_sink, window_first, n_visible = visible_pages(length - 1, length - 1, page_size=page_size,
+                                                    pages_per_seq=pages_per_seq, sinks=sinks, window=window)
     per_split = pl.cdiv(pl.cdiv(n_visible, n_splits), pages_per_block) * pages_per_block
     start = pl.program_id(2) * per_split
     acc_ref[...], m_ref[...], l_ref[...] = attend_pages(
         q_ref[...], pools, buffers, sems, tables_ref, seq=b, head=pl.program_id(1), start=start,
         stop=jnp.minimum(start + per_split, n_visible), n_sink=n_sink, window_first=window_first,
-        keep=lambda positions: visible(positions, length, sinks, window), scale=scale, sinks=sinks,
+        keep=lambda positions: visible(positions, length, sinks, window), scale=scale, softcap=softcap, sinks=sinks,
         pages_per_seq=pages_per_seq)
 
 
 def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop, n_sink, window_first, keep, scale,
-                 sinks, pages_per_seq):
+                 softcap, sinks, pages_per_seq):
     """Online softmax of the rows q [R, Dh] over logical pages start..stop-1 of sequence `seq`'s table, in blocks of
     the buffers' pages; returns float32 (acc [R, Dh], max [R, 1], sum [R, 1]). Shared by the decode and the ragged
     kernels: they differ only in which pages they walk and in keep(positions [1, block_k]) -> [R or 1, block_k].
@@ -115,7 +110,7 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
             logits *= buffers[2][half].reshape(1, block_k)  # per-token K scales, as a row
-        logits = jnp.where(seen, logits * scale, MASKED)
+        logits = jnp.where(seen, soft_cap(logits * scale, softcap), MASKED)
         m_next = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
         alpha = jnp.exp(m - m_next)
         p = jnp.where(seen, jnp.exp(logits - m_next), 0.0)
@@ -137,9 +132,9 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
     return jax.lax.fori_loop(0, n_blocks, body, init)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret", "block_tokens",
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sinks", "window", "interpret", "block_tokens",
                                              "max_splits"))
-def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, sinks, window,
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, softcap, sinks, window,
                     interpret, block_tokens=_BLOCK_TOKENS, max_splits=_MAX_SPLITS):
     """The TPU kernel over (sequence, KV head, split), then the partial (acc, max, sum) of splits combined.
 
@@ -169,8 +164,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
         return pl.BlockSpec((None, None, None, *tail), lambda b, h, s, *_: (b, h, s, 0, 0))
 
     partial_shape = (batch, n_kv, n_splits, padded_group)
-    kernel = functools.partial(_kernel, scale=scale, sinks=sinks, window=window, pages_per_seq=pages_per_seq,
-                               pages_per_block=pages_per_block, n_splits=n_splits, quantized=quantized)
+    kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,
+                               pages_per_seq=pages_per_seq, pages_per_block=pages_per_block, n_splits=n_splits,
+                               quantized=quantized)
     acc, m, l = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -20,8 +20,8 @@ _KERNELS = {"gpu": gpu.paged_prefill_attention}
 
 
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales=None, v_scales=None,
-                            scale=None, sinks: int = 0, window: int | None = None, backend: str = "auto",
-                            interpret: bool = False):
+                            scale=None, softcap: float | None = None, sinks: int = 0, window: int | None = None,
+                            backend: str = "auto", interpret: bool = False):
     """Causal attention of each sequence's chunk of new queries over its paged K/V; returns [T, H, Dh] in q.dtype.
 
     q [T, H, Dh]: sequence b's queries are rows cu_q_lens[b]:cu_q_lens[b+1] (cu_q_lens int32 [B+1], from 0,
@@ -39,7 +39,7 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     if backend != "reference" and backend not in _KERNELS:
         raise KernelInputError(f"paged_prefill_attention: unknown backend {backend!r}; choose auto, reference or "
                          f"{', '.join(_KERNELS)}")
-    options = dict(k_scales=k_scales, v_scales=v_scales, sinks=sinks, window=window,
+    options = dict(k_scales=k_scales, v_scales=v_scales, sinks=sinks, window=window, softcap=softcap,
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
     if backend == "reference":
         return reference.paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, **options)

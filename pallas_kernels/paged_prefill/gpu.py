@@ -25,8 +25,8 @@ _BLOCK_ROWS = 64  # query rows (queries x padded group) per program
 _BLOCK_TOKENS = 64  # KV tokens per loop step: Triton's dot wants every dimension >= 16
 
 
-def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, window, pages_per_seq, pages_per_block,
-            group, block_rows, quantized):
+def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, sinks, window, pages_per_seq,
+            pages_per_block, group, block_rows, quantized):
     """One (query block, KV head): the block's rows attend over the logical pages 0..n_visible-1 (the sink pages,
     then the window's or causal prefix's pages), so pages no query of the block can see are never loaded."""
     k_scales_ref, v_scales_ref, o_ref = refs if quantized else (None, None, *refs)
@@ -60,7 +60,7 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, wind
         used = in_range & visible(positions, last_pos + 1, sinks, block_window)
         keep = visible(positions[None, :], q_pos[:, None] + 1, sinks, window) & real[:, None] & used[None, :]
         return attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, scale=scale,
-                            compute_dtype=compute_dtype, used=used)
+                            softcap=softcap, compute_dtype=compute_dtype, used=used)
 
     init = (jnp.zeros((block_rows, head_dim), jnp.float32), jnp.full((block_rows,), MASKED, jnp.float32),
             jnp.zeros((block_rows,), jnp.float32))
@@ -70,9 +70,10 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, sinks, wind
                 mask=jnp.broadcast_to(real[:, None], out.shape))  # the rows past the chunk belong to others
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret", "block_q", "block_tokens"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sinks", "window", "interpret", "block_q",
+                                             "block_tokens"))
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales, v_scales, scale,
-                            sinks, window, interpret, block_q=None, block_tokens=_BLOCK_TOKENS):
+                            softcap, sinks, window, interpret, block_q=None, block_tokens=_BLOCK_TOKENS):
     """The Triton kernel over (query block, KV head); block_q (queries per program) defaults to fill 64 rows."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv, n_pages, page_size, _ = k_pages.shape
@@ -114,9 +115,9 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     if quantized:
         in_specs += [scales_spec, scales_spec]
         args += [k_scales, v_scales]
-    kernel = functools.partial(_kernel, scale=scale, sinks=sinks, window=window, pages_per_seq=pages_per_seq,
-                               pages_per_block=pages_per_block, group=padded_group, block_rows=block_rows,
-                               quantized=quantized)
+    kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,
+                               pages_per_seq=pages_per_seq, pages_per_block=pages_per_block, group=padded_group,
+                               block_rows=block_rows, quantized=quantized)
     out = pl.pallas_call(
         kernel,
         grid=(n_blocks, n_kv),

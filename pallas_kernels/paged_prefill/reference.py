@@ -23,7 +23,7 @@ def query_rows(cu_q_lens: jnp.ndarray, lengths: jnp.ndarray, n_rows: int):
 
 
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales, v_scales, scale,
-                            sinks, window):
+                            softcap, sinks, window):
     """q [T, H, Dh] packed chunks over the pages block_tables [B, P] names; see the package docstring.
 
     Memory: gathers each row's candidate K/V, [K, T, P*S, Dh] without a window (sinks + window with one).
@@ -33,4 +33,5 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     seq, position, real = query_rows(cu_q_lens, lengths, q.shape[0])
     seen = jnp.where(real, jnp.maximum(position + 1, 0), 0)  # padding rows, and rows before the start: nothing
     return decode.paged_attention(q, k_pages, v_pages, block_tables[seq], seen, k_scales=k_scales,
-                                  v_scales=v_scales, scale=scale, sinks=sinks, window=window)
+                                  v_scales=v_scales, scale=scale, softcap=softcap, sinks=sinks,
+                                  window=window)

@@ -53,16 +53,17 @@ class PoolLayer:
     v_scales: jax.Array | None = None
 
 
-def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, sinks: int = 0,
-                           window: int | None = None, strict: bool = False, backend: str = "auto",
+def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, softcap: float | None = None,
+                           sinks: int = 0, window: int | None = None, strict: bool = False, backend: str = "auto",
                            interpret: bool = False):
     """Causal attention of every packed query [T, H, Dh] over its row's pages; returns [T, H, Dh] in q.dtype.
 
     With a window only the first `sinks` positions and the last `window` up to the query are visible. strict:
     a query sees the positions strictly before its own (LCKV's upward source, whose KV of the current token is
     not known yet); one that sees nothing gives zeros. GQA maps query head h to KV head h // (H // K); the
-    softmax runs in float32. backend: "reference", "gpu", "tpu" or "auto" (the platform's kernel, else the
-    reference); interpret=True runs a kernel on CPU. Under a mesh a kernel runs per shard of the heads.
+    softmax runs in float32; softcap caps the scaled logits (Gemma 2). backend: "reference", "gpu", "tpu" or "auto"
+    (the platform's kernel, else the reference); interpret=True runs a kernel on CPU. Under a mesh a kernel runs
+    per shard of the heads.
     """
     check = checker("ragged_paged_attention")
     meta = jax.tree.map(jnp.asarray, meta)  # host arrays (a step built outside jit) index like traced ones
@@ -81,7 +82,7 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
     if strict:  # a query at p sees what one at p - 1 sees, its window one shorter: positions p - window + 1 .. p - 1
         meta = dataclasses.replace(meta, kv_lens=meta.kv_lens - 1)
         window = None if window is None else window - 1
-    options = dict(k_scales=pages.k_scales, v_scales=pages.v_scales, sinks=sinks, window=window,
+    options = dict(k_scales=pages.k_scales, v_scales=pages.v_scales, sinks=sinks, window=window, softcap=softcap,
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
     if backend == "reference":
         return reference.ragged_paged_attention(q, pages.k, pages.v, meta, **options)

@@ -18,14 +18,15 @@ def last_queries(cu_q_lens: jax.Array, n_tokens: int) -> tuple[jax.Array, jax.Ar
     return jnp.clip(cu_q_lens[1:] - 1, 0, max(n_tokens - 1, 0)), cu_q_lens[1:] > cu_q_lens[:-1]
 
 
-def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, scale, sinks, window):
+def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, scale, softcap, sinks, window):
     """q [T, H, Dh] packed rows over their pages; see `pallas_kernels.ragged_paged_attention`."""
     n_tokens = q.shape[0]
     if n_tokens == 0 or meta.kv_lens.shape[0] == 0:
         return jnp.zeros_like(q)
     last, real = last_queries(meta.cu_q_lens, n_tokens)
     out = decode.paged_attention(q[last], k_pages, v_pages, meta.block_tables, jnp.where(real, meta.kv_lens, 0),
-                                 k_scales=k_scales, v_scales=v_scales, scale=scale, sinks=sinks, window=window)
+                                 k_scales=k_scales, v_scales=v_scales, scale=scale, softcap=softcap, sinks=sinks,
+                                 window=window)
     out = jnp.zeros_like(q).at[jnp.where(real, last, n_tokens)].set(out, mode="drop")
     if meta.max_q_len == 1:
         return out
@@ -40,7 +41,8 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
         start, n_q = meta.cu_q_lens[row], jnp.minimum(q_lens[row], width)
         positions = meta.kv_lens[row] - n_q + jnp.arange(width)
         chunk = _chunk_attention(jax.lax.dynamic_slice_in_dim(q, start, width), positions, n_q, k_pages, v_pages,
-                                 k_scales, v_scales, meta.block_tables[row], scale=scale, sinks=sinks, window=window)
+                                 k_scales, v_scales, meta.block_tables[row], scale=scale, softcap=softcap, sinks=sinks,
+                                 window=window)
         mine = (jnp.arange(width) < n_q)[:, None, None]
         return jax.lax.dynamic_update_slice_in_dim(
             out, jnp.where(mine, chunk, jax.lax.dynamic_slice_in_dim(out, start, width)), start, 0)
@@ -49,7 +51,8 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
     return jax.lax.fori_loop(0, jnp.sum(chunked), one_chunk, out)[:n_tokens]
 
 
-def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, table, *, scale, sinks, window):
+def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, table, *, scale, softcap, sinks,
+                     window):
     """One row's chunk q [C, H, Dh] at `positions` [C] (the first n_q real) over its pages, read once."""
     n_kv, _, page_size, head_dim = k_pages.shape
     width = q.shape[0]
@@ -61,7 +64,7 @@ def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, ta
     k = decode.gather_tokens(k_pages, k_scales, table[None], keys[None], sinks, window)[:, 0]  # [K, C', Dh]
     v = decode.gather_tokens(v_pages, v_scales, table[None], keys[None], sinks, window)[:, 0]
     qg = q.astype(jnp.float32).reshape(width, n_kv, -1, head_dim).transpose(1, 2, 0, 3)  # [K, G, C, Dh]
-    logits = jnp.einsum("kgcd,ksd->kgcs", qg, k) * scale
+    logits = decode.soft_cap(jnp.einsum("kgcd,ksd->kgcs", qg, k) * scale, softcap)
     seen = (jnp.arange(width) < n_q)[:, None] & decode.visible(keys[None, :], positions[:, None] + 1, sinks, window)
     logits = jnp.where(seen, logits, decode.MASKED)
     probs = jax.nn.softmax(logits, axis=-1) * seen  # a query that sees nothing: zeros

@@ -25,7 +25,7 @@ _BLOCK_TOKENS = 128  # KV tokens per loop step, as in the decode kernel
 _MAX_BLOCK_Q = 32  # queries per program at most: block_q * group rows of logits [rows, 128] stay small in VMEM
 
 
-def _kernel(plan_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_per_seq, block_q, quantized):
+def _kernel(plan_ref, tables_ref, q_ref, *refs, scale, softcap, sinks, window, pages_per_seq, block_q, quantized):
     """One (query block, KV head): the block's rows (head g of the group, query i at row g * block_q + i)
     attend over the pages the block can see; rows past its real queries (and empty blocks) see nothing."""
     n_pools = 4 if quantized else 2
@@ -42,13 +42,13 @@ def _kernel(plan_ref, tables_ref, q_ref, *refs, scale, sinks, window, pages_per_
 
     acc, _, l = attend_pages(q_ref[...], pools, buffers, sems, tables_ref, seq=row, head=pl.program_id(1), start=0,
                              stop=n_visible, n_sink=n_sink, window_first=window_first, keep=keep, scale=scale,
-                             sinks=sinks, pages_per_seq=pages_per_seq)
+                             softcap=softcap, sinks=sinks, pages_per_seq=pages_per_seq)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)  # a query that sees nothing: zeros
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sinks", "window", "interpret", "max_q_len", "block_q",
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sinks", "window", "interpret", "max_q_len", "block_q",
                                              "block_tokens"))
-def ragged_paged_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales, v_scales, scale,
+def ragged_paged_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales, v_scales, scale, softcap,
                            sinks, window, interpret, max_q_len=None, block_q=None, block_tokens=_BLOCK_TOKENS):
     """The TPU kernel over (query block, KV head) for q [T, H, Dh] packed by cu_q_lens [R + 1]; see the package.
 
@@ -86,8 +86,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens
     pools = [k_pages, v_pages] + ([k_scales, v_scales] if quantized else [])
     buffers = [pltpu.VMEM((2, pages_per_block, *pool.shape[2:]), pool.dtype) for pool in pools]
     tile = pl.BlockSpec((None, None, group * block_q, head_dim), lambda j, h, *_: (j, h, 0, 0))
-    kernel = functools.partial(_kernel, scale=scale, sinks=sinks, window=window, pages_per_seq=pages_per_seq,
-                               block_q=block_q, quantized=quantized)
+    kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,
+                               pages_per_seq=pages_per_seq, block_q=block_q, quantized=quantized)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
