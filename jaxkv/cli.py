@@ -128,6 +128,7 @@ def _plan(args) -> None:
           f"batch {args.batch} x context {args.context}")
     fields = [("KV layers", lambda r: str(r["kv_layers"])),
               ("KV bytes/token", lambda r: f"{r['kv_bytes_per_token']:,} ({r['kv_dtype']})"),
+              ("KV held per sequence", lambda r: format_bytes(r["kv_bytes_per_sequence"])),
               ("KV for batch x context", lambda r: format_bytes(r["kv_bytes"])),
               ("parameters", lambda r: f"{r['parameters']:,}"),
               ("weights", lambda r: format_bytes(r["weight_bytes"]))]

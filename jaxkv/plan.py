@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.cache.paged import page_groups
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.decoder import abstract_params
@@ -41,20 +42,36 @@ def parameter_count(cfg: ModelConfig) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg))))
 
 
+def layer_tokens(cfg: ModelConfig, context: int, page_size: int = 16, chunk: int = 64) -> list[dict]:
+    """Per KV layer: the tokens of a `context`-token sequence it holds in the serving engine's pages, rounded to
+    pages (page_size; prompt chunks of `chunk`): every token, or its window's ring (`page_groups`)."""
+    pages = -(-context // page_size)
+    ring_of = {k: g.ring for g in page_groups(cfg, page_size, chunk, pages) for k in g.kv_layers}
+    return [{"kv_layer": k, "layer": layer, "ring_pages": ring_of[k],
+             "tokens_held": min(context, (ring_of[k] or pages) * page_size)}
+            for k, layer in enumerate(cfg.kv_layers)]
+
+
 def plan(cfg: ModelConfig, context: int, batch: int, kv_dtype=None, memory: int | None = None) -> dict:
-    """The KV and weight budget of one model geometry (its kv_sources included)."""
+    """The KV and weight budget of one model geometry (its kv_sources and window layers included): KV bytes per
+    token written, and per sequence held, where window layers keep only their ring of pages."""
     if context < 1 or batch < 1:
         raise JaxkvError(f"context and batch must be positive, got {context} and {batch}")
     kv_dtype = jnp.dtype(kv_dtype or cfg.dtype)
     per_token = kv_bytes_per_token(cfg, kv_dtype)
+    per_layer_token = per_token // cfg.n_kv_layers
+    layers = layer_tokens(cfg, context)
+    for row in layers:
+        row["bytes"] = row["tokens_held"] * per_layer_token
+    per_sequence = sum(row["bytes"] for row in layers)
     params = parameter_count(cfg)
     weight_bytes = params * jnp.dtype(cfg.param_dtype).itemsize
     out = {
-        "kv_layers": cfg.n_kv_layers, "kv_sources": list(cfg.kv_sources),
-        "kv_bytes_per_token": per_token, "kv_bytes": per_token * context * batch,
-        "parameters": params, "weight_bytes": weight_bytes, "kv_dtype": kv_dtype.name,
+        "kv_layers": cfg.n_kv_layers, "kv_sources": list(cfg.kv_sources), "window_layers": list(cfg.window_layers),
+        "kv_bytes_per_token": per_token, "kv_bytes_per_sequence": per_sequence, "kv_bytes": per_sequence * batch,
+        "parameters": params, "weight_bytes": weight_bytes, "kv_dtype": kv_dtype.name, "per_kv_layer": layers,
     }
     if memory is not None:
         room = memory - weight_bytes
-        out["max_batch"] = max(room // (per_token * context), 0)
+        out["max_batch"] = max(room // per_sequence, 0)
     return out

@@ -36,13 +36,13 @@ def chunked_logits(cfg, params, ids: np.ndarray, kv_dtype: str, chunk: int, page
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(pool, meta, tokens):
-        logits, kv = forward(cfg, params, tokens, PagedKV(pool, meta))
-        return logits, kv.pool
+        logits, kv = forward(cfg, params, tokens, PagedKV.whole(pool, meta))
+        return logits, kv.pools[0]
 
     out = []
     for start in range(0, n, chunk):
         tokens = ids[None, start:start + chunk]
-        logits, pool = step(pool, StepMetadata.pack([pages], [start], [tokens.shape[1]]), jnp.asarray(tokens))
+        logits, pool = step(pool, StepMetadata.pack([[pages]], [start], [tokens.shape[1]]), jnp.asarray(tokens))
         out.append(np.asarray(logits[0]))
     return np.concatenate(out)
 

@@ -11,7 +11,6 @@ same with 0 sinks (the paper's "window attention", which collapses once the firs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -33,20 +32,19 @@ def target_logprobs(cfg, params, ids: np.ndarray, pages_per_seq: int, prompt: in
     """log p(ids[t+1] | ids[:t+1]) for every t: `prompt` tokens prefilled, then one token per step."""
     pool = PagePool.init(cfg, pages_per_seq, PAGE_SIZE)
     table = np.arange(pages_per_seq)[None]
-    prefill = StepMetadata.pack(table, [0], [prompt])
-    one = StepMetadata.pack(table, [prompt], [1])  # the decode step's layout; its position is set per token
+    prefill = StepMetadata.pack([table], [0], [prompt])
+    one = StepMetadata.pack([table], [prompt], [1])  # the decode step's layout; its position is set per token
 
     @jax.jit
     def run(params, pool, ids):
-        logits, kv = forward(cfg, params, ids[None, :prompt], PagedKV(pool, prefill))
+        logits, kv = forward(cfg, params, ids[None, :prompt], PagedKV.whole(pool, prefill))
         first = jax.nn.log_softmax(logits[0])[jnp.arange(prompt), ids[1:prompt + 1]]
 
         def step(pool, at):  # token `at` at position `at`, one step each
-            meta = one.replace(positions=at[None], attention=dataclasses.replace(one.attention, kv_lens=(at + 1)[None]))
-            logits, kv = forward(cfg, params, ids[at][None, None], PagedKV(pool, meta))
-            return kv.pool, jax.nn.log_softmax(logits[0, 0])[ids[at + 1]]
+            logits, kv = forward(cfg, params, ids[at][None, None], PagedKV.whole(pool, one.advanced(at - prompt)))
+            return kv.pools[0], jax.nn.log_softmax(logits[0, 0])[ids[at + 1]]
 
-        _, rest = jax.lax.scan(step, kv.pool, jnp.arange(prompt, len(ids) - 1))
+        _, rest = jax.lax.scan(step, kv.pools[0], jnp.arange(prompt, len(ids) - 1))
         return jnp.concatenate([first, rest])
 
     return np.asarray(run(params, pool, jnp.asarray(ids)))

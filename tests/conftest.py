@@ -186,8 +186,8 @@ POISON_SEED = 666
 
 def poisoned(name, args, n) -> bool:
     """A step that holds the poisoned request (by its seed) once it has 3 tokens, as a prompt chunk or a decode
-    row: ragged_step(params, pool, tokens, meta, seeds, steps, ...)."""
-    cu_q_lens = np.asarray(args[3].attention.cu_q_lens)
+    row: ragged_step(params, pools, tokens, meta, seeds, steps, ...)."""
+    cu_q_lens = np.asarray(args[3].rows.cu_q_lens)
     live = cu_q_lens[1:] > cu_q_lens[:-1]
     seeds, steps = np.asarray(args[4]), np.asarray(args[5])
     return bool(np.any(live & (seeds == POISON_SEED) & (steps >= 3)))

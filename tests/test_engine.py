@@ -78,8 +78,8 @@ def test_every_model_kind_serves_exact_greedy_tokens(kind, byte_tokenizer):
         assert tokens_of(got[str(i)]) == want, f"request {i}"
         check_finished_once(got[str(i)])
     if cfg.kv_sources != tuple(range(4)):
-        assert engine.pool.k_pages.shape[0] == cfg.n_kv_layers < cfg.n_layers  # pools only for KV layers
-    assert engine.allocator.stats().used == 0
+        assert engine.pools[0].k_pages.shape[0] == cfg.n_kv_layers < cfg.n_layers  # pools only for KV layers
+    assert engine.allocators[0].stats().used == 0
 
 
 # --- the real model ------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def test_pool_exhaustion_preempts_and_recomputes_without_losing_anything(llm, pr
         check_finished_once(got[str(i)])
         assert tokens_of(got[str(i)]) == alone[i]  # none lost, duplicated or corrupted
         assert "".join(o.text for o in got[str(i)]) == llm.tokenizer.decode(alone[i])
-    assert engine.allocator.stats().used == 0
+    assert engine.allocators[0].stats().used == 0
 
 
 @pytest.mark.slow
@@ -149,15 +149,15 @@ def test_abort_frees_pages_and_the_others_carry_on(llm, prompts, alone):
     for _ in range(4):
         for out in engine.step():
             outputs[out.request_id].append(out)
-    used_by_both = engine.allocator.stats().used
+    used_by_both = engine.allocators[0].stats().used
     engine.abort("drop")
-    assert engine.allocator.stats().used < used_by_both
+    assert engine.allocators[0].stats().used < used_by_both
     while engine.has_work():
         for out in engine.step():
             outputs[out.request_id].append(out)
     assert outputs["drop"][-1].finish_reason == "abort"
     assert tokens_of(outputs["keep"]) == alone[0]
-    assert engine.allocator.stats().used == 0
+    assert engine.allocators[0].stats().used == 0
 
 
 @pytest.mark.slow
@@ -339,9 +339,9 @@ def test_one_call_per_step_mixes_decode_rows_and_chunks_within_the_budget(byte_t
 
     def record(fn, donate, *args, **static):
         meta = args[3]
-        cu, kv_lens = np.asarray(meta.attention.cu_q_lens), np.asarray(meta.attention.kv_lens)
+        cu, kv_lens = np.asarray(meta.rows.cu_q_lens), np.asarray(meta.rows.kv_lens)
         q_lens = np.diff(cu)
-        calls.append((args[2].shape[0], len(kv_lens), meta.attention.block_tables.shape[1], q_lens, kv_lens))
+        calls.append((args[2].shape[0], len(kv_lens), meta.rows.block_tables.shape[1], q_lens, kv_lens))
         return run_once(fn, donate, *args, **static)
 
     monkeypatch.setattr(engine.executables, "run", record)

@@ -145,12 +145,12 @@ def test_decode_past_a_request_end_never_writes_into_pages_of_others(tmp_path_fa
     shared = llm.encode("A preamble long enough to fill whole pages of the prefix cache. one")
     first = llm.generate_ids([shared], 5, SamplingParams(), ignore_eos=True)[0]  # its prefix stays cached
     engine = llm._engine
-    cached = engine.allocator.cached_prefix(prefix_hashes(shared[:-1], engine.page_size))
+    cached = engine.allocators[0].cached_prefix(prefix_hashes(shared[:-1], engine.page_size))
     assert cached[0] == 0
-    before = np.asarray(engine.pool.k_pages[:, :, cached])
+    before = np.asarray(engine.pools[0].k_pages[:, :, cached])
     for prompt in ["x" * 11, "y" * 12, "z" * 13]:  # each ends inside a call of 8 decode steps, whose extra
         llm.generate(prompt, max_new_tokens=3, ignore_eos=True)  # tokens cross into an unreserved page
-    np.testing.assert_array_equal(np.asarray(llm._engine.pool.k_pages[:, :, cached]), before)
+    np.testing.assert_array_equal(np.asarray(llm._engine.pools[0].k_pages[:, :, cached]), before)
     again = llm.generate_ids([shared], 5, SamplingParams(), ignore_eos=True)[0]
     assert again.token_ids == first.token_ids == dense_greedy(CFG, llm.params, shared, 5)
 

@@ -111,11 +111,11 @@ def test_ragged_writes_read_back_through_scattered_pages(kv_dtype):
     pool = PagePool.init(cfg, num_pages=12, page_size=4, max_seqs=3, kv_dtype=kv_dtype)
     k_all = rng.normal(size=(3, 12, 2, 8)).astype(np.float32)
     v_all = rng.normal(size=(3, 12, 2, 8)).astype(np.float32)
-    write = jax.jit(lambda pool, meta, k, v: PagedKV(pool, meta).write(1, k, v, meta.positions[None]).pool,
+    write = jax.jit(lambda pool, meta, k, v: PagedKV.whole(pool, meta).write(1, k, v, meta.positions[None]).pools[0],
                     donate_argnums=0)
     for start in range(0, 12, 5):  # chunks of up to 5 per sequence, 2 padding tokens after them
         n_new = np.clip(np.asarray(lengths) - start, 0, 5)
-        meta = StepMetadata.pack(tables, [min(start, n) for n in lengths], n_new, n_tokens=int(n_new.sum()) + 2)
+        meta = StepMetadata.pack([tables], [min(start, n) for n in lengths], n_new, n_tokens=int(n_new.sum()) + 2)
         rows, positions = np.asarray(meta.token_rows), np.asarray(meta.positions)
         k, v = k_all[rows, np.minimum(positions, 11)][None], v_all[rows, np.minimum(positions, 11)][None]
         pool = write(pool, meta, jnp.asarray(k), jnp.asarray(v))
@@ -167,13 +167,13 @@ def test_model_on_paged_cache_equals_dense(sources, windowed):
 
     @functools.partial(jax.jit, donate_argnums=1)
     def paged_step(tokens, pool, meta):
-        logits, kv = forward(cfg, params, tokens[None], PagedKV(pool, meta), logits_at=meta.logits_index[None])
-        return logits[0], kv.pool
+        logits, kv = forward(cfg, params, tokens[None], PagedKV.whole(pool, meta), logits_at=meta.logits_index[None])
+        return logits[0], kv.pools[0]
 
     for kv_dtype in ("float32", "int8"):
         pool, lengths, got = PagePool.init(cfg, 16, 4, 2, kv_dtype=kv_dtype), [0, 0], []
         for n_new in (prompt, [1, 1], [1, 1], [1, 1]):
-            meta = StepMetadata.pack(tables, lengths, n_new)
+            meta = StepMetadata.pack([tables], lengths, n_new)
             step_tokens = np.concatenate([tokens[r, lengths[r]:lengths[r] + n] for r, n in enumerate(n_new)])
             out, pool = paged_step(jnp.asarray(step_tokens), pool, meta)
             got.append(np.asarray(out))

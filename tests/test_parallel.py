@@ -81,13 +81,13 @@ def sharded_paged(cfg, mesh, params, tokens, pool):
     """A step of four ragged prompts packed together, then a step of one token each (the page pool's KV heads
     split over model; the reference ragged attention on CPU): unsharded vs jit with the rules' shardings."""
     tables, lengths = jnp.arange(8, dtype=jnp.int32).reshape(4, 2), [6, 3, 5, 1]
-    prompts, steps = StepMetadata.pack(tables, [0] * 4, lengths), StepMetadata.pack(tables, lengths, [1] * 4)
+    prompts, steps = StepMetadata.pack([tables], [0] * 4, lengths), StepMetadata.pack([tables], lengths, [1] * 4)
     packed = jnp.concatenate([tokens[r, :n] for r, n in enumerate(lengths)])
     def run(params, pool):
-        logits, kv = forward(cfg, params, packed[None], PagedKV(pool, prompts), logits_at=prompts.logits_index[None])
+        logits, kv = forward(cfg, params, packed[None], PagedKV.whole(pool, prompts), logits_at=prompts.logits_index[None])
         nxt = jnp.argmax(logits[0], -1).astype(jnp.int32)
-        step, kv = forward(cfg, params, nxt[None], PagedKV(kv.pool, steps), logits_at=steps.logits_index[None])
-        return logits, step, kv.pool
+        step, kv = forward(cfg, params, nxt[None], PagedKV.whole(kv.pools[0], steps), logits_at=steps.logits_index[None])
+        return logits, step, kv.pools[0]
     ref = jax.jit(run)(params, pool)
     p_sh, c_sh = param_shardings(cfg, mesh), cache_shardings(pool, mesh)
     got = jax.jit(run, in_shardings=(p_sh, c_sh), out_shardings=(None, None, c_sh))(

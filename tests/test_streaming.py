@@ -91,8 +91,8 @@ def _params(cfg, seed):
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def _step(cfg, params, tokens, pool, meta):
-    logits, kv = forward(cfg, params, tokens, PagedKV(pool, meta))
-    return logits, kv.pool
+    logits, kv = forward(cfg, params, tokens, PagedKV.whole(pool, meta))
+    return logits, kv.pools[0]
 
 
 class _Ring:
@@ -106,7 +106,7 @@ class _Ring:
         self.table = np.random.default_rng(0).permutation(per_seq + 3)[:per_seq]
 
     def __call__(self, params, tokens):
-        meta = StepMetadata.pack(self.table[None], [self.length], [tokens.shape[1]])
+        meta = StepMetadata.pack([self.table[None]], [self.length], [tokens.shape[1]])
         logits, self.pool = _step(self.cfg, params, jnp.asarray(tokens), self.pool, meta)
         self.length += tokens.shape[1]
         return logits

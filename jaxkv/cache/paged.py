@@ -1,17 +1,23 @@
-"""The paged KV cache, split in two: a persistent page pool and the per-step metadata that addresses it.
+"""The paged KV cache, split in two: persistent page pools and the per-step metadata that addresses them.
 
-`PagePool` holds, for every KV-producing layer only (so CLA and LCKV allocate proportionally fewer), the
-K/V pages [n_kv_layers, kv_heads, num_pages + 1, page_size, head_dim] in the layout of
-`pallas_kernels.ragged_paged_attention`, their int8 scales, and StreamingLLM's sink keys as written. It lives
-across steps and is donated to each. Page `num_pages` is scratch: no sequence owns it, block-table columns a
-sequence has not reserved point at it, so a write past a row's pages (a decode iteration past its end) lands
-there harmlessly. `StepMetadata` is built on the host for one step: the packed tokens' positions, each row's
-chunk, KV length and block table. `PagedKV` pairs the two and is what the model reads and writes.
+KV layers fall into page groups (`page_groups`): layers some reader attends to in full keep a full block
+table (every position its page); layers all of whose readers attend within a window hold only a ring of the
+pages that window needs, so a sliding-window layer's memory does not grow with the sequence (StreamingLLM's
+sinks + window is one such ring for every layer). Each group has its own `PagePool`: for its KV layers only
+(so CLA and LCKV allocate proportionally fewer), the K/V pages [layers, kv_heads, num_pages + 1, page_size,
+head_dim] in the layout of `pallas_kernels.ragged_paged_attention`, their int8 scales, and StreamingLLM's sink
+keys as written. Pools live across steps and are donated to each. Page `num_pages` is scratch: no sequence owns
+it, block-table columns a sequence has not reserved point at it, so a write past a row's pages (a decode
+iteration past its end) lands there harmlessly. `StepMetadata` is built on the host for one step: the packed
+tokens' positions, each row's chunk and KV length, and its block table in every group. `PagedKV` pairs pools
+and metadata and is what the model reads and writes.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -48,16 +54,18 @@ class PagePool:
 
     @classmethod
     def init(cls, cfg: ModelConfig, num_pages: int, page_size: int, max_seqs: int = 1,
-             kv_dtype: str | None = None) -> PagePool:
-        """num_pages pages for sequences (plus the scratch page); max_seqs sequences may keep sink keys."""
+             kv_dtype: str | None = None, n_layers: int | None = None) -> PagePool:
+        """num_pages pages for sequences (plus the scratch page) of n_layers KV layers (default all of cfg's);
+        max_seqs sequences may keep sink keys."""
         kv_dtype = kv_dtype or cfg.dtype
         if kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
-        shape = (cfg.n_kv_layers, cfg.n_kv_heads, num_pages + 1, page_size, cfg.head_dim)
+        n_layers = cfg.n_kv_layers if n_layers is None else n_layers
+        shape = (n_layers, cfg.n_kv_heads, num_pages + 1, page_size, cfg.head_dim)
         scales = (jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32)) \
             if kv_dtype == "int8" else (None, None)
         sinks = cfg.attention_sinks
-        sink_keys = jnp.zeros((cfg.n_kv_layers, max_seqs, sinks, cfg.n_kv_heads, cfg.head_dim)) if sinks else None
+        sink_keys = jnp.zeros((n_layers, max_seqs, sinks, cfg.n_kv_heads, cfg.head_dim)) if sinks else None
         return cls(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype), *scales, sink_keys=sink_keys, sinks=sinks)
 
     @property
@@ -73,15 +81,16 @@ class PagePool:
     def quantized(self) -> bool:
         return self.k_scales is not None
 
-    def layer(self, kv_layer: int) -> PoolLayer:
-        pick = (lambda a: None if a is None else a[kv_layer])
-        return PoolLayer(self.k_pages[kv_layer], self.v_pages[kv_layer], pick(self.k_scales), pick(self.v_scales))
+    def layer(self, index: int) -> PoolLayer:
+        """The pages of the pool's index-th layer."""
+        pick = (lambda a: None if a is None else a[index])
+        return PoolLayer(self.k_pages[index], self.v_pages[index], pick(self.k_scales), pick(self.v_scales))
 
-    def put(self, kv_layer: int, pages: jax.Array, offsets: jax.Array, **new: jax.Array) -> PagePool:
-        """Store `new` (k= and/or v=, [N, kv_heads, head_dim]) at (pages, offsets) [N] of one KV layer, quantizing
-        int8; entries whose page is out of range are dropped."""
+    def put(self, index: int, pages: jax.Array, offsets: jax.Array, **new: jax.Array) -> PagePool:
+        """Store `new` (k= and/or v=, [N, kv_heads, head_dim]) at (pages, offsets) [N] of the pool's index-th
+        layer, quantizing int8; entries whose page is out of range are dropped."""
         heads = jnp.arange(self.k_pages.shape[1])[:, None]
-        at = (kv_layer, heads, pages[None], offsets[None])
+        at = (index, heads, pages[None], offsets[None])
         updates = {}
         for name, x in new.items():
             x = jnp.moveaxis(x, 1, 0)  # [K, N, Dh], indexed (kv layer, head, page, offset)
@@ -93,16 +102,47 @@ class PagePool:
         return self.replace(**updates)
 
 
+@dataclasses.dataclass(frozen=True)
+class PageGroup:
+    """KV layers (indices into the model's KV layers) whose pages follow one policy. ring: the pages per sequence
+    when they form a ring that keeps only the recent positions (window layers, StreamingLLM); None: a full block
+    table, every position its own page."""
+
+    kv_layers: tuple[int, ...]
+    ring: int | None = None
+
+
+def page_groups(cfg: ModelConfig, page_size: int, max_chunk: int, pages_per_seq: int) -> tuple[PageGroup, ...]:
+    """The page groups of a model whose steps feed at most max_chunk tokens of a sequence, on tables of
+    pages_per_seq columns; full tables first, then rings by size.
+
+    A KV layer holds only a window's pages when every layer reading it attends within a window: the widest, w,
+    decides its ring of cdiv(w + max_chunk - 1, page_size) + 1 pages (the window of a chunk's first query up to
+    its last token, however they straddle pages). A ring as wide as the table gains nothing: a full table then.
+    StreamingLLM: one ring for every layer (`streaming_pages`)."""
+    if cfg.streaming_window is not None:
+        return (PageGroup(tuple(range(cfg.n_kv_layers)), streaming_pages(cfg, page_size)),)
+    windows: dict[int, list] = {}
+    for layer in range(cfg.n_layers):
+        windows.setdefault(cfg.kv_index(layer), []).append(cfg.window(layer))
+    rings: dict[int | None, list[int]] = {}
+    for kv_layer in range(cfg.n_kv_layers):
+        seen = windows[kv_layer]
+        ring = None if None in seen else -(-(max(seen) + max_chunk - 1) // page_size) + 1
+        rings.setdefault(None if ring is None or ring >= pages_per_seq else ring, []).append(kv_layer)
+    return tuple(PageGroup(tuple(rings[r]), r) for r in sorted(rings, key=lambda r: (r is not None, r or 0)))
+
+
 @struct.dataclass
 class StepMetadata:
     """One step's packed tokens and rows, built on the host (`pack`; the engine). tokens: T; rows: R.
 
-    attention: the rows' chunks, KV lengths (after this step) and block tables; positions int32 [T]: each
-    token's position in its sequence; token_rows int32 [T]: its row (padding tokens: any, they are dropped);
-    logits_index int32 [R]: each row's last token, whose logits are sampled; sink_rows int32 [R]: where each
-    row's sink keys live in the pool."""
+    attention: per page group, the rows' chunks, KV lengths (after this step) and the group's block tables (the
+    chunks and lengths are the same in every group); positions int32 [T]: each token's position in its sequence;
+    token_rows int32 [T]: its row (padding tokens: any, they are dropped); logits_index int32 [R]: each row's
+    last token, whose logits are sampled; sink_rows int32 [R]: where each row's sink keys live in the pool."""
 
-    attention: RaggedMetadata
+    attention: tuple[RaggedMetadata, ...]
     positions: jax.Array
     token_rows: jax.Array
     logits_index: jax.Array
@@ -112,14 +152,26 @@ class StepMetadata:
     def n_tokens(self) -> int:
         return self.positions.shape[0]
 
+    @property
+    def rows(self) -> RaggedMetadata:
+        """The rows' chunks and lengths (those of the first group; every group has the same)."""
+        return self.attention[0]
+
+    def advanced(self, i) -> StepMetadata:
+        """The metadata of the same rows i tokens further on (decode iteration i of one call: one token a row)."""
+        live = (self.rows.cu_q_lens[1:] > self.rows.cu_q_lens[:-1]).astype(jnp.int32)
+        return self.replace(positions=self.positions + i, attention=tuple(
+            dataclasses.replace(a, kv_lens=a.kv_lens + live * i) for a in self.attention))
+
     @classmethod
     def pack(cls, block_tables, cached, n_new, *, n_tokens: int | None = None, max_q_len: int | None = None,
              sink_rows=None) -> StepMetadata:
         """Host metadata of rows whose n_new[r] tokens follow their cached[r] ones, packed in row order.
-        block_tables [R, W] (rows past len(cached) are idle); n_tokens pads the packed tokens (default: exact);
-        max_q_len defaults to the longest chunk; sink_rows (default 0..) index the pool's sink keys."""
-        tables = np.asarray(block_tables, np.int32)
-        n_rows = tables.shape[0]
+        block_tables: per page group, int32 [R, W_g] (rows past len(cached) are idle); n_tokens pads the packed
+        tokens (default: exact); max_q_len defaults to the longest chunk; sink_rows (default 0..) index the pool's
+        sink keys."""
+        tables = [np.asarray(t, np.int32) for t in block_tables]
+        n_rows = tables[0].shape[0]
         cached, n_new = np.asarray(cached, np.int32), np.asarray(n_new, np.int32)
         total = int(n_new.sum())
         n_tokens = total if n_tokens is None else n_tokens
@@ -136,16 +188,27 @@ class StepMetadata:
         if sink_rows is not None:  # idle rows keep their own index: they write nothing
             sinks[:len(sink_rows)] = sink_rows
         max_q_len = max(int(n_new.max(initial=1)), 1) if max_q_len is None else max_q_len
-        return cls(RaggedMetadata(cu_q_lens, kv_lens, tables, max_q_len), positions, token_rows, logits_index,
-                   sinks)
+        return cls(tuple(RaggedMetadata(cu_q_lens, kv_lens, t, max_q_len) for t in tables), positions, token_rows,
+                   logits_index, sinks)
 
 
 @struct.dataclass
 class PagedKV:
-    """The pool as one step sees it: what the model writes new K/V into and attends through."""
+    """The pools as one step sees them: what the model writes new K/V into and attends through. pools[g] holds
+    the KV layers groups[g] lists (`page_groups`); a single pool of every KV layer is `PagedKV.whole`."""
 
-    pool: PagePool
+    pools: tuple[PagePool, ...]
     meta: StepMetadata
+    groups: tuple[tuple[int, ...], ...] = struct.field(pytree_node=False)
+
+    @classmethod
+    def whole(cls, pool: PagePool, meta: StepMetadata) -> PagedKV:
+        """One pool for every KV layer, one block table per row."""
+        return cls((pool,), meta, (tuple(range(pool.k_pages.shape[0])),))
+
+    def _place(self, kv_layer: int) -> tuple[int, int]:
+        """(group, index in its pool) of a KV layer."""
+        return next((g, layers.index(kv_layer)) for g, layers in enumerate(self.groups) if kv_layer in layers)
 
     def positions(self, tokens: jax.Array) -> jax.Array:
         return self.meta.positions[None]
@@ -153,22 +216,25 @@ class PagedKV:
     def write(self, kv_layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, n_new=None) -> PagedKV:
         """k, v [1, T, kv_heads, head_dim] of the packed tokens into their rows' pages (padding tokens dropped);
         a token among the first `sinks` positions also keeps its key as written, for StreamingLLM."""
-        meta, pool = jax.tree.map(jnp.asarray, self.meta), self.pool  # (host arrays, from a step built outside jit)
+        group, index = self._place(kv_layer)
+        meta, pool = jax.tree.map(jnp.asarray, self.meta), self.pools[group]  # (host arrays: a step built outside jit)
         positions = positions[0]
-        real = jnp.arange(positions.shape[0]) < meta.attention.cu_q_lens[-1]
-        table = meta.attention.block_tables
+        real = jnp.arange(positions.shape[0]) < meta.rows.cu_q_lens[-1]
+        table = meta.attention[group].block_tables
         column = table_column(positions // pool.page_size, table.shape[1], pool.sinks, pool.page_size)
         pages = jnp.where(real, table[meta.token_rows, column], pool.k_pages.shape[2])  # out of range: dropped
         if pool.sinks:
             sink = jnp.where(real & (positions < pool.sinks), positions, pool.sinks)  # others out of range: dropped
-            pool = pool.replace(sink_keys=pool.sink_keys.at[kv_layer, meta.sink_rows[meta.token_rows], sink].set(
+            pool = pool.replace(sink_keys=pool.sink_keys.at[index, meta.sink_rows[meta.token_rows], sink].set(
                 k[0].astype(jnp.float32), mode="drop"))
-        return self.replace(pool=pool.put(kv_layer, pages, positions % pool.page_size, k=k[0], v=v[0]))
+        pool = pool.put(index, pages, positions % pool.page_size, k=k[0], v=v[0])
+        return self.replace(pools=self.pools[:group] + (pool,) + self.pools[group + 1:])
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,
                sinks: int, softcap: float | None = None, backend: str = "auto", remat: bool = False) -> jax.Array:
         """q [1, T, H, Dh] over every row's pages (`ragged_paged_attention`)."""
-        out = ragged_paged_attention(q[0], self.pool.layer(kv_layer), self.meta.attention, sinks=sinks,
+        group, index = self._place(kv_layer)
+        out = ragged_paged_attention(q[0], self.pools[group].layer(index), self.meta.attention[group], sinks=sinks,
                                      window=window, softcap=softcap, strict=strict, backend=backend)
         return out[None]
 
@@ -179,22 +245,25 @@ class PagedKV:
         """StreamingLLM's positions: once tokens between the sinks and the window are gone, the sinks must sit
         right before the window, so their keys (as written) are rotated on by the number evicted. Window keys
         keep their own rotation: a query's distance to them is the same either way."""
-        pool, meta = self.pool, jax.tree.map(jnp.asarray, self.meta)
-        if not pool.sinks:
-            return self
-        sinks, attention = pool.sinks, meta.attention
-        n_rows = attention.kv_lens.shape[0]
-        evicted = jnp.maximum(attention.kv_lens - cfg.streaming_window - sinks, 0)  # [R], after this step
-        where = jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (n_rows, sinks))
-        column = table_column(where // pool.page_size, attention.block_tables.shape[1], sinks, pool.page_size)
-        active = (attention.cu_q_lens[1:] > attention.cu_q_lens[:-1])[:, None]  # idle rows write nothing
-        pages = jnp.where(active, jnp.take_along_axis(attention.block_tables, column, axis=1), pool.k_pages.shape[2])
-        for kv_layer, layer in enumerate(cfg.kv_layers):
-            rotated = apply_rope(pool.sink_keys[kv_layer, meta.sink_rows], jnp.broadcast_to(
-                evicted[:, None], (n_rows, sinks)), inverse_frequencies(cfg, layer))
-            pool = pool.put(kv_layer, pages.reshape(-1), (where % pool.page_size).reshape(-1),
-                            k=rotated.reshape(n_rows * sinks, *rotated.shape[2:]))
-        return self.replace(pool=pool)
+        meta, pools = jax.tree.map(jnp.asarray, self.meta), list(self.pools)
+        for group, (pool, layers) in enumerate(zip(pools, self.groups)):
+            if not pool.sinks:
+                continue
+            sinks, attention = pool.sinks, meta.attention[group]
+            n_rows = attention.kv_lens.shape[0]
+            evicted = jnp.maximum(attention.kv_lens - cfg.streaming_window - sinks, 0)  # [R], after this step
+            where = jnp.broadcast_to(jnp.arange(sinks, dtype=jnp.int32), (n_rows, sinks))
+            column = table_column(where // pool.page_size, attention.block_tables.shape[1], sinks, pool.page_size)
+            active = (attention.cu_q_lens[1:] > attention.cu_q_lens[:-1])[:, None]  # idle rows write nothing
+            pages = jnp.where(active, jnp.take_along_axis(attention.block_tables, column, axis=1),
+                              pool.k_pages.shape[2])
+            for index, kv_layer in enumerate(layers):
+                rotated = apply_rope(pool.sink_keys[index, meta.sink_rows], jnp.broadcast_to(
+                    evicted[:, None], (n_rows, sinks)), inverse_frequencies(cfg, cfg.kv_layers[kv_layer]))
+                pool = pool.put(index, pages.reshape(-1), (where % pool.page_size).reshape(-1),
+                                k=rotated.reshape(n_rows * sinks, *rotated.shape[2:]))
+            pools[group] = pool
+        return self.replace(pools=tuple(pools))
 
 
 def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -141,6 +141,10 @@ class PageAllocator:
         self._drop(self._pages.pop(seq))
         del self._lengths[seq]
 
+    def holds(self, seq) -> bool:
+        """Whether `seq` has pages here."""
+        return seq in self._pages
+
     def pages(self, seq) -> list[int]:
         """The pages of `seq`, in position order."""
         return list(self._pages[seq])

@@ -3,9 +3,11 @@
 Each `step()` packs into ONE device call the next token of every generating request (decode rows, chunks of
 one token) and prompt chunks of waiting requests (earliest admitted first) up to `prefill_budget` tokens.
 The call (`ragged_step`) writes their K/V into the page pool, attends through `ragged_paged_attention` and
-samples each row's next token. Shapes are bucketed (tokens, and block-table width) and `warmup` compiles
-them all, so serving never compiles. When a step holds only decode rows and nothing waits, it may run
-`decode_iters` iterations in one call, which keeps host round trips off the critical path (`LLM.generate`).
+samples each row's next token. Window layers keep only a ring of pages in a pool of their own
+(`jaxkv.cache.paged.page_groups`), so their memory does not grow with the sequence. Shapes are bucketed (tokens,
+and block-table width) and `warmup` compiles them all, so serving never compiles. When a step holds only decode
+rows and nothing waits, it may run `decode_iters` iterations in one call, which keeps host round trips off the
+critical path (`LLM.generate`).
 
 Requests are admitted when a free row and enough pages are available. When a decode row needs a page and
 none is left, the latest admitted request is preempted: its pages go back and it waits at the head of the
@@ -32,7 +34,7 @@ import jax
 import numpy as np
 
 from jaxkv.cache.pages import OutOfPages, PageAllocator, prefix_hashes
-from jaxkv.cache.paged import PagePool, StepMetadata, streaming_pages
+from jaxkv.cache.paged import PageGroup, PagePool, StepMetadata, page_groups, streaming_pages
 from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
 from jaxkv.generate.detokenize import TextStream
 from jaxkv.parallel.rules import cache_shardings
@@ -92,13 +94,16 @@ class Engine:
     def __init__(self, llm, *, max_batch: int = 8, page_size: int = 16, num_pages: int | None = None,
                  kv_dtype: str | None = None, prefill_chunk: int = 64, prefill_budget: int | None = None,
                  prefix_caching: bool = True, max_context: int | None = None, limits: Limits | None = None,
-                 decode_iters: int = 1, executables: Executables | None = None):
+                 decode_iters: int = 1, executables: Executables | None = None, window_pages: bool = True):
         """max_batch: requests running at once (rows of a step). max_context caps prompt + generated tokens per
-        request (default: the model's max_seq_len). num_pages defaults to max_batch full-length sequences.
+        request (default: the model's max_seq_len). num_pages: the pages of the KV layers with full tables
+        (default: max_batch full-length sequences); window layers (`page_groups`) get their rings' share of as
+        many full-length sequences.
         prefill_chunk: the most prompt tokens of one request in a step; prefill_budget (default 4 chunks) of all:
         more fills free rows sooner, less keeps the running requests' inter-token latency low. `limits` bounds
         what one request may cost. decode_iters: tokens per row in a call that holds only decode rows (when
-        nothing waits). `executables` may be shared between engines of one model."""
+        nothing waits). `executables` may be shared between engines of one model. window_pages=False gives window
+        layers full tables too (their prefixes can then be cached)."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -116,13 +121,24 @@ class Engine:
         self.streaming = cfg.streaming_window is not None
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
-        self.prefix_caching = prefix_caching and not self.streaming  # the ring rewrites pages: never share them
-        init = functools.partial(PagePool.init, cfg, num_pages, page_size, max_batch, kv_dtype)
+        self.groups = page_groups(cfg, page_size, max(prefill_chunk, decode_iters), self.pages_per_seq)
+        if not window_pages and not self.streaming:
+            self.groups = (PageGroup(tuple(range(cfg.n_kv_layers))),)
+        self.group_layers = tuple(g.kv_layers for g in self.groups)
+        group_pages = [num_pages if g.ring is None or self.streaming else max(g.ring, -(-num_pages * g.ring //
+                                                                                       self.pages_per_seq))
+                       for g in self.groups]
+        # a ring rewrites its pages: they are never shared, nor is a prefix whose window layers lost them
+        self.prefix_caching = prefix_caching and all(g.ring is None for g in self.groups)
         self.mesh = llm.mesh
-        if llm.mesh is not None:  # built in place, each device allocating only its shard of the pool
-            init = jax.jit(init, out_shardings=cache_shardings(jax.eval_shape(init), llm.mesh))
-        self._new_pool = lambda: (PageAllocator(num_pages, page_size), init())
-        self.allocator, self.pool = self._new_pool()
+        inits = []
+        for group, n in zip(self.groups, group_pages):
+            init = functools.partial(PagePool.init, cfg, n, page_size, max_batch, kv_dtype, len(group.kv_layers))
+            if llm.mesh is not None:  # built in place, each device allocating only its shard of the pool
+                init = jax.jit(init, out_shardings=cache_shardings(jax.eval_shape(init), llm.mesh))
+            inits.append(init)
+        self._new_pool = lambda: ([PageAllocator(n, page_size) for n in group_pages], tuple(i() for i in inits))
+        self.allocators, self.pools = self._new_pool()
         self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
         self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
         self.executables = executables or Executables(llm.mesh)
@@ -144,10 +160,11 @@ class Engine:
         if request.request_id in self._by_id:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use", "request_id")
         n, budget = len(request.prompt_ids), request.max_tokens
-        need = self.pages_per_seq if self.streaming else self.allocator.pages_for(n + budget)
-        if need > self.allocator.num_pages:
-            raise InvalidRequest(f"the request needs {need} KV pages; the pool has {self.allocator.num_pages}",
-                                 "max_tokens", "context_length_exceeded")
+        for group, allocator in zip(self.groups, self.allocators):
+            need = group.ring if self.streaming else self._group_pages(group, n + budget)
+            if need > allocator.num_pages:
+                raise InvalidRequest(f"the request needs {need} KV pages; the pool has {allocator.num_pages}",
+                                     "max_tokens", "context_length_exceeded")
 
     def add(self, request: Request) -> None:
         """Queue a request, or raise (and keep nothing): InvalidRequest if it can never be served, QueueFull if
@@ -194,7 +211,7 @@ class Engine:
             seq.row, seq.computed = None, 0
             self.waiting.appendleft(seq)
         self.running = [None] * self.max_batch
-        self.allocator, self.pool = self._new_pool()
+        self.allocators, self.pools = self._new_pool()
 
     def _step(self, outputs: list[RequestOutput]) -> None:
         self._expire(outputs)
@@ -230,7 +247,7 @@ class Engine:
         else:
             n_tokens, n_rows = min(t for t in shapes.tokens if t >= sum(n for _, n in rows)), self.max_batch
             widths = shapes.widths
-        need = max(self.allocator.pages_for(s.computed + n + iters - 1) for s, n in rows)
+        need = max(-(-(s.computed + n + iters - 1) // self.page_size) for s, n in rows)
         return n_tokens, n_rows, min(w for w in widths if w >= need or w == self.pages_per_seq)
 
     def _shapes(self) -> _Shapes:
@@ -261,8 +278,7 @@ class Engine:
             return 1
         try:
             for seq, _ in rows:
-                end = min(seq.computed + iters, seq.n_prompt + seq.request.max_tokens)
-                self.allocator.reserve(seq.request.request_id, end)
+                self._reserve(seq, min(seq.computed + iters, seq.n_prompt + seq.request.max_tokens))
         except OutOfPages:
             return 1
         return iters
@@ -284,9 +300,9 @@ class Engine:
             if seq.computed < seq.n_prompt:
                 self._totals["prefilled"] += min(n, seq.n_prompt - seq.computed)
             seq.computed += n
-            if self.prefix_caching:
-                for page, key in zip(self._pages(seq), prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
-                    self.allocator.register(int(page), key)
+            if self.prefix_caching:  # (one group then, of full tables)
+                for page, key in zip(self._pages(seq)[0], prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
+                    self.allocators[0].register(int(page), key)
             for i in range(iters):
                 if i:  # the token emitted last was fed back in this call, unless its request ended
                     if seq.row is None:
@@ -298,13 +314,16 @@ class Engine:
         return True
 
     def _arguments(self, rows, n_tokens: int, n_rows: int, width: int) -> tuple:
-        """The host arrays of one step: packed tokens, their metadata, the rows' sampling values and LCKV passes."""
-        tables = np.full((n_rows, width), self.allocator.num_pages, np.int32)  # unreserved: the scratch page
+        """The host arrays of one step: packed tokens, their metadata, the rows' sampling values and LCKV passes.
+        Block tables: `width` columns in groups of full tables, the ring in the others."""
+        tables = [np.full((n_rows, g.ring or width), a.num_pages, np.int32)  # unreserved: the scratch page
+                  for g, a in zip(self.groups, self.allocators)]
         tokens = np.zeros(n_tokens, np.int32)
         at = 0
         for r, (seq, n) in enumerate(rows):
-            pages = self._pages(seq)[:width]
-            tables[r, :len(pages)] = pages
+            for table, pages in zip(tables, self._pages(seq)):
+                pages = pages[:table.shape[1]]
+                table[r, :len(pages)] = pages
             tokens[at:at + n] = seq.tokens[seq.computed:seq.computed + n]
             at += n
         meta = StepMetadata.pack(tables, [s.computed for s, _ in rows], [n for _, n in rows], n_tokens=n_tokens,
@@ -327,8 +346,9 @@ class Engine:
         """The step for seqs (args() builds the host arrays), its results on the host; None if anything failed.
         Then seqs become suspects, to be retried alone; a suspect that fails again, alone, ends with the error."""
         try:
-            tokens, logprobs, self.pool = self.executables.run(
-                ragged_step, (1,), self.params, self.pool, *args(), cfg=self.cfg, iters=iters, mesh=self.mesh)
+            tokens, logprobs, self.pools = self.executables.run(
+                ragged_step, (1,), self.params, self.pools, *args(), cfg=self.cfg, groups=self.group_layers,
+                iters=iters, mesh=self.mesh)
             return np.asarray(tokens), np.asarray(logprobs)
         except Exception as e:  # noqa: BLE001 - whatever the device raised, other requests go on
             self._totals["step_failures"] += 1
@@ -345,7 +365,7 @@ class Engine:
     def _pool_intact(self) -> bool:
         """Whether the pool survived a failed call: not donated away, and not the result of a failed run."""
         try:
-            leaves = jax.tree.leaves(self.pool)
+            leaves = jax.tree.leaves(self.pools)
             if any(leaf.is_deleted() for leaf in leaves):
                 return False
             jax.block_until_ready(leaves)
@@ -380,16 +400,16 @@ class Engine:
             seq = self.waiting[0]
             shared = []
             if self.prefix_caching:  # leave at least the last token to compute: its logits start generation
-                shared = self.allocator.cached_prefix(prefix_hashes(seq.tokens[:-1], self.page_size))
-            idle_shared = sum(self.allocator.refcount(p) == 0 for p in shared)
+                shared = self.allocators[0].cached_prefix(prefix_hashes(seq.tokens[:-1], self.page_size))
+            idle_shared = sum(self.allocators[0].refcount(p) == 0 for p in shared)
             length = self.pages_per_seq * self.page_size if self.streaming else len(seq.tokens) + 1
-            if self.allocator.pages_for(length) - len(shared) > self.allocator.free_pages - idle_shared:
+            if any(self._group_pages(g, length) - len(shared) > a.free_pages - idle_shared
+                   for g, a in zip(self.groups, self.allocators)):
                 return
             self.waiting.popleft()
-            sid = seq.request.request_id
             if shared:
-                self.allocator.share(sid, shared, len(shared) * self.page_size)
-            self.allocator.reserve(sid, length)
+                self.allocators[0].share(seq.request.request_id, shared, len(shared) * self.page_size)
+            self._reserve(seq, length)
             seq.computed = seq.cached_tokens = len(shared) * self.page_size
             if not seq.order:  # first admission (not a recompute after preemption)
                 self._totals["prompt"] += seq.n_prompt
@@ -402,7 +422,7 @@ class Engine:
         itself was."""
         while not self.streaming:
             try:
-                self.allocator.reserve(seq.request.request_id, length)
+                self._reserve(seq, length)
                 return True
             except OutOfPages:
                 victim = max((s for s in self.running if s is not None), key=lambda s: s.order)
@@ -414,12 +434,25 @@ class Engine:
                     return False
         return True
 
+    def _group_pages(self, group, length: int) -> int:
+        """Pages a sequence of `length` tokens holds in a group: its whole length, or at most the ring."""
+        pages = -(-length // self.page_size)
+        return pages if group.ring is None else min(pages, group.ring)
+
+    def _reserve(self, seq: _Sequence, length: int) -> None:
+        """Pages for seq to hold `length` tokens in every group (OutOfPages if a group has too few)."""
+        for group, allocator in zip(self.groups, self.allocators):
+            allocator.reserve(seq.request.request_id, min(length, self._group_pages(group, length) * self.page_size))
+
     def _evict(self, seq: _Sequence) -> None:
-        self.allocator.release(seq.request.request_id)
+        for allocator in self.allocators:
+            if allocator.holds(seq.request.request_id):
+                allocator.release(seq.request.request_id)
         self.running[seq.row], seq.row = None, None
 
-    def _pages(self, seq: _Sequence) -> list[int]:
-        return self.allocator.pages(seq.request.request_id)
+    def _pages(self, seq: _Sequence) -> list[list[int]]:
+        """seq's pages in every group."""
+        return [allocator.pages(seq.request.request_id) for allocator in self.allocators]
 
     def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestOutput:
         """Append a sampled token; finish the request on EOS, a stop string or its budget."""
@@ -440,17 +473,18 @@ class Engine:
         every = [(r, r, w) for r in shapes.decode_rows for w in shapes.decode_widths] + \
             [(t, self.max_batch, w) for t in shapes.tokens for w in shapes.widths]
         for n_tokens, n_rows, width in every:
-            meta = StepMetadata.pack(np.zeros((n_rows, width), np.int32), [], [], n_tokens=n_tokens,
-                                     max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[])
+            tables = [np.zeros((n_rows, g.ring or width), np.int32) for g in self.groups]
+            meta = StepMetadata.pack(tables, [], [], n_tokens=n_tokens, max_q_len=self._max_q_len(n_tokens, n_rows),
+                                     sink_rows=[])
             rows = np.zeros(n_rows, np.int32)
-            _, _, self.pool = self.executables.run(
-                ragged_step, (1,), self.params, self.pool, np.zeros(n_tokens, np.int32), meta,
+            _, _, self.pools = self.executables.run(
+                ragged_step, (1,), self.params, self.pools, np.zeros(n_tokens, np.int32), meta,
                 rows.astype(np.uint32), rows, rows.astype(np.float32), rows, np.ones(n_rows, np.float32),
-                np.int32(1), cfg=self.cfg, iters=1, mesh=self.mesh)
+                np.int32(1), cfg=self.cfg, groups=self.group_layers, iters=1, mesh=self.mesh)
 
     # --- metrics ------------------------------------------------------------------------------
     def metrics(self) -> dict:
-        stats = self.allocator.stats()
+        stats = [allocator.stats() for allocator in self.allocators]
         now = time.perf_counter()
         while self._recent and now - self._recent[0] > 10.0:
             self._recent.popleft()
@@ -458,8 +492,8 @@ class Engine:
         steps = self._totals["steps"]
         return {
             "running": sum(s is not None for s in self.running), "waiting": len(self.waiting),
-            "kv_pages_used": stats.used, "kv_pages_free": stats.free, "kv_pages_total": stats.total,
-            "kv_pages_cached": stats.cached,
+            "kv_pages_used": sum(s.used for s in stats), "kv_pages_free": sum(s.free for s in stats),
+            "kv_pages_total": sum(s.total for s in stats), "kv_pages_cached": sum(s.cached for s in stats),
             "prefix_cache_hit_rate": self._totals["cached"] / self._totals["prompt"] if self._totals["prompt"] else 0.0,
             "prompt_tokens_total": self._totals["prompt"], "prefilled_tokens_total": self._totals["prefilled"],
             "cached_tokens_total": self._totals["cached"],
