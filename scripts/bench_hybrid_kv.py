@@ -33,17 +33,16 @@ sys.path.insert(0, str(ROOT / "tests"))  # the byte-level test tokenizer
 def measure(cfg, params, tokenizer, args, window_pages: bool, budget: int) -> dict:
     """Peak sequences running at once, at `budget` bytes of KV, with or without window pages."""
     from jaxkv.api import LLM
-    from jaxkv.cache.paged import page_groups
+    from jaxkv.cache.paged import PageGroup, page_groups
     from jaxkv.serve.engine import Engine, Request
 
     page_size, per_seq = 16, -(-args.context // 16)
     page_bytes = 2 * cfg.n_kv_heads * cfg.head_dim * 4 * page_size  # one layer's K and V page, float32
     groups = page_groups(cfg, page_size, args.chunk, per_seq) if window_pages else None
-    full_layers = cfg.n_kv_layers if groups is None else sum(len(g.kv_layers) for g in groups if g.ring is None)
-    ring_layers = [(len(g.kv_layers), g.ring) for g in groups or () if g.ring is not None]
+    groups = groups or (PageGroup(tuple(range(cfg.n_kv_layers))),)
 
     def cost(n):  # pool bytes when the full-table layers get n pages (rings: their share, as the engine sizes it)
-        return page_bytes * (full_layers * n + sum(k * max(r, -(-n * r // per_seq)) for k, r in ring_layers))
+        return page_bytes * sum(len(g.kv_layers) * g.pool_pages(n, per_seq) for g in groups)
 
     n = budget // (page_bytes * cfg.n_kv_layers)
     while cost(n + 1) <= budget:

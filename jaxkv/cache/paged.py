@@ -111,6 +111,10 @@ class PageGroup:
     kv_layers: tuple[int, ...]
     ring: int | None = None
 
+    def pool_pages(self, num_pages: int, pages_per_seq: int) -> int:
+        """The pages of this group's pool when full tables get num_pages: as many full-length sequences' worth."""
+        return num_pages if self.ring is None else max(self.ring, -(-num_pages * self.ring // pages_per_seq))
+
 
 def page_groups(cfg: ModelConfig, page_size: int, max_chunk: int, pages_per_seq: int) -> tuple[PageGroup, ...]:
     """The page groups of a model whose steps feed at most max_chunk tokens of a sequence, on tables of

@@ -125,8 +125,7 @@ class Engine:
         if not window_pages and not self.streaming:
             self.groups = (PageGroup(tuple(range(cfg.n_kv_layers))),)
         self.group_layers = tuple(g.kv_layers for g in self.groups)
-        group_pages = [num_pages if g.ring is None or self.streaming else max(g.ring, -(-num_pages * g.ring //
-                                                                                       self.pages_per_seq))
+        group_pages = [num_pages if self.streaming else g.pool_pages(num_pages, self.pages_per_seq)
                        for g in self.groups]
         # a ring rewrites its pages: they are never shared, nor is a prefix whose window layers lost them
         self.prefix_caching = prefix_caching and all(g.ring is None for g in self.groups)
