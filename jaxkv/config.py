@@ -5,6 +5,11 @@ model; any other map (CLA, LCKV, YOCO) makes some layers readers of another laye
 and only the layers that are their own source own K/V projections and cache storage.
 A source above the reader (LCKV) is computed by iterating the forward pass:
 `upward_passes_no_grad` passes without gradient, then `upward_passes_grad` with it.
+`upward_schedule` says over which layers: "per_group" (the default, the LCKV authors' iteration plan)
+iterates each group of layers tied by upward reads on its own, from the hidden state below it, and runs
+the other layers once; "joint" iterates every layer up to the last upward source together, so a later
+group refines while an earlier one still converges. Both converge to token-by-token decoding and agree
+exactly for one group; per_group never computes more, and reproduces the authors' training.
 Layers in `window_layers` attend only to the last `sliding_window` positions.
 `streaming_window` turns on StreamingLLM for inference: every layer keeps the first
 `streaming_sinks` positions and the last `streaming_window` ones, on a paged cache whose
@@ -34,6 +39,7 @@ ATTENTION_BACKENDS = ("auto", "reference", "gpu", "tpu")
 ACTIVATIONS = ("silu", "gelu_tanh")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")  # what an HF export writes it as
 ROPE_TYPES = ("llama3", "linear")
+UPWARD_SCHEDULES = ("per_group", "joint")
 
 
 def _coerce_numbers(obj) -> None:
@@ -84,6 +90,7 @@ class ModelConfig:
     kv_sources: tuple[int, ...] | str | None = None
     upward_passes_no_grad: int = 7
     upward_passes_grad: int = 2
+    upward_schedule: str = "per_group"
     window_layers: tuple[int, ...] = ()
     sliding_window: int | None = None
     attention_backend: str = "auto"
@@ -145,6 +152,8 @@ class ModelConfig:
         if self.upward_passes_no_grad < 0 or self.upward_passes_grad < 1:
             raise JaxkvError(f"upward passes must be >= 0 without gradient and >= 1 with it, got "
                              f"{self.upward_passes_no_grad} and {self.upward_passes_grad}")
+        if self.upward_schedule not in UPWARD_SCHEDULES:
+            raise JaxkvError(f"upward_schedule must be one of {UPWARD_SCHEDULES}, got {self.upward_schedule!r}")
         if any(not 0 <= i < self.n_layers for i in self.window_layers):
             raise JaxkvError(f"window_layers {list(self.window_layers)} are not all layer indices")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -183,6 +192,31 @@ class ModelConfig:
     def upward_targets(self) -> tuple[int, ...]:
         """KV layers that some lower layer reads: their KV must be iterated to a fixed point."""
         return tuple(sorted({src for i, src in enumerate(self.kv_sources) if src > i}))
+
+    @property
+    def upward_segments(self) -> tuple[tuple[int, int, bool], ...]:
+        """The layers in order as (start, stop, iterated) runs, per `upward_schedule`: an iterated run holds
+        every layer whose KV depends on a later layer of the run (an upward read and all layers up to its
+        source, closed under the sources those layers read); the others run once."""
+        if not self.upward_targets:
+            return ((0, self.n_layers, False),)
+        if self.upward_schedule == "joint":
+            top = self.upward_targets[-1] + 1
+            return ((0, top, True),) + (((top, self.n_layers, False),) if top < self.n_layers else ())
+        segments, i = [], 0
+        while i < self.n_layers:
+            if self.kv_sources[i] > i:
+                top = self.kv_sources[i]
+                while top < max(self.kv_sources[i:top + 1]):
+                    top = max(self.kv_sources[i:top + 1])
+                segments.append((i, top + 1, True))
+                i = top + 1
+            else:
+                start = i
+                while i < self.n_layers and self.kv_sources[i] <= i:
+                    i += 1
+                segments.append((start, i, False))
+        return tuple(segments)
 
     def window(self, layer: int) -> int | None:
         """How many recent positions `layer` attends to (None: all): its sliding window, capped by StreamingLLM's."""

@@ -127,19 +127,21 @@ def test_export_to_hf_loads_in_transformers_with_equal_logits(family_model, tmp_
 
 
 def test_export_refuses_what_hf_cannot_express(tmp_path):
+    """A field the family's config cannot say is named, and nothing is written (shared KV on a Llama exports in
+    the LCKV authors' format: tests/test_lckv_format.py)."""
     from jaxkv.api import LLM
     from jaxkv.checkpoints.export import export_hf
-    from jaxkv.model.uptrain import share_kv
 
-    write_tiny_hf_model(tmp_path / "hf", "llama-bias")
+    write_tiny_hf_model(tmp_path / "hf", "mistral")
     llm = jaxkv.load(str(tmp_path / "hf"))
-    cfg, params = share_kv(llm.config, llm.params, (0, 0, 2))
-    with pytest.raises(JaxkvError, match=r"shares KV between layers \(kv_sources \[0, 0, 2\]\)"):
-        export_hf(LLM(cfg, llm.tokenizer, params), tmp_path / "cla")
-    windowed = LLM(llm.config.replace(window_layers=(1,), sliding_window=8), llm.tokenizer, llm.params)
-    with pytest.raises(JaxkvError, match=r"cannot be written as LlamaForCausalLM: window_layers=\(1,\)"):
-        export_hf(windowed, tmp_path / "windowed")
-    assert not (tmp_path / "cla").exists() and not (tmp_path / "windowed").exists()
+    one_window = LLM(llm.config.replace(window_layers=(1,)), llm.tokenizer, llm.params)
+    with pytest.raises(JaxkvError, match=r"cannot be written as MistralForCausalLM: window_layers=\(1,\) "
+                                         r"\(the format has \(0, 1, 2\)\)"):
+        export_hf(one_window, tmp_path / "windowed")
+    normed = LLM(llm.config.replace(qk_norm=True), llm.tokenizer, llm.params)
+    with pytest.raises(JaxkvError, match=r"cannot be written as MistralForCausalLM: qk_norm=True"):
+        export_hf(normed, tmp_path / "normed")
+    assert not (tmp_path / "windowed").exists() and not (tmp_path / "normed").exists()
 
 
 def test_cli_exports_a_checkpoint_to_hf(tmp_path):

@@ -185,8 +185,10 @@ def _kv_after(cfg, params, tokens, passes):
 
 def _refine(cfg, params, tokens, cache):
     """One pass of the layers up to the last upward KV source: the sources' KV of `tokens` refreshed."""
-    n_new = jnp.full(tokens.shape[:1], tokens.shape[1])
-    return Decoder(cfg).apply({"params": params}, tokens, cache, n_new, cfg.upward_targets[-1] + 1)[1]
+    n_new, model = jnp.full(tokens.shape[:1], tokens.shape[1]), Decoder(cfg)
+    x = model.apply({"params": params}, tokens, method=Decoder.embed_tokens)
+    return model.apply({"params": params}, x, cache.positions(tokens), n_new, cache, 0, cfg.upward_targets[-1] + 1,
+                       method=Decoder.layers_from)[1]
 
 
 def test_no_gradient_flows_through_the_no_grad_passes():

@@ -3,6 +3,11 @@
 Every family is configuration of the one decoder (see `jaxkv.config`). A field that would change the
 computation and that jaxkv does not implement is an error naming the field, never dropped: a model that
 loads computes what transformers computes.
+
+The LCKV authors' `LCKVLlamaForCausalLM` (github.com/whyNLP/LCKV, model_type "lckv-llama") is a Llama whose
+`layer_types` string is jaxkv's KV-sharing string ("0_6_6_6_6_6_6_7", "s" for a sliding-window layer) and
+whose forward_passes/backward_passes are LCKV's m and b; layers that read another layer's KV have no
+k_proj/v_proj, as in jaxkv. A Llama-family model with shared KV or window layers exports in that format.
 """
 
 from __future__ import annotations
@@ -11,14 +16,17 @@ import dataclasses
 
 from jaxkv.config import ModelConfig, RopeScaling
 from jaxkv.errors import JaxkvError
+from jaxkv.sharing import from_string, to_string
 
 # HF architecture -> family; the family decides defaults and which fields are read
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
+    "LCKVLlamaForCausalLM": "llama",
 }
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                "gemma3_text": "gemma3"}
+                "gemma3_text": "gemma3", "lckv-llama": "llama"}
+LCKV_ARCH = "LCKVLlamaForCausalLM"
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 GEMMA = ("gemma2", "gemma3")
 
@@ -47,6 +55,30 @@ def _rope(params: dict | None, theta_default: float, where: str) -> tuple[float,
     if kind == "linear":
         return theta, RopeScaling(factor=params["factor"], rope_type="linear")
     raise JaxkvError(f"{where}: rope_scaling type {kind!r} is not supported (supported: default, llama3, linear)")
+
+
+def _is_lckv(c: dict) -> bool:
+    return LCKV_ARCH in (c.get("architectures") or []) or c.get("model_type") == "lckv-llama"
+
+
+def _lckv_layers(c: dict, n_layers: int, where: str) -> dict:
+    """The ModelConfig fields of the LCKV authors' config: KV map, window layers, passes."""
+    if c.get("force_nodiag"):
+        raise JaxkvError(f"{where}: force_nodiag=true (every layer masks its diagonal) is not supported")
+    types = c.get("layer_types")
+    if types is None:
+        types = "_".join(map(str, range(n_layers)))
+    if not isinstance(types, str):
+        raise JaxkvError(f"{where}: layer_types must be an underscore string such as \"0_2_2_3\", got {types!r}")
+    try:
+        sources, windowed = from_string(types)
+    except JaxkvError as e:
+        raise JaxkvError(f"{where}: layer_types: {e}") from None
+    if len(sources) != n_layers:
+        raise JaxkvError(f"{where}: layer_types has {len(sources)} layers, num_hidden_layers is {n_layers}")
+    return dict(kv_sources=sources, window_layers=windowed, sliding_window=c.get("sliding_window", 4096) if windowed
+                else None, upward_passes_no_grad=c.get("forward_passes", 7),
+                upward_passes_grad=c.get("backward_passes", 2))
 
 
 def _window_layers(c: dict, kind: str, n_layers: int, where: str) -> tuple[tuple[int, ...], int | None]:
@@ -106,7 +138,11 @@ def model_config(c: dict, name: str, where: str) -> ModelConfig:
         else:
             theta, scaling = _rope(rope, c.get("rope_theta", 10000.0), where)
             local_theta = c.get("rope_local_base_freq")
-        window_layers, window = _window_layers(c, kind, n_layers, where)
+        if _is_lckv(c):
+            layers = _lckv_layers(c, n_layers, where)
+        else:
+            window_layers, window = _window_layers(c, kind, n_layers, where)
+            layers = dict(window_layers=window_layers, sliding_window=window)
         bias = bool(c.get("attention_bias", False))
         return ModelConfig(
             name=name, vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=n_layers, n_heads=heads,
@@ -114,7 +150,7 @@ def model_config(c: dict, name: str, where: str) -> ModelConfig:
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, mlp_dim=c["intermediate_size"],
             rope_theta=theta, rope_scaling=scaling, norm_eps=c.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(c.get("tie_word_embeddings", gemma)),
-            max_seq_len=c.get("max_position_embeddings", 2048), window_layers=window_layers, sliding_window=window,
+            max_seq_len=c.get("max_position_embeddings", 2048), **layers,
             qkv_bias=bias or kind == "qwen2", o_bias=bias and kind != "qwen2", qk_norm=kind in ("qwen3", "gemma3"),
             activation=_ACTIVATIONS[act], norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma,
             embed_scale=gemma, attn_softcap=c.get("attn_logit_softcapping") if gemma else None,
@@ -126,8 +162,8 @@ def model_config(c: dict, name: str, where: str) -> ModelConfig:
         raise JaxkvError(f"{where} lacks {e}") from None
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "upward_passes_no_grad", "upward_passes_grad", "attention_backend",
-                   "streaming_window", "streaming_sinks", "name")  # not part of what a checkpoint computes
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "upward_passes_no_grad", "upward_passes_grad", "upward_schedule",
+                   "attention_backend", "streaming_window", "streaming_sinks", "name")  # not what a checkpoint computes
 
 
 def _rope_dict(theta: float, scaling: RopeScaling | None) -> dict:
@@ -140,22 +176,51 @@ def _rope_dict(theta: float, scaling: RopeScaling | None) -> dict:
     return {"rope_type": scaling.rope_type, "rope_theta": theta, **fields}
 
 
+def _lckv_config_dict(cfg: ModelConfig) -> dict:
+    """The fields of the LCKV authors' LCKVLlamaConfig (a transformers 4.45 LlamaConfig) beyond the shared ones."""
+    if cfg.family != "llama":
+        raise JaxkvError(f"{cfg.name} shares KV between layers or has window layers: only Llama-family models export "
+                         f"so, as the LCKV authors' {LCKV_ARCH}; HF's {cfg.family} has no such layers")
+    scaling = {k: v for k, v in _rope_dict(cfg.rope_theta, cfg.rope_scaling).items() if k != "rope_theta"}
+    return {"architectures": [LCKV_ARCH], "model_type": "lckv-llama", "torch_dtype": cfg.param_dtype,
+            "hidden_act": "silu", "attention_bias": cfg.qkv_bias, "mlp_bias": False, "rope_theta": cfg.rope_theta,
+            "rope_scaling": None if cfg.rope_scaling is None else scaling,
+            "layer_types": to_string(cfg.kv_sources, cfg.window_layers),
+            "forward_passes": cfg.upward_passes_no_grad, "backward_passes": cfg.upward_passes_grad,
+            "sliding_window": cfg.sliding_window or 4096, "use_sequential": False, "force_nodiag": False}
+
+
 def hf_config_dict(cfg: ModelConfig, bos_id: int | None, eos_ids: tuple[int, ...]) -> dict:
-    """The HF config.json of `cfg` as its family writes it (transformers 5 field names). It must read back as
-    `cfg` (`model_config`): a model its family cannot express (a shared KV map, a window where the family has
-    none, a field of another family) is an error naming what differs."""
-    if cfg.kv_sources != tuple(range(cfg.n_layers)):
-        raise JaxkvError(f"{cfg.name} shares KV between layers (kv_sources {list(cfg.kv_sources)}): HF's "
-                         f"{cfg.family} has no such layers; only standard-map models export to HF")
-    arch = next(a for a, f in ARCHITECTURES.items() if f == cfg.family)
-    gemma = cfg.family in GEMMA
-    out = {"architectures": [arch], "model_type": {"gemma3": "gemma3_text"}.get(cfg.family, cfg.family),
-           "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
+    """The HF config.json of `cfg` as its family writes it (transformers 5 field names), or for a Llama with shared
+    KV or window layers, as the LCKV authors' code writes it. It must read back as `cfg` (`model_config`): a model
+    the format cannot express (a window where the family has none, a field of another family) is an error naming
+    what differs."""
+    out = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-           "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.param_dtype, "bos_token_id": bos_id,
-           "eos_token_id": list(eos_ids) if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None),
+           "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id,
+           "eos_token_id": list(eos_ids) if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)}
+    if cfg.kv_sources != tuple(range(cfg.n_layers)) or (cfg.family == "llama" and cfg.window_layers):
+        out.update(_lckv_config_dict(cfg))
+    else:
+        out.update(_family_config_dict(cfg))
+    arch = out["architectures"][0]
+    read_back = model_config(out, cfg.name, f"the {arch} config of {cfg.name}")
+    differ = [f for f in dataclasses.asdict(cfg) if f not in _RUNTIME_FIELDS
+              and getattr(read_back, f) != getattr(cfg, f)]
+    if differ:
+        raise JaxkvError(f"{cfg.name} cannot be written as {arch}: " + ", ".join(
+            f"{f}={getattr(cfg, f)!r} (the format has {getattr(read_back, f)!r})" for f in differ))
+    return out
+
+
+def _family_config_dict(cfg: ModelConfig) -> dict:
+    """The family's own fields, as transformers 5 names them."""
+    arch = next(a for a, f in ARCHITECTURES.items() if f == cfg.family)
+    gemma = cfg.family in GEMMA
+    out = {"architectures": [arch], "model_type": {"gemma3": "gemma3_text"}.get(cfg.family, cfg.family),
+           "dtype": cfg.param_dtype,
            "hidden_activation" if gemma else "hidden_act": {v: k for k, v in _ACTIVATIONS.items()}[cfg.activation],
            "rope_parameters": _rope_dict(cfg.rope_theta, cfg.rope_scaling)}
     if cfg.family in ("llama", "qwen3"):
@@ -175,10 +240,4 @@ def hf_config_dict(cfg: ModelConfig, bos_id: int | None, eos_ids: tuple[int, ...
     if cfg.family == "gemma3":
         out["rope_parameters"] = {"full_attention": out["rope_parameters"],
                                   "sliding_attention": _rope_dict(cfg.window_rope_theta or cfg.rope_theta, None)}
-    read_back = model_config(out, cfg.name, f"the {arch} config of {cfg.name}")
-    differ = [f for f in dataclasses.asdict(cfg) if f not in _RUNTIME_FIELDS
-              and getattr(read_back, f) != getattr(cfg, f)]
-    if differ:
-        raise JaxkvError(f"{cfg.name} cannot be written as {arch}: " + ", ".join(
-            f"{f}={getattr(cfg, f)!r} (the family has {getattr(read_back, f)!r})" for f in differ))
     return out

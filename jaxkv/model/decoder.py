@@ -143,15 +143,20 @@ class Decoder(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")
 
-    def __call__(self, tokens, kv, n_new, n_layers: int | None = None):
-        """Hidden states [B, T, D] of tokens [B, T] after the first n_layers layers (default all), and kv with
-        their K/V written where `kv.positions` puts them; n_new [B] counts each row's real tokens (dense KV)."""
-        positions = kv.positions(tokens)
+    def __call__(self, tokens, kv, n_new):
+        """Hidden states [B, T, D] of tokens [B, T] after every layer, and kv with their K/V written where
+        `kv.positions` puts them; n_new [B] counts each row's real tokens (dense KV)."""
+        return self.layers_from(self.embed_tokens(tokens), kv.positions(tokens), n_new, kv, 0, self.cfg.n_layers)
+
+    def embed_tokens(self, tokens):
         x = self.embed(tokens)
         if self.cfg.embed_scale:  # Gemma: by sqrt(d_model), rounded to the activations' dtype as HF does
             x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
-        x = constrain(x, "batch", "seq")
-        for block in self.layers[:n_layers]:
+        return constrain(x, "batch", "seq")
+
+    def layers_from(self, x, positions, n_new, kv, start: int, stop: int):
+        """Hidden states x [B, T, D] entering layer `start`, through layers [start, stop): LCKV iterates a run."""
+        for block in self.layers[start:stop]:
             x, kv = block(x, positions, n_new, kv)
         return x, kv
 
@@ -175,10 +180,10 @@ def forward(cfg: ModelConfig, params, tokens, kv, n_new=None, logits_at=None, pa
     logits_at int [B, R]: the tokens whose logits are wanted ([B, R, V]); default every token ([B, T, V]).
 
     With upward KV sources (LCKV) this is the parallel forward: the sources' KV of the new tokens starts at
-    zeros and passes of the layers up to the last source refine it. After k passes the first k tokens are
-    exact, so it converges to what token-by-token decoding gives. passes: that number in all (a traced
-    value is fine: a chunk of c tokens is exact after c); default `upward_passes_no_grad` passes without
-    gradient and `upward_passes_grad` with it (training).
+    zeros and passes over the layers that read it (`cfg.upward_segments`) refine it. After k passes the first
+    k tokens are exact, so it converges to what token-by-token decoding gives. passes: that number per run
+    (a traced value is fine: a chunk of c tokens is exact after c); default `upward_passes_no_grad` passes
+    without gradient and `upward_passes_grad` with it (training).
     """
     model = Decoder(cfg, remat=remat)
     B, T = tokens.shape
@@ -188,24 +193,38 @@ def forward(cfg: ModelConfig, params, tokens, kv, n_new=None, logits_at=None, pa
             raise JaxkvError("StreamingLLM (streaming_window) runs on the paged cache: give a page_size")
         kv = kv.slide_sinks(cfg)
     if cfg.has_upward_sources() and T > 1:
-        positions = kv.positions(tokens)
-        zeros = jnp.zeros((B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
-        for kv_layer in (cfg.kv_index(t) for t in cfg.upward_targets):
-            kv = kv.write(kv_layer, zeros, zeros, positions, n_new)
-        n_layers = cfg.upward_targets[-1] + 1
-
-        def refine(kv, p):
-            return model.apply({"params": p}, tokens, kv, n_new, n_layers)[1]
-
-        frozen = jax.lax.stop_gradient(params)
-        free = cfg.upward_passes_no_grad if passes is None else passes - 1
-        kv = jax.lax.fori_loop(0, free, lambda _, kv: refine(kv, frozen), jax.tree.map(jax.lax.stop_gradient, kv))
-        for _ in range(cfg.upward_passes_grad - 1 if passes is None else 0):
-            kv = refine(kv, params)
-    x, kv = model.apply({"params": params}, tokens, kv, n_new)
+        x, kv = _iterated_layers(model, cfg, params, tokens, kv, n_new, passes)
+    else:
+        x, kv = model.apply({"params": params}, tokens, kv, n_new)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     return model.apply({"params": params}, x, method=Decoder.logits), kv.advance(n_new)
+
+
+def _iterated_layers(model: Decoder, cfg: ModelConfig, params, tokens, kv, n_new, passes):
+    """The parallel forward of a model with upward KV sources: each iterated run of `cfg.upward_segments`
+    starts its sources' KV of the new tokens at zeros and refines it by passes over the run from the hidden
+    state below it (without gradient, then with it); the other runs go once."""
+    B, T = tokens.shape
+    positions = kv.positions(tokens)
+    zeros = jnp.zeros((B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+    for kv_layer in (cfg.kv_index(t) for t in cfg.upward_targets):
+        kv = kv.write(kv_layer, zeros, zeros, positions, n_new)
+    frozen = jax.lax.stop_gradient(params)
+    x = model.apply({"params": params}, tokens, method=Decoder.embed_tokens)
+    for start, stop, iterated in cfg.upward_segments:
+        if iterated:
+            def refine(kv, p, x=x, start=start, stop=stop):
+                return model.apply({"params": p}, x, positions, n_new, kv, start, stop, method=Decoder.layers_from)[1]
+
+            free = cfg.upward_passes_no_grad if passes is None else passes - 1
+            x_free = jax.lax.stop_gradient(x)
+            kv = jax.lax.fori_loop(0, free, lambda _, kv, x_free=x_free: refine(kv, frozen, x_free),
+                                   jax.tree.map(jax.lax.stop_gradient, kv))
+            for _ in range(cfg.upward_passes_grad - 1 if passes is None else 0):
+                kv = refine(kv, params)
+        x, kv = model.apply({"params": params}, x, positions, n_new, kv, start, stop, method=Decoder.layers_from)
+    return x, kv
 
 
 def sequence_logits(cfg: ModelConfig, params, tokens, remat: bool = False) -> jax.Array:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from jaxkv.config import DTYPES
+from jaxkv.config import DTYPES, UPWARD_SCHEDULES
 from jaxkv.data.corpus import SHAKESPEARE
 from jaxkv.errors import JaxkvError
 
@@ -56,6 +56,7 @@ class ModelSection:
     init_from: str | None = None
     kv_sharing: str | None = None  # a jaxkv.sharing.parse_spec spec, e.g. cla2, lckv:2
     upward_passes: tuple[int, int] | None = None  # LCKV: passes without gradient, passes with it
+    upward_schedule: str | None = None  # LCKV: "per_group" (the authors' plan, default) or "joint"
 
     def __post_init__(self):
         _check_types(self, "model")
@@ -67,6 +68,9 @@ class ModelSection:
                     or not all(isinstance(p, int) and not isinstance(p, bool) for p in passes)):
                 raise JaxkvError(f"model.upward_passes must be two integers [no_grad, grad], got {passes!r}")
             object.__setattr__(self, "upward_passes", tuple(passes))
+        if self.upward_schedule not in (None, *UPWARD_SCHEDULES):
+            raise JaxkvError(f"model.upward_schedule must be one of {', '.join(UPWARD_SCHEDULES)}, "
+                             f"got {self.upward_schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,6 +114,8 @@ def _model(cfg: TrainConfig, split: Split, run_dir: Path, init_key: jax.Array) -
     if section.upward_passes:
         no_grad, grad = section.upward_passes
         model_cfg = model_cfg.replace(upward_passes_no_grad=no_grad, upward_passes_grad=grad)
+    if section.upward_schedule:
+        model_cfg = model_cfg.replace(upward_schedule=section.upward_schedule)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise JaxkvError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     return model_cfg, init_params(model_cfg, init_key) if params is None else params, tokenizer
