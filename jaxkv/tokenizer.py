@@ -155,15 +155,86 @@ def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks the assistant's text for training
+    masks (SmolLM3, some Qwen and Llama fine-tunes): it renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+class _TemplateDict:
+    """transformers' `dict` global: builds dicts, without exposing the type itself to the template."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """transformers' `namespace`: Jinja's, refusing underscore-prefixed attributes (a way into CPython internals)."""
+
+    def __init__(*args, **kwargs):  # Jinja's signature trick, so that `namespace(self=...)` works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}")
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_chat_template(template: str) -> jinja2.Template:
-    """Compile in the environment transformers renders chat templates in, so prompts match the model card's."""
+    """Compile in the environment transformers renders chat templates in (`chat_template_utils.
+    _compile_jinja_template`: the same sandbox, whitespace settings, extensions, filters and globals), so
+    prompts match the model card's."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
+                                                       extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
     return env.from_string(template)
+
+
+# The names a message's reasoning comes under; templates (Qwen3's) read the first.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_message(message: Any) -> dict:
+    """A message as transformers hands it to the template: keys whose value is None dropped (OpenAI clients send
+    `content: null`; templates handle a missing key, not a None), the reasoning under every name templates read."""
+    if not isinstance(message, dict):
+        raise JaxkvError(f"a chat message must be a dict with 'role' and 'content', got {type(message).__name__}")
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split()) or "(no message)"
+    return text if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {text}"
 
 
 class Tokenizer:
@@ -252,12 +323,15 @@ class Tokenizer:
             raise JaxkvError("model has no chat template")
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        messages = [_template_message(m) for m in messages]
+        # As transformers: the special tokens the tokenizer has (an absent one is undefined, not "")
+        special = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v is not None}
         try:
             return _compile_chat_template(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except jinja2.TemplateError as e:
-            raise JaxkvError(f"chat template failed: {e}") from None
+                **special)
+        except Exception as e:  # noqa: BLE001 - the template's own raise_exception, or its bug on this input
+            raise JaxkvError(f"chat template failed: {_one_line(e)}") from None
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
