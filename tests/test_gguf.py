@@ -207,9 +207,19 @@ def test_unit_rope_freqs_mean_no_scaling(tmp_path):
     assert GGUFCheckpoint(path).model_config().rope_scaling is None
 
 
-def test_linear_rope_scaling_refused(tmp_path):
-    path = write_gguf(tmp_path / "m.gguf", {}, **{"rope.scaling.type": "linear"})
-    with pytest.raises(JaxkvError, match="linear"):
+@pytest.mark.parametrize("meta, want", [
+    ({"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}, RopeScaling(4.0, rope_type="linear")),
+    ({"rope.scaling.factor": 4.0}, RopeScaling(4.0, rope_type="linear")),  # llama.cpp's default type
+    ({"rope.scaling.type": "linear"}, None),  # no factor: llama.cpp scales by 1
+    ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, None),  # llama.cpp: never scale
+])
+def test_linear_rope_scaling_as_llama_cpp_reads_it(tmp_path, meta, want):
+    assert GGUFCheckpoint(write_gguf(tmp_path / "m.gguf", {}, **meta)).model_config().rope_scaling == want
+
+
+def test_other_rope_scaling_refused(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", {}, **{"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0})
+    with pytest.raises(JaxkvError, match="'yarn' is not supported"):
         GGUFCheckpoint(path).model_config()
 
 
@@ -222,14 +232,14 @@ def test_unsupported_quantization_type_named(tmp_path):
 
 
 def test_unknown_tensor_refused(tmp_path):
-    path = write_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.bias": (np.zeros(H * DH, np.float32), Q.F32)})
-    with pytest.raises(JaxkvError, match="blk.0.attn_q.bias"):
+    path = write_gguf(tmp_path / "m.gguf", {"blk.0.ffn_gate.bias": (np.zeros(MLP, np.float32), Q.F32)})
+    with pytest.raises(JaxkvError, match="blk.0.ffn_gate.bias"):
         list(GGUFCheckpoint(path).tensors())
 
 
 def test_other_architecture_refused(tmp_path):
-    path = write_gguf(tmp_path / "m.gguf", {}, arch="qwen2")
-    with pytest.raises(JaxkvError, match="'qwen2'"):
+    path = write_gguf(tmp_path / "m.gguf", {}, arch="gptneox")
+    with pytest.raises(JaxkvError, match="'gptneox'"):
         GGUFCheckpoint(path)
 
 
