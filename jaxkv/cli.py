@@ -10,6 +10,7 @@ import sys
 
 # As jaxkv.config.DTYPES, spelled here so that `jaxkv --help` does not import JAX.
 _DTYPES = ("float32", "bfloat16", "float16")
+_KV_DTYPES = _DTYPES + ("int8", "fp8")  # as jaxkv.cache.quantize.KV_DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +38,41 @@ def _generate(args) -> None:
         print(out.text)
         print(f"[{out.prompt_tokens} prompt tokens, {len(out.token_ids)} generated, {stats.tokens_per_s:.1f} tok/s "
               f"(compile {stats.compile_s:.1f}s), KV {llm.kv_bytes_per_token} B/token]", file=sys.stderr)
+
+
+def _perplexity(args) -> None:
+    from pathlib import Path
+
+    import jaxkv
+    from jaxkv.api import LLM
+    from jaxkv.errors import JaxkvError
+    from jaxkv.eval import perplexity
+
+    from jaxkv.eval.perplexity import check_context
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JaxkvError(f"cannot read text file {args.file}: {e}") from None
+    check_context(args.context)  # fails before the model loads
+    llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
+                     streaming_window=args.streaming_window, sinks=args.sinks)
+    reference = None
+    if args.reference:  # the same weights, float32 KV, nothing dropped
+        reference = LLM(llm.config.replace(streaming_window=None), llm.tokenizer, llm.params, kv_dtype="float32",
+                        page_size=llm.page_size)
+    result = perplexity(llm, llm.tokenizer.encode(text), context=args.context, prefill=args.prefill,
+                        batch=args.batch, reference=reference, max_windows=args.max_windows, progress=not args.json)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return
+    line = (f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} windows of {result.context}, "
+            f"{result.prefill} prefilled); KV {result.kv_dtype}: {result.kv_bytes_per_token} B/token, "
+            f"{result.kv_bytes_held / 2**20:.2f} MiB held per window")
+    if reference is not None:
+        line += (f"; reference (float32 KV) {result.reference_ppl:.4f}, top-1 agreement {result.top1_agreement:.4f}, "
+                 f"mean KL {result.mean_kl:.3g}")
+    print(line)
 
 
 def _serve(args) -> None:
@@ -173,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens, past EOS")
     gen.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
-    gen.add_argument("--kv-dtype", choices=_DTYPES + ("int8",), default=None,
-                     help="KV cache dtype (default: the compute dtype; int8 quantizes the pages)")
+    gen.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
+                     help="KV cache dtype (default: the compute dtype; int8 and fp8 (e4m3) quantize the pages)")
     gen.add_argument("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 16)")
     gen.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens, and generate past "
@@ -183,6 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file through the serving runtime (KV compression "
+                                            "acts as in serving)")
+    ppl.add_argument("--model", default="smollm2-135m",
+                     help="preset name, jaxkv checkpoint dir, HF dir, GGUF file or Hub id (default: smollm2-135m)")
+    ppl.add_argument("--file", required=True, help="UTF-8 text file")
+    ppl.add_argument("--context", type=int, default=1024, help="tokens per window (default: 1024)")
+    ppl.add_argument("--prefill", type=int, default=None,
+                     help="prompt tokens per window, prefilled; the rest are scored token by token (default: half)")
+    ppl.add_argument("--batch", type=int, default=8, help="windows run together (default: 8)")
+    ppl.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    ppl.add_argument("--reference", action="store_true",
+                     help="also run float32 KV without compression: top-1 agreement and mean KL against it")
+    ppl.add_argument("--dtype", choices=_DTYPES, default=None,
+                     help="compute and parameter dtype (default: the checkpoint's)")
+    ppl.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
+                     help="KV cache dtype (default: the compute dtype; int8 and fp8 (e4m3) quantize the pages)")
+    ppl.add_argument("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 16)")
+    ppl.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
+                     help="StreamingLLM: keep only the sinks and this many recent tokens")
+    ppl.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ppl.set_defaults(func=_perplexity)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     srv.add_argument("--model", default="smollm2-135m",
@@ -204,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "smaller is cheaper per decode step")
     srv.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
-    srv.add_argument("--kv-dtype", choices=_DTYPES + ("int8",), default=None,
+    srv.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
                      help="KV cache dtype (default: the compute dtype)")
     srv.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens per request")
@@ -240,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                            '<pizza|sandwich|lasagna>-<bottom|middle|top>:KV_LAYERS), or a map such as "0_0_2_2"')
     plan.add_argument("--context", type=int, default=4096)
     plan.add_argument("--batch", type=int, default=1)
-    plan.add_argument("--kv-dtype", choices=_DTYPES, default=None,
-                      help="KV cache dtype (default: the model's compute dtype)")
+    plan.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
+                      help="KV cache dtype (default: the model's compute dtype; int8 and fp8 count their scales)")
     plan.add_argument("--memory", default=None, metavar="BYTES", help="device memory, e.g. 24GiB: report the largest batch")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)
@@ -265,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             from jaxkv.parallel.distributed import initialize_from_env
 
             initialize_from_env()  # one of several processes: JAX_COORDINATOR_ADDRESS etc. say so
-        if args.func in (_generate, _serve):
+        if args.func in (_generate, _serve, _perplexity):
             from jaxkv.serve.compiled import enable_compilation_cache
 
             enable_compilation_cache()

@@ -16,23 +16,28 @@ from conftest import interpret, relative_error
 KV_HEADS, PAGES_PER_SEQ = 2, 6
 
 
-def random_pool(rng, *, batch, pages_per_seq, page_size, head_dim, dtype, int8) -> dict:
-    """k/v pages (int8 with scales, or `dtype`) in a pool with 3 spare pages, and block tables giving each sequence
-    its pages scattered in random order through it."""
+def random_pool(rng, *, batch, pages_per_seq, page_size, head_dim, dtype, kv) -> dict:
+    """k/v pages (kv "int8" or "fp8" with float32 scales, else `dtype`) in a pool with 3 spare pages, and block tables
+    giving each sequence its pages scattered in random order through it."""
     n_pages = batch * pages_per_seq + 3
     pool = (KV_HEADS, n_pages, page_size, head_dim)
     inputs = dict(block_tables=jnp.asarray(rng.permutation(n_pages)[:batch * pages_per_seq].reshape(batch, -1),
                                            jnp.int32))
-    if int8:
+    if kv == "int8":
         inputs.update({name: jnp.asarray(rng.integers(-127, 128, pool), jnp.int8) for name in ("k_pages", "v_pages")})
         inputs.update({name: jnp.asarray(rng.uniform(0.004, 0.012, pool[:3]), jnp.float32)
+                       for name in ("k_scales", "v_scales")})
+    elif kv == "fp8":
+        inputs.update({name: jnp.asarray(rng.uniform(-448, 448, pool), jnp.float8_e4m3fn)
+                       for name in ("k_pages", "v_pages")})
+        inputs.update({name: jnp.asarray(rng.uniform(0.001, 0.003, pool[:3]), jnp.float32)
                        for name in ("k_scales", "v_scales")})
     else:
         inputs.update({name: jnp.asarray(rng.standard_normal(pool), dtype) for name in ("k_pages", "v_pages")})
     return inputs
 
 
-def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths=None, int8=False, seed=0):
+def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths=None, kv=None, seed=0):
     """Random q and pages, each sequence's pages scattered in random order through a pool with spares."""
     rng = np.random.default_rng(seed)
     if lengths is None:  # ragged: empty, one token, a page multiple, a full table, one in between
@@ -40,7 +45,7 @@ def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths
     q = jnp.asarray(rng.standard_normal((len(lengths), KV_HEADS * ratio, head_dim)), dtype)
     return dict(q=q, lengths=jnp.asarray(lengths, jnp.int32),
                 **random_pool(rng, batch=len(lengths), pages_per_seq=PAGES_PER_SEQ, page_size=page_size,
-                              head_dim=head_dim, dtype=dtype, int8=int8))
+                              head_dim=head_dim, dtype=dtype, kv=kv))
 
 
 def split_options(case: dict) -> tuple[dict, dict]:
@@ -86,7 +91,8 @@ def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v
     dict(page_size=16, ratio=3, scale=0.3),
     dict(ratio=8, sinks=4, window=11),
     dict(page_size=16, sinks=0, window=1),
-    dict(ratio=3, int8=True, sinks=9, window=20),
+    dict(ratio=3, kv="int8", sinks=9, window=20),
+    dict(ratio=3, kv="fp8", sinks=9, window=20),
     dict(lengths=[0, 30, 49, 100, 213], sinks=4, window=20),  # past the table: the window wraps round its ring
 ], ids=str)
 def test_reference_matches_naive_loop(case):
@@ -104,8 +110,9 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.float32, page_size=16, ratio=1, sinks=0, window=5, scale=0.3),
     dict(dtype=jnp.float32, page_size=8, ratio=3, sinks=10, window=1),
     dict(dtype=jnp.float32, page_size=8, ratio=1, sinks=10, window=0),  # sinks only
-    dict(dtype=jnp.float32, page_size=8, ratio=3, int8=True),
-    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, int8=True, sinks=3, window=30),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, kv="int8"),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, kv="int8", sinks=3, window=30),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, kv="fp8", sinks=3, window=30),
     dict(dtype=jnp.float32, page_size=32, ratio=3, head_dim=128),
     dict(dtype=jnp.float32, page_size=8, ratio=3, lengths=[0, 30, 49, 100, 213], sinks=4, window=20),
 ], ids=str)

@@ -11,7 +11,8 @@ import pytest
 
 from jaxkv.cache.dense import kv_bytes_per_token
 from jaxkv.cache.pages import OutOfPages, PageAllocator
-from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata, quantize_int8
+from jaxkv.cache.paged import PagedKV, PagePool, StepMetadata
+from jaxkv.cache.quantize import quantize
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.sharing import cla, lckv
@@ -82,6 +83,7 @@ def test_pools_only_for_kv_layers():
     # int8: 1 byte a value plus a float32 scale per (token, head): 0.53x of bf16 at head_dim 128
     big = ModelConfig(vocab_size=8, d_model=128, n_layers=2, n_heads=1, n_kv_heads=1, head_dim=128, mlp_dim=8)
     assert kv_bytes_per_token(big, "int8") / kv_bytes_per_token(big, "bfloat16") == pytest.approx(132 / 256)
+    assert kv_bytes_per_token(big, "fp8") == kv_bytes_per_token(big, "int8")  # e4m3: a byte too, the same scale
 
 
 def _gather(pool, kv_layer, table, length):
@@ -96,7 +98,7 @@ def _gather(pool, kv_layer, table, length):
     return k.transpose(1, 0, 2), v.transpose(1, 0, 2)
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8", "fp8"])
 def test_ragged_writes_read_back_through_scattered_pages(kv_dtype):
     """Steps that pack chunks of several sequences (ragged, with padding tokens) write each token where its
     sequence's block table says, and nowhere else."""
@@ -119,7 +121,8 @@ def test_ragged_writes_read_back_through_scattered_pages(kv_dtype):
         rows, positions = np.asarray(meta.token_rows), np.asarray(meta.positions)
         k, v = k_all[rows, np.minimum(positions, 11)][None], v_all[rows, np.minimum(positions, 11)][None]
         pool = write(pool, meta, jnp.asarray(k), jnp.asarray(v))
-    tol = 0 if kv_dtype == "float32" else 1 / 127 * np.abs(k_all).max()
+    # int8: half a step of absmax / 127; fp8: 2^-4 of the value (3 mantissa bits) or 2^-10 x absmax / 448
+    tol = {"float32": 0, "int8": 0.5 / 127 * np.abs(k_all).max(), "fp8": 2 ** -4 * np.abs(k_all).max()}[kv_dtype]
     for b, n in enumerate(lengths):
         k, v = _gather(pool, 1, tables[b], n)
         np.testing.assert_allclose(k, k_all[b, :n], atol=tol + 1e-6)
@@ -130,11 +133,25 @@ def test_ragged_writes_read_back_through_scattered_pages(kv_dtype):
 
 def test_int8_absmax_quantization():
     x = jnp.asarray([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0]])
-    q, s = quantize_int8(x)
+    q, s = quantize(x, "int8")
     np.testing.assert_allclose(s, [1 / 127, 0.0])
     np.testing.assert_array_equal(q, [[64, -127, 32], [0, 0, 0]])
     with pytest.raises(JaxkvError, match="KV dtype"):
         PagePool.init(_cfg(), 2, 4, kv_dtype="int4")
+
+
+def test_fp8_absmax_quantization_error_bound():
+    """e4m3 keeps 3 mantissa bits: each value round-trips within half an ulp, 2^-4 of itself (2^-10 x scale
+    among the subnormals below 2^-6 x scale); the largest magnitude maps to 448 exactly; zeros stay zeros."""
+    x = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32) * np.logspace(-3, 2, 64)[:, None]
+    x[3] = 0.0
+    q, s = quantize(jnp.asarray(x), "fp8")
+    assert q.dtype == jnp.float8_e4m3fn and s.dtype == jnp.float32
+    q, s = np.asarray(q, np.float32), np.asarray(s)
+    np.testing.assert_allclose(s, np.abs(x).max(-1) / 448.0, rtol=1e-6)
+    assert np.all(np.abs(q).max(-1)[s > 0] == 448.0) and not q[3].any()
+    err = np.abs(q * s[:, None] - x)
+    assert np.all(err <= np.maximum(2.0 ** -4 * np.abs(x), 2.0 ** -10 * s[:, None]) * (1 + 1e-6))
 
 
 # --- the model on a paged cache ---------------------------------------------------------------
@@ -143,7 +160,7 @@ def test_int8_absmax_quantization():
                          ids=["standard", "cla2", "lckv2", "window", "lckv2-window"])
 def test_model_on_paged_cache_equals_dense(sources, windowed):
     """Ragged prompts prefilled in one step, then steps of one token per row: the logits of the rows' last
-    tokens through scattered pages equal the dense cache's (int8: close)."""
+    tokens through scattered pages equal the dense cache's (int8, fp8: close)."""
     from jaxkv.cache.dense import KVCache
     from jaxkv.model.decoder import forward, init_params
 
@@ -170,7 +187,7 @@ def test_model_on_paged_cache_equals_dense(sources, windowed):
         logits, kv = forward(cfg, params, tokens[None], PagedKV.whole(pool, meta), logits_at=meta.logits_index[None])
         return logits[0], kv.pools[0]
 
-    for kv_dtype in ("float32", "int8"):
+    for kv_dtype in ("float32", "int8", "fp8"):
         pool, lengths, got = PagePool.init(cfg, 16, 4, 2, kv_dtype=kv_dtype), [0, 0], []
         for n_new in (prompt, [1, 1], [1, 1], [1, 1]):
             meta = StepMetadata.pack([tables], lengths, n_new)

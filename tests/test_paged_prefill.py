@@ -25,7 +25,7 @@ def default_chunks(page_size):
     return [(5, 0), (9, 1), (0, 2 * page_size), (page_size, page_size), (page_size + 3, page_size + 5), (0, 7)]
 
 
-def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, chunks=None, int8=False,
+def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, chunks=None, kv=None,
                 pages_per_seq=PAGES_PER_SEQ, padding=PADDING, seed=0):
     """Random packed queries (plus `padding` rows) and pages, each sequence's pages scattered in random order
     through a pool with spares."""
@@ -36,7 +36,7 @@ def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, chunks=
     return dict(q=q, lengths=jnp.asarray([c + n for c, n in chunks], jnp.int32),
                 cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
                 **random_pool(rng, batch=len(chunks), pages_per_seq=pages_per_seq, page_size=page_size,
-                              head_dim=head_dim, dtype=dtype, int8=int8))
+                              head_dim=head_dim, dtype=dtype, kv=kv))
 
 
 def naive_prefill(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scales=None, v_scales=None, *,
@@ -73,7 +73,7 @@ def naive_prefill(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scale
     dict(),
     dict(page_size=16, ratio=3, scale=0.3, sinks=4, window=11),
     dict(ratio=2, sinks=0, window=1),
-    dict(ratio=3, int8=True, sinks=9, window=20),
+    dict(ratio=3, kv="int8", sinks=9, window=20),
 ], ids=str)
 def test_reference_matches_naive_loop(case):
     options, case = split_options(case)
@@ -89,9 +89,10 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.float32, page_size=32, ratio=8, head_dim=128, chunks=[(40, 30), (0, 1), (0, 64), (70, 0)]),
     dict(dtype=jnp.bfloat16, page_size=8, ratio=8, sinks=4, window=10),
     dict(dtype=jnp.float32, page_size=16, ratio=1, sinks=0, window=5, scale=0.3),
-    dict(dtype=jnp.float32, page_size=8, ratio=3, int8=True, sinks=10, window=1),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, kv="int8", sinks=10, window=1),
     dict(dtype=jnp.float32, page_size=8, ratio=2, sinks=3, window=0),  # the sinks alone
-    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, head_dim=128, int8=True),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, head_dim=128, kv="int8"),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=3, kv="fp8", sinks=3, window=30),
 ], ids=str)
 def test_gpu_kernel_matches_reference(case):
     options, case = split_options(case)

@@ -25,11 +25,11 @@ MIXED = [(5, 0), (9, 1), (0, 16), (8, 8), (30, 1), (11, 13), (0, 7), (40, 1)]
 DECODE = [(5, 1), (0, 1), (17, 1), (0, 0), (47, 1)]
 
 
-def make_step(*, rows=MIXED, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, int8=False, seed=0):
+def make_step(*, rows=MIXED, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, kv=None, seed=0):
     rng = np.random.default_rng(seed)
     q_lens = [new for _, new in rows]
     pool = random_pool(rng, batch=len(rows), pages_per_seq=PAGES_PER_SEQ, page_size=page_size, head_dim=head_dim,
-                       dtype=dtype, int8=int8)
+                       dtype=dtype, kv=kv)
     meta = RaggedMetadata(cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
                           kv_lens=jnp.asarray([c + n for c, n in rows], jnp.int32),
                           block_tables=pool.pop("block_tables"), max_q_len=max(max(q_lens), 1))
@@ -71,9 +71,10 @@ CASES = [
     dict(),
     dict(page_size=16, ratio=3, scale=0.3, softcap=1.5, sinks=4, window=11),
     dict(ratio=2, sinks=0, window=1),
-    dict(ratio=3, int8=True, sinks=9, window=20),
+    dict(ratio=3, kv="int8", sinks=9, window=20),
     dict(rows=DECODE, ratio=2),
-    dict(rows=DECODE, int8=True, softcap=2.0, sinks=2, window=9),
+    dict(rows=DECODE, kv="int8", softcap=2.0, sinks=2, window=9),
+    dict(kv="fp8", sinks=9, window=20),
 ]
 
 
@@ -123,11 +124,12 @@ def test_tpu_ragged_kernel_matches_reference(case, strict, monkeypatch):
     assert not np.asarray(got[-PADDING:]).any(), "padding rows must come out zero"
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
 @pytest.mark.parametrize("rows", [MIXED, DECODE], ids=["mixed", "decode"])
-def test_tpu_paths_lower_for_tpu(rows):
+def test_tpu_paths_lower_for_tpu(rows, kv):
     """Both TPU paths (the ragged Mosaic kernel, the decode kernel) lower to Mosaic on this CPU-only machine: an
     abstract mesh names the chip Pallas lowers for. (libtpu's own Mosaic compile still needs a TPU.)"""
-    q, pages, meta = make_step(rows=rows, int8=True)
+    q, pages, meta = make_step(rows=rows, kv=kv)
     attend = jax.jit(lambda q, pages, meta: ragged_paged_attention(q, pages, meta, sinks=4, window=16, softcap=5.0,
                                                                      backend="tpu"))
     chip = AbstractMesh((1,), ("chip",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
@@ -138,10 +140,11 @@ def test_tpu_paths_lower_for_tpu(rows):
     assert f'kernel_name = "{kernel}"' in text, f"no {kernel} Mosaic call in the TPU lowering"
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
 @pytest.mark.parametrize("rows", [MIXED, DECODE], ids=["mixed", "decode"])
-def test_gpu_paths_lower_for_cuda(rows):
+def test_gpu_paths_lower_for_cuda(rows, kv):
     """Both GPU paths (the ragged Triton kernel, the decode kernel) still lower on this CPU-only machine."""
-    q, pages, meta = make_step(rows=rows, int8=True)
+    q, pages, meta = make_step(rows=rows, kv=kv)
     attend = jax.jit(lambda q, pages, meta: ragged_paged_attention(q, pages, meta, sinks=4, window=16, softcap=5.0,
                                                                      backend="gpu"))
     text = attend.trace(q, pages, meta).lower(lowering_platforms=("cuda",)).as_text()

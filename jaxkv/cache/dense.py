@@ -11,6 +11,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
+from jaxkv.cache.quantize import bytes_per_value
 from jaxkv.config import ModelConfig
 from jaxkv.model.attention import cached_attention
 from jaxkv.parallel.logical import constrain
@@ -82,8 +83,11 @@ class KVCache:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
-    """2 (K and V) x KV layers x kv_heads x head_dim x bytes per element; int8 (the paged
-    cache's quantized pools) adds a float32 scale per (token, head)."""
-    dtype = np.dtype(jnp.dtype(dtype or cfg.dtype))
-    scale_bytes = 4 if dtype == np.int8 else 0
-    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * (cfg.head_dim * dtype.itemsize + scale_bytes)
+    """2 (K and V) x KV layers x kv_heads x (head_dim x bytes per element + the quantized pools' float32 scale
+    per (token, head))."""
+    element, scale = bytes_per_value(_kv_dtype_name(dtype or cfg.dtype))
+    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * (cfg.head_dim * element + scale)
+
+
+def _kv_dtype_name(dtype) -> str:
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name

@@ -25,13 +25,14 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from jaxkv.config import DTYPES, ModelConfig
+from jaxkv.cache.quantize import KV_DTYPES, SCALED, quantize, storage_dtype
+from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.rope import apply_rope, inverse_frequencies
 from pallas_kernels.paged_attention.reference import table_column
 from pallas_kernels.ragged_paged_attention import PoolLayer, RaggedMetadata, ragged_paged_attention
 
-KV_DTYPES = DTYPES + ("int8",)
+__all__ = ["KV_DTYPES", "PageGroup", "PagePool", "PagedKV", "StepMetadata", "page_groups", "streaming_pages"]
 
 
 @struct.dataclass
@@ -63,10 +64,11 @@ class PagePool:
         n_layers = cfg.n_kv_layers if n_layers is None else n_layers
         shape = (n_layers, cfg.n_kv_heads, num_pages + 1, page_size, cfg.head_dim)
         scales = (jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32)) \
-            if kv_dtype == "int8" else (None, None)
+            if kv_dtype in SCALED else (None, None)
         sinks = cfg.attention_sinks
         sink_keys = jnp.zeros((n_layers, max_seqs, sinks, cfg.n_kv_heads, cfg.head_dim)) if sinks else None
-        return cls(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype), *scales, sink_keys=sink_keys, sinks=sinks)
+        dtype = storage_dtype(kv_dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales, sink_keys=sink_keys, sinks=sinks)
 
     @property
     def page_size(self) -> int:
@@ -81,6 +83,12 @@ class PagePool:
     def quantized(self) -> bool:
         return self.k_scales is not None
 
+    @property
+    def kv_dtype(self) -> str:
+        """The KV dtype name the pool was made with (int8, fp8 or a float dtype)."""
+        return next((name for name, (dtype, _) in SCALED.items() if self.k_pages.dtype == dtype),
+                    str(self.k_pages.dtype))
+
     def layer(self, index: int) -> PoolLayer:
         """The pages of the pool's index-th layer."""
         pick = (lambda a: None if a is None else a[index])
@@ -88,14 +96,14 @@ class PagePool:
 
     def put(self, index: int, pages: jax.Array, offsets: jax.Array, **new: jax.Array) -> PagePool:
         """Store `new` (k= and/or v=, [N, kv_heads, head_dim]) at (pages, offsets) [N] of the pool's index-th
-        layer, quantizing int8; entries whose page is out of range are dropped."""
+        layer, quantizing int8 and fp8; entries whose page is out of range are dropped."""
         heads = jnp.arange(self.k_pages.shape[1])[:, None]
         at = (index, heads, pages[None], offsets[None])
         updates = {}
         for name, x in new.items():
             x = jnp.moveaxis(x, 1, 0)  # [K, N, Dh], indexed (kv layer, head, page, offset)
             if self.quantized:
-                x, x_scale = quantize_int8(x)
+                x, x_scale = quantize(x, self.kv_dtype)
                 updates[f"{name}_scales"] = getattr(self, f"{name}_scales").at[at].set(x_scale, mode="drop")
             pool = getattr(self, f"{name}_pages")
             updates[f"{name}_pages"] = pool.at[at].set(x.astype(pool.dtype), mode="drop")
@@ -268,14 +276,6 @@ class PagedKV:
                                 k=rotated.reshape(n_rows * sinks, *rotated.shape[2:]))
             pools[group] = pool
         return self.replace(pools=tuple(pools))
-
-
-def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric absmax over the last axis: (int8 values, float32 scale) with x ~ values * scale."""
-    x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
-    safe = jnp.where(scale > 0, scale, 1.0)
-    return jnp.clip(jnp.round(x / safe[..., None]), -127, 127).astype(jnp.int8), scale
 
 
 def streaming_pages(cfg: ModelConfig, page_size: int) -> int:

@@ -138,6 +138,9 @@ class Engine:
             inits.append(init)
         self._new_pool = lambda: ([PageAllocator(n, page_size) for n in group_pages], tuple(i() for i in inits))
         self.allocators, self.pools = self._new_pool()
+        # what one page costs in each group: every array with a pages axis (values and scales), per page
+        self._page_bytes = [sum(x.nbytes // x.shape[2] for x in (p.k_pages, p.v_pages, p.k_scales, p.v_scales)
+                                if x is not None) for p in self.pools]
         self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
         self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
         self.executables = executables or Executables(llm.mesh)
@@ -287,11 +290,12 @@ class Engine:
         False if the call failed."""
         iters = self._iterations(rows)
         n_tokens, n_rows, width = self._shape(rows, iters)
-        result = self._device([s for s, _ in rows], outputs, iters,
-                              lambda: self._arguments(rows, n_tokens, n_rows, width))
+        distributions = any(s.request.distributions for s, _ in rows)
+        result = self._device([s for s, _ in rows], outputs, iters, distributions,
+                              lambda: self._arguments(rows, n_tokens, n_rows, width, iters))
         if result is None:
             return False
-        tokens, logprobs = result
+        tokens, logprobs, log_probs = result
         self._totals["steps"] += 1
         self._totals["step_rows"] += len(rows)
         self._totals["step_tokens"] += sum(n for _, n in rows)
@@ -309,12 +313,13 @@ class Engine:
                     seq.computed += 1
                 if seq.computed < len(seq.tokens):  # mid-prompt
                     break
-                outputs.append(self._emit(seq, int(tokens[i, r]), float(logprobs[i, r])))
+                outputs.append(self._emit(seq, int(tokens[i, r]), float(logprobs[i, r]),
+                                          log_probs[i, r] if seq.request.distributions else None))
         return True
 
-    def _arguments(self, rows, n_tokens: int, n_rows: int, width: int) -> tuple:
-        """The host arrays of one step: packed tokens, their metadata, the rows' sampling values and LCKV passes.
-        Block tables: `width` columns in groups of full tables, the ring in the others."""
+    def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, iters: int) -> tuple:
+        """The host arrays of one step: packed tokens, their metadata, the rows' sampling values, forced tokens
+        and LCKV passes. Block tables: `width` columns in groups of full tables, the ring in the others."""
         tables = [np.full((n_rows, g.ring or width), a.num_pages, np.int32)  # unreserved: the scratch page
                   for g, a in zip(self.groups, self.allocators)]
         tokens = np.zeros(n_tokens, np.int32)
@@ -334,21 +339,28 @@ class Engine:
         temperature = np.asarray([p.temperature for p in sampling] + [0] * pad, np.float32)
         top_k = np.asarray([p.top_k for p in sampling] + [0] * pad, np.int32)
         top_p = np.asarray([p.top_p for p in sampling] + [1] * pad, np.float32)
+        forced = np.full((iters, n_rows), -1, np.int32)
+        for r, (seq, _) in enumerate(rows):
+            given = seq.request.forced_ids or ()
+            for i in range(iters):
+                if seq.generated + i < len(given):
+                    forced[i, r] = given[seq.generated + i]
         passes = min(max(n for _, n in rows), self.cfg.upward_passes_no_grad + self.cfg.upward_passes_grad)
-        return tokens, meta, seeds, steps, temperature, top_k, top_p, np.int32(passes)
+        return tokens, meta, seeds, steps, temperature, top_k, top_p, forced, np.int32(passes)
 
     def _max_q_len(self, n_tokens: int, n_rows: int) -> int:
         """Static per shape: 1 for decode-only shapes (T == R), else the longest chunk a row may have."""
         return 1 if n_tokens == n_rows else self.prefill_chunk
 
-    def _device(self, seqs: list[_Sequence], outputs: list[RequestOutput], iters: int, args) -> tuple | None:
+    def _device(self, seqs: list[_Sequence], outputs: list[RequestOutput], iters: int, distributions: bool,
+                args) -> tuple | None:
         """The step for seqs (args() builds the host arrays), its results on the host; None if anything failed.
         Then seqs become suspects, to be retried alone; a suspect that fails again, alone, ends with the error."""
         try:
-            tokens, logprobs, self.pools = self.executables.run(
+            tokens, logprobs, log_probs, self.pools = self.executables.run(
                 ragged_step, (1,), self.params, self.pools, *args(), cfg=self.cfg, groups=self.group_layers,
-                iters=iters, mesh=self.mesh)
-            return np.asarray(tokens), np.asarray(logprobs)
+                iters=iters, distributions=distributions, mesh=self.mesh)
+            return np.asarray(tokens), np.asarray(logprobs), None if log_probs is None else np.asarray(log_probs)
         except Exception as e:  # noqa: BLE001 - whatever the device raised, other requests go on
             self._totals["step_failures"] += 1
             if not self._pool_intact():
@@ -453,17 +465,26 @@ class Engine:
         """seq's pages in every group."""
         return [allocator.pages(seq.request.request_id) for allocator in self.allocators]
 
-    def _emit(self, seq: _Sequence, token: int, logprob: float) -> RequestOutput:
-        """Append a sampled token; finish the request on EOS, a stop string or its budget."""
+    def _emit(self, seq: _Sequence, token: int, logprob: float, log_probs: np.ndarray | None) -> RequestOutput:
+        """Append a sampled (or forced) token; finish the request on EOS, a stop string or its budget."""
         seq.tokens.append(token)
         self._totals["generated"] += 1
         self._recent.append(time.perf_counter())
-        eos = token in self.eos_ids and not seq.request.ignore_eos
-        text = seq.text.add([] if eos else [token], final=eos or seq.generated >= seq.request.max_tokens)
-        reason = "stop" if eos or seq.text.stopped else "length" if seq.generated >= seq.request.max_tokens else None
+        request = seq.request
+        eos = token in self.eos_ids and not request.ignore_eos and request.forced_ids is None
+        text = seq.text.add([] if eos else [token], final=eos or seq.generated >= request.max_tokens)
+        reason = "stop" if eos or seq.text.stopped else "length" if seq.generated >= request.max_tokens else None
+        held = self.kv_bytes_held(request.request_id)
         if reason:
             self._end(seq)
-        return seq.output([token], [logprob], text, reason)
+        out = seq.output([token], [logprob], text, reason)
+        out.kv_bytes, out.distributions = held, None if log_probs is None else log_probs[None]
+        return out
+
+    def kv_bytes_held(self, request_id: str) -> int:
+        """Bytes of KV pages (with their scales) that a request holds now, over every page group."""
+        return sum(len(a.pages(request_id)) * page_bytes for a, page_bytes in zip(self.allocators, self._page_bytes)
+                   if a.holds(request_id))
 
     # --- compilation --------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -476,10 +497,11 @@ class Engine:
             meta = StepMetadata.pack(tables, [], [], n_tokens=n_tokens, max_q_len=self._max_q_len(n_tokens, n_rows),
                                      sink_rows=[])
             rows = np.zeros(n_rows, np.int32)
-            _, _, self.pools = self.executables.run(
+            _, _, _, self.pools = self.executables.run(
                 ragged_step, (1,), self.params, self.pools, np.zeros(n_tokens, np.int32), meta,
                 rows.astype(np.uint32), rows, rows.astype(np.float32), rows, np.ones(n_rows, np.float32),
-                np.int32(1), cfg=self.cfg, groups=self.group_layers, iters=1, mesh=self.mesh)
+                np.full((1, n_rows), -1, np.int32), np.int32(1), cfg=self.cfg, groups=self.group_layers, iters=1,
+                distributions=False, mesh=self.mesh)
 
     # --- metrics ------------------------------------------------------------------------------
     def metrics(self) -> dict:

@@ -11,6 +11,8 @@ import dataclasses
 import numbers
 import uuid
 
+import numpy as np
+
 from jaxkv.errors import InvalidRequest, JaxkvError, check_text
 from jaxkv.generate.sampling import SamplingParams
 
@@ -24,6 +26,10 @@ class Request:
     logprobs: bool = False
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     request_id: str = dataclasses.field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
+    # Scoring a given text (`jaxkv perplexity`): these tokens are fed instead of sampled ones, one per step as in
+    # decoding, and their logprobs reported; max_tokens must equal their number; EOS among them does not stop.
+    forced_ids: list[int] | None = None
+    distributions: bool = False  # each output also carries the full log-probabilities it chose from
 
 
 @dataclasses.dataclass
@@ -38,6 +44,8 @@ class RequestOutput:
     completion_tokens: int  # so far
     cached_tokens: int  # prompt tokens taken from the prefix cache
     error: Exception | None = None  # why a request ended with "error" (a failed step, its deadline)
+    distributions: np.ndarray | None = None  # [new tokens, vocab] log-probabilities, when the request asked
+    kv_bytes: int = 0  # bytes of KV pages (scales included) the request held when this output was made
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +100,15 @@ def validate(request: Request, *, vocab_size: int, max_prompt: int, max_context:
         raise InvalidRequest(f"top_k must be at most the vocabulary size ({vocab_size}), got {sampling.top_k}",
                              "top_k")
     _validate_stop(request.stop, limits)
-    for name in ("logprobs", "ignore_eos"):
+    forced = request.forced_ids
+    if forced is not None:
+        if not isinstance(forced, (list, tuple)) or any(not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size
+                                                        for t in forced):
+            raise InvalidRequest(f"forced_ids must be a list of token ids in [0, {vocab_size})", "forced_ids")
+        if len(forced) != budget:
+            raise InvalidRequest(f"max_tokens ({budget}) must equal the number of forced_ids ({len(forced)})",
+                                 "max_tokens")
+    for name in ("logprobs", "ignore_eos", "distributions"):
         if not isinstance(getattr(request, name), bool):
             raise InvalidRequest(f"{name} must be true or false", name)
 

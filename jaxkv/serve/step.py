@@ -12,28 +12,35 @@ from jaxkv.model.decoder import forward
 from jaxkv.parallel.rules import keep_cache_sharding
 
 
-def ragged_step(params, pools, tokens, meta, seeds, steps, temperature, top_k, top_p, passes, *, cfg: ModelConfig,
-                groups: tuple[tuple[int, ...], ...], iters: int, mesh=None):
+def ragged_step(params, pools, tokens, meta, seeds, steps, temperature, top_k, top_p, forced, passes, *,
+                cfg: ModelConfig, groups: tuple[tuple[int, ...], ...], iters: int, distributions: bool = False,
+                mesh=None):
     """One step on the pools (donated; pools[g] holds the KV layers groups[g]): tokens [T] packed by `meta` (rows
-    R) in, their K/V written, each row's next token sampled from its last token's logits. iters > 1 (decode rows
-    only, T == R): that many tokens per row, each fed back. Returns (tokens [iters, R], their logprobs, pools)."""
-    def one(pools, meta, tokens, steps):
+    R) in, their K/V written, each row's next token sampled from its last token's logits, or taken from forced
+    [iters, R] where that is not negative (scoring a given text). iters > 1 (decode rows only, T == R): that many
+    tokens per row, each fed back. Returns (tokens [iters, R], their logprobs, each row's log-probabilities
+    [iters, R, V] if `distributions` else None, pools)."""
+    def one(pools, meta, tokens, steps, forced):
         logits, kv = forward(cfg, params, tokens[None], PagedKV(pools, meta, groups),
                              logits_at=meta.logits_index[None], passes=passes)
         logits = logits[0]
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds, steps)
-        token = sample(logits, keys, temperature, top_k, top_p, greedy=False)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
-        return tuple(keep_cache_sharding(pool, mesh) for pool in kv.pools), token, logprob
+        token = jnp.where(forced >= 0, forced, sample(logits, keys, temperature, top_k, top_p, greedy=False))
+        log_probs = jax.nn.log_softmax(logits)
+        logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+        pools = tuple(keep_cache_sharding(pool, mesh) for pool in kv.pools)
+        return pools, token, logprob, log_probs if distributions else None
 
     if iters == 1:
-        pools, token, logprob = one(pools, meta, tokens, steps)
-        return token[None], logprob[None], pools
+        pools, token, logprob, log_probs = one(pools, meta, tokens, steps, forced[0])
+        return token[None], logprob[None], None if log_probs is None else log_probs[None], pools
 
-    def again(carry, i):  # the model traced once for all iterations: half the compile of unrolling the first
+    def again(carry, xs):  # the model traced once for all iterations: half the compile of unrolling the first
         pools, token = carry
-        pools, token, logprob = one(pools, meta.advanced(i), token, steps + i)
-        return (pools, token), (token, logprob)
+        i, forced_i = xs
+        pools, token, logprob, log_probs = one(pools, meta.advanced(i), token, steps + i, forced_i)
+        return (pools, token), (token, logprob, log_probs)
 
-    (pools, _), (tokens, logprobs) = jax.lax.scan(again, (pools, tokens), jnp.arange(iters, dtype=jnp.int32))
-    return tokens, logprobs, pools
+    (pools, _), (tokens, logprobs, log_probs) = jax.lax.scan(
+        again, (pools, tokens), (jnp.arange(iters, dtype=jnp.int32), forced))
+    return tokens, logprobs, log_probs, pools

@@ -13,6 +13,8 @@ from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import gpu, reference, tpu
 from pallas_kernels.sharded import per_shard
 
+SCALED_DTYPES = (jnp.int8, jnp.float8_e4m3fn)  # quantized pages: values x a float32 scale per (token, head)
+
 # jax.default_backend() name -> kernel; "auto" uses the one for the current platform, else the reference.
 _KERNELS = {"gpu": gpu.paged_attention, "tpu": tpu.paged_attention}
 
@@ -78,13 +80,14 @@ def validate_pages(check, q, k_pages, v_pages, block_tables, lengths, k_scales, 
     check(kv_head_dim == head_dim, f"head_dim differs: q {head_dim}, k/v pages {kv_head_dim}")
     check(n_kv > 0 and n_heads % n_kv == 0, f"q_heads {n_heads} is not a multiple of kv_heads {n_kv}")
     check(jnp.issubdtype(q.dtype, jnp.floating), f"q must be a float array, got {q.dtype}")
-    if k_pages.dtype == jnp.int8:
+    if k_pages.dtype in SCALED_DTYPES:
         for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
-            check(scales is not None, f"int8 pages need {name}")
+            check(scales is not None, f"{k_pages.dtype} pages need {name}")
             check(scales.shape == (n_kv, n_pages, page_size) and scales.dtype == jnp.float32,
                   f"{name} must be float32 {(n_kv, n_pages, page_size)}, got {scales.dtype} {scales.shape}")
     else:
-        check(k_scales is None and v_scales is None, f"k_scales/v_scales are for int8 pages, not {k_pages.dtype}")
-        check(k_pages.dtype == q.dtype, f"k/v pages dtype {k_pages.dtype} != q dtype {q.dtype} (or use int8)")
+        check(k_scales is None and v_scales is None,
+              f"k_scales/v_scales are for int8 and float8_e4m3fn pages, not {k_pages.dtype}")
+        check(k_pages.dtype == q.dtype, f"k/v pages dtype {k_pages.dtype} != q dtype {q.dtype} (or quantize them)")
     check(sinks >= 0, f"sinks must be >= 0, got {sinks}")
     check(window is None or window >= 0, f"window must be None or >= 0, got {window}")

@@ -63,7 +63,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap,
 def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, *, scale, softcap, compute_dtype,
                  used=None):
     """One online-softmax step of the rows q [R, Dh] over the pool pages `pages` (block_k tokens together):
-    carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8 scales
+    carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8/fp8 scales
     (refs or None) apply to the logits and to p. `used` [block_k], when given, zeroes V (and its scales) where
     no row looks, so stale or NaN places of a loaded page cannot reach the output through 0 * NaN."""
     acc, m, l = carry

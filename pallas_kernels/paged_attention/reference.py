@@ -48,7 +48,7 @@ def candidate_positions(lengths: jax.Array, pages_per_seq: int, page_size: int, 
 
 
 def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
-    """int8 pages times their per-(token, head) scales; float pages pass through cast to `dtype`."""
+    """Quantized (int8, fp8) pages times their per-(token, head) scales; float pages pass through cast to `dtype`."""
     if scales is None:
         return pages.astype(dtype)
     return (pages.astype(jnp.float32) * scales[..., None]).astype(dtype)

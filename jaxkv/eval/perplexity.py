@@ -1,0 +1,116 @@
+"""Perplexity of a text through the serving runtime, so that whatever compresses the KV cache acts as it does
+when serving, and what it costs in quality is measured where it is paid.
+
+The text is cut into windows of `context` tokens. Each window is one engine request: its first `prefill` tokens
+are the prompt (prefilled in chunks), the rest are fed one per step as decoding feeds sampled tokens
+(`Request.forced_ids`), and each of them is scored by the log-probability the model gave it. With a reference
+model (the same weights with float32 KV and nothing dropped), both engines run the same requests in lockstep and
+every scored position also yields the top-1 agreement and KL(reference || model) of the two distributions.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxkv.errors import JaxkvError
+from jaxkv.serve.engine import Engine
+from jaxkv.serve.requests import Limits, Request
+
+
+@dataclasses.dataclass
+class PerplexityResult:
+    ppl: float
+    tokens: int  # scored tokens
+    windows: int
+    context: int
+    prefill: int
+    kv_dtype: str
+    kv_bytes_per_token: int  # the formula jaxkv plans with (scales included)
+    kv_bytes_held: float  # pages a window's request held at its last token, in bytes (mean over windows)
+    reference_ppl: float | None = None
+    top1_agreement: float | None = None  # fraction of positions whose argmax equals the reference's
+    mean_kl: float | None = None  # mean KL(reference || model) in nats
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_context(context: int) -> None:
+    if context < 2:
+        raise JaxkvError(f"context must be at least 2 tokens, got {context}")
+
+
+def windows_of(ids: Sequence[int], context: int, max_windows: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of `context` tokens (a text shorter than one window is one window)."""
+    check_context(context)
+    if len(ids) < 2:
+        raise JaxkvError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
+    out = [list(ids[i:i + context]) for i in range(0, len(ids) - context + 1, context)] or [list(ids)]
+    return out[:max_windows] if max_windows else out
+
+
+def _engine(llm, n_windows: int, length: int, batch: int) -> Engine:
+    return Engine(llm, max_batch=max(1, min(batch, n_windows)), page_size=llm.page_size, kv_dtype=llm.kv_dtype,
+                  max_context=min(llm.config.max_seq_len, length + 1), prefill_chunk=64, prefix_caching=False,
+                  limits=Limits(max_waiting=None, request_timeout_s=None), executables=llm.executables)
+
+
+def perplexity(llm, ids: Sequence[int], *, context: int = 1024, prefill: int | None = None, batch: int = 8,
+               reference=None, max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+    """Perplexity of token ids under `llm` (a jaxkv.LLM) through the engine; `prefill` (default half the window)
+    tokens of each window are the prompt, the rest are scored token by token. `reference`: an LLM with the same
+    weights and uncompressed KV, for top-1 agreement and KL."""
+    if not llm.config.streaming_window and context > llm.config.max_seq_len:
+        raise JaxkvError(f"context {context} is longer than the model's {llm.config.max_seq_len} tokens")
+    windows = windows_of(ids, context, max_windows)
+    length = len(windows[0])
+    prefill = length // 2 if prefill is None else prefill
+    if not 1 <= prefill < length:
+        raise JaxkvError(f"prefill must be in [1, {length - 1}] for windows of {length} tokens, got {prefill}")
+    runs = [llm] + ([reference] if reference is not None else [])
+    engines = [_engine(m, len(windows), length, batch) for m in runs]
+    for engine in engines:
+        for i, window in enumerate(windows):
+            engine.add(Request(window[:prefill], max_tokens=length - prefill, forced_ids=window[prefill:],
+                               logprobs=True, distributions=reference is not None, request_id=str(i)))
+    nll = [0.0] * len(runs)
+    held: dict[str, int] = {}
+    pending: list[dict] = [{} for _ in runs]  # (request, index) -> log-probabilities, until the other run has it
+    kl, agree, scored = 0.0, 0, 0
+    counts = [collections.Counter() for _ in runs]  # distributions seen per request, per run
+    with tqdm(total=len(windows) * (length - prefill), unit="tok", desc="perplexity", disable=not progress) as bar:
+        while any(e.has_work() for e in engines):
+            for r, engine in enumerate(engines):
+                for out in engine.step() if engine.has_work() else ():
+                    if out.error is not None:
+                        raise out.error
+                    nll[r] -= sum(out.logprobs)
+                    if r == 0:
+                        held[out.request_id] = out.kv_bytes
+                        bar.update(len(out.token_ids))
+                    if reference is None:
+                        continue
+                    for dist in out.distributions:
+                        key = (out.request_id, counts[r][out.request_id])
+                        counts[r][out.request_id] += 1
+                        other = pending[1 - r].pop(key, None)
+                        if other is None:
+                            pending[r][key] = dist
+                            continue
+                        model, ref = (dist, other) if r == 0 else (other, dist)
+                        kl += float(np.sum(np.exp(ref) * (ref - model)))
+                        agree += int(np.argmax(model) == np.argmax(ref))
+                        scored += 1
+    n = len(windows) * (length - prefill)
+    return PerplexityResult(
+        ppl=math.exp(nll[0] / n), tokens=n, windows=len(windows), context=length, prefill=prefill,
+        kv_dtype=llm.kv_dtype, kv_bytes_per_token=llm.kv_bytes_per_token,
+        kv_bytes_held=sum(held.values()) / len(held),
+        reference_ppl=math.exp(nll[1] / n) if reference is not None else None,
+        top1_agreement=agree / scored if scored else None, mean_kl=kl / scored if scored else None)
