@@ -42,11 +42,17 @@ _TEKKEN_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = (  # Llama 3's, but digits one at a time
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _SPLIT_PRE = {
     "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
     "smaug-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "pixtral": _LLAMA3_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
+    "tekken": _TEKKEN_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
+# Qwen's tokenizer.json applies its merges to whole words too (ignore_merges false); the others take a word found
+# in the vocabulary as it is.
+_MERGE_WHOLE_WORDS = {"qwen2", "deepseek-r1-qwen"}
 # Pre types whose original tokenizer.json uses GPT-2's regex (ByteLevel's own), optionally after
 # isolating every digit (SmolLM's Digits(individual_digits=True), llama.cpp's "\p{N}" pass).
 _GPT2_PRE = {"default": False, "gpt2": False, "smollm": True}
@@ -89,7 +95,7 @@ def _gguf_byte_level(tokens: list[str], merges: list[str], pre: str) -> tokenize
     alphabet = set(spelling.values())
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
     model = BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], continuing_subword_prefix="",
-                end_of_word_suffix="", fuse_unk=False, ignore_merges=pre in _SPLIT_PRE)
+                end_of_word_suffix="", fuse_unk=False, ignore_merges=pre in _SPLIT_PRE and pre not in _MERGE_WHOLE_WORDS)
     tok = tokenizers.Tokenizer(model)
     tok.pre_tokenizer = _byte_level_pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()

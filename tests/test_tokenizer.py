@@ -174,7 +174,7 @@ def smollm2_subset(reader: gguf.GGUFReader, n: int = 4000):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pre", ["gpt2", "default", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["gpt2", "default", "llama-bpe", "qwen2"])
 def test_byte_level_pre_types_match_transformers(smollm2_reader, tmp_path, pre):
     tokens, types, merges = smollm2_subset(smollm2_reader)
     path = write_tokenizer_gguf(tmp_path / "tok.gguf", model="gpt2", tokens=tokens, types=types, merges=merges,
