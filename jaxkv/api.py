@@ -160,14 +160,15 @@ class LLM:
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
          page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4,
-         mesh: str | Mesh | None = None) -> LLM:
+         mesh: str | Mesh | None = None, kv_rotate: bool = False) -> LLM:
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir, a GGUF file or a Hugging
     Face Hub id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
     checkpoint's own. The KV cache lives in pages of page_size tokens (default 16); kv_dtype "int8" or "fp8"
     (e4m3) quantizes it. streaming_window turns on StreamingLLM: the cache keeps `sinks` first tokens and the
-    last `streaming_window`, so generation runs past the model's context in bounded memory. mesh
+    last `streaming_window`, so generation runs past the model's context in bounded memory. kv_rotate: keys and
+    queries rotated by a Hadamard matrix before the KV is stored (less quantization error, same scores). mesh
     ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`).
     """
     if dtype is not None:
@@ -185,6 +186,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=cfg.param_dtype), params)
     if streaming_window is not None:
         cfg = cfg.replace(streaming_window=streaming_window, streaming_sinks=sinks)
+    if kv_rotate:
+        cfg = cfg.replace(kv_rotate=True)
     return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh)
 
 

@@ -23,7 +23,7 @@ def _generate(args) -> None:
     import jaxkv
 
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
-                     streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh)
+                     streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh, kv_rotate=args.kv_rotate)
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat,
                        ignore_eos=args.ignore_eos)
@@ -56,11 +56,11 @@ def _perplexity(args) -> None:
         raise JaxkvError(f"cannot read text file {args.file}: {e}") from None
     check_context(args.context)  # fails before the model loads
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
-                     streaming_window=args.streaming_window, sinks=args.sinks)
+                     streaming_window=args.streaming_window, sinks=args.sinks, kv_rotate=args.kv_rotate)
     reference = None
     if args.reference:  # the same weights, float32 KV, nothing dropped
-        reference = LLM(llm.config.replace(streaming_window=None), llm.tokenizer, llm.params, kv_dtype="float32",
-                        page_size=llm.page_size)
+        reference = LLM(llm.config.replace(streaming_window=None, kv_rotate=False), llm.tokenizer, llm.params,
+                        kv_dtype="float32", page_size=llm.page_size)
     result = perplexity(llm, llm.tokenizer.encode(text), context=args.context, prefill=args.prefill,
                         batch=args.batch, reference=reference, max_windows=args.max_windows, progress=not args.json)
     if args.json:
@@ -90,7 +90,7 @@ def _serve(args) -> None:
           prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
           streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
           model_name=args.served_model_name, log_level=args.log_level, limits=limits, api_key=args.api_key,
-          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive)
+          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive, kv_rotate=args.kv_rotate)
 
 
 def _serve_limits(group) -> None:
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="StreamingLLM: keep only the sinks and this many recent tokens, and generate past "
                           "the model's context in bounded memory")
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
+    gen.add_argument("--kv-rotate", action="store_true",
+                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less int8/fp8 error)")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
@@ -240,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens")
     ppl.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
+    ppl.add_argument("--kv-rotate", action="store_true",
+                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less int8/fp8 error)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ppl.set_defaults(func=_perplexity)
 
@@ -268,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens per request")
     srv.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
+    srv.add_argument("--kv-rotate", action="store_true",
+                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less int8/fp8 error)")
     srv.add_argument("--no-prefix-caching", action="store_true",
                      help="do not reuse the KV pages of shared prompt prefixes")
     srv.add_argument("--served-model-name", default=None, metavar="NAME",

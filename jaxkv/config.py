@@ -14,6 +14,9 @@ Layers in `window_layers` attend only to the last `sliding_window` positions.
 `streaming_window` turns on StreamingLLM for inference: every layer keeps the first
 `streaming_sinks` positions and the last `streaming_window` ones, on a paged cache whose
 size no longer grows with the sequence.
+`kv_rotate` multiplies keys and queries (after RoPE) by one orthonormal Hadamard matrix, so scores are unchanged
+while a channel's outliers spread over all channels before the KV is quantized (QuaRot; llama.cpp does it for
+quantized KV).
 `attention_backend` picks the paged decode kernel (pallas_kernels.paged_attention):
 "auto" is Pallas on GPU/TPU and the pure-JAX reference on CPU.
 The remaining fields are what the families beyond Llama change (Qwen2/3, Mistral, Gemma 2/3), as
@@ -96,6 +99,7 @@ class ModelConfig:
     attention_backend: str = "auto"
     streaming_window: int | None = None
     streaming_sinks: int = 4
+    kv_rotate: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
@@ -167,6 +171,9 @@ class ModelConfig:
         for field in ("attn_softcap", "final_softcap", "query_scale", "window_rope_theta"):
             if getattr(self, field) is not None and getattr(self, field) <= 0:
                 raise JaxkvError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.kv_rotate and (self.head_dim & (self.head_dim - 1) or self.streaming_window is not None):
+            raise JaxkvError(f"kv_rotate needs a power-of-two head_dim (got {self.head_dim}) and no StreamingLLM "
+                             f"(its sinks are re-rotated with RoPE as written)")
         if self.streaming_window is not None and (self.streaming_window < 1 or self.streaming_sinks < 0):
             raise JaxkvError(f"StreamingLLM needs streaming_window >= 1 and streaming_sinks >= 0, got "
                              f"{self.streaming_window} and {self.streaming_sinks}")

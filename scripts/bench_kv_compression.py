@@ -1,7 +1,8 @@
 """What each KV compression costs in quality and saves in memory: SmolLM2 over held-out Shakespeare.
 
     python scripts/bench_kv_compression.py [--contexts 2048,4096] [--windows 2] [--score 256] \\
-        [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,int8] [--out docs/results/kv_compression.md]
+        [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,fp8-rot,int8,int8-rot] \\
+        [--out docs/results/kv_compression.md]
 
 Every configuration runs through the serving runtime (`jaxkv.eval.perplexity`): each window of `context` tokens is
 one request whose first context - score tokens are prefilled in chunks and whose last `score` tokens are fed one per
@@ -34,8 +35,9 @@ from jaxkv.generate.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-# name -> KV dtype of the pages
-CONFIGS = {"float32": "float32", "bfloat16": "bfloat16", "fp8": "fp8", "int8": "int8"}
+# name -> (KV dtype of the pages, keys and queries rotated by a Hadamard matrix before the KV is stored)
+CONFIGS = {"float32": ("float32", False), "bfloat16": ("bfloat16", False), "fp8": ("fp8", False),
+           "fp8-rot": ("fp8", True), "int8": ("int8", False), "int8-rot": ("int8", True)}
 # What the papers and peers report (../shared/reference/methods.md), shown beside the measured points.
 CLAIMS = [
     "int8 per (token, head) absmax (xFasterTransformer): 0.52x fp16 bytes",
@@ -47,7 +49,8 @@ CLAIMS = [
 
 
 def model_for(base: LLM, name: str) -> LLM:
-    return LLM(base.config, base.tokenizer, base.params, kv_dtype=CONFIGS[name])
+    kv_dtype, rotate = CONFIGS[name]
+    return LLM(base.config.replace(kv_rotate=rotate), base.tokenizer, base.params, kv_dtype=kv_dtype)
 
 
 def needle_trials(llm: LLM, filler: list[int], context: int, trials: int, seed: int) -> int:

@@ -244,11 +244,14 @@ class PagedKV:
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,
                sinks: int, softcap: float | None = None, backend: str = "auto", remat: bool = False) -> jax.Array:
-        """q [1, T, H, Dh] over every row's pages (`ragged_paged_attention`)."""
+        """q [1, T, H, Dh] over every row's pages (`ragged_paged_attention`). Float pages of another dtype than q
+        (bfloat16 KV under float32 compute) take q in their dtype, as a model computing in it would."""
         group, index = self._place(kv_layer)
-        out = ragged_paged_attention(q[0], self.pools[group].layer(index), self.meta.attention[group], sinks=sinks,
+        pool = self.pools[group]
+        q_in = q[0] if pool.quantized else q[0].astype(pool.k_pages.dtype)
+        out = ragged_paged_attention(q_in, pool.layer(index), self.meta.attention[group], sinks=sinks,
                                      window=window, softcap=softcap, strict=strict, backend=backend)
-        return out[None]
+        return out[None].astype(q.dtype)
 
     def advance(self, n_new=None) -> PagedKV:
         return self  # lengths live on the host, in the next step's metadata

@@ -163,7 +163,8 @@ def model_config(c: dict, name: str, where: str) -> ModelConfig:
 
 
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "upward_passes_no_grad", "upward_passes_grad", "upward_schedule",
-                   "attention_backend", "streaming_window", "streaming_sinks", "name")  # not what a checkpoint computes
+                   "attention_backend", "streaming_window", "streaming_sinks", "kv_rotate",
+                   "name")  # not what a checkpoint computes
 
 
 def _rope_dict(theta: float, scaling: RopeScaling | None) -> dict:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxkv.cache.dense import KVCache
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
-from jaxkv.model.rope import apply_rope, inverse_frequencies
+from jaxkv.model.rope import apply_rope, hadamard, inverse_frequencies
 from jaxkv.parallel.logical import constrain
 from jaxkv.parallel.rules import tree_shardings
 
@@ -73,6 +73,8 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         if cfg.query_scale is not None:  # attention scales by head_dim ** -0.5: fold the difference into q
             q = q * jnp.asarray((cfg.head_dim / cfg.query_scale) ** 0.5, q.dtype)
+        if cfg.kv_rotate:  # q H (k H)^T = q k^T: the scores stay, the stored keys lose their outlier channels
+            q = _rotate(q)
         q = constrain(q, "batch", "seq", "heads")
         kv_layer = cfg.kv_index(self.layer)
         if cfg.kv_sources[self.layer] == self.layer:
@@ -81,6 +83,8 @@ class Attention(nn.Module):
             if cfg.qk_norm:
                 k = RMSNorm(cfg, name="k_norm")(k)
             k = apply_rope(k, positions, inv_freq)
+            if cfg.kv_rotate:
+                k = _rotate(k)
             v = _dense(cfg, kv_shape, kv_axes, "v_proj", bias=cfg.qkv_bias)(x)
             kv = kv.write(kv_layer, k, v, positions, n_new)
         out = kv.attend(kv_layer, q, positions, strict=cfg.kv_sources[self.layer] > self.layer,
@@ -88,6 +92,12 @@ class Attention(nn.Module):
                         backend=cfg.attention_backend, remat=self.remat)
         out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1), bias=cfg.o_bias)(out)
         return out, kv
+
+
+def _rotate(x):
+    """x [..., head_dim] times the orthonormal Hadamard matrix (`ModelConfig.kv_rotate`), in float32."""
+    h = jnp.asarray(hadamard(x.shape[-1]))
+    return jnp.einsum("...d,de->...e", x.astype(jnp.float32), h).astype(x.dtype)
 
 
 class MLP(nn.Module):

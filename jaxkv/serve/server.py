@@ -368,7 +368,7 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
           max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, mesh: str | None = None,
           model_name: str | None = None, log_level: str = "info", limits: Limits | None = None,
           api_key: str | None = None, allowed_hosts: tuple[str, ...] | None = None,
-          timeout_keep_alive: int = 5) -> None:
+          timeout_keep_alive: int = 5, kv_rotate: bool = False) -> None:
     """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command); `mesh` as in
     `jaxkv.load`. api_key defaults to $JAXKV_API_KEY; allowed_hosts to the loopback names when `host` is a
     loopback address (else any). A connection with no request under way for timeout_keep_alive s is closed."""
@@ -386,7 +386,7 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
     sock = _listen(host, port)  # before loading: a busy port fails at once
     try:
         llm = jaxkv.load(model, dtype=dtype, kv_dtype=kv_dtype, page_size=page_size,
-                         streaming_window=streaming_window, sinks=sinks, mesh=mesh)
+                         streaming_window=streaming_window, sinks=sinks, mesh=mesh, kv_rotate=kv_rotate)
         if model_name is None:
             model_name = model if not os.path.exists(os.path.expanduser(model)) else (
                 llm.config.name if llm.config.name != "custom" else os.path.basename(os.path.normpath(model)))
