@@ -260,3 +260,12 @@ def test_rotation_needs_a_power_of_two_head_dim_and_no_streaming():
         _cfg((0, 1, 2, 3)).replace(head_dim=24, kv_rotate=True)
     with pytest.raises(JaxkvError, match="and no StreamingLLM"):
         _cfg((0, 1, 2, 3)).replace(kv_rotate=True, streaming_window=8)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8", "fp8"])
+def test_bytes_per_token_are_the_bytes_allocated(kv_dtype):
+    """kv_bytes_per_token (what `jaxkv plan` and the engine count) equals the pool's arrays, scales included."""
+    cfg = _cfg(cla(4, 2))
+    pool = PagePool.init(cfg, num_pages=6, page_size=4, kv_dtype=kv_dtype)
+    arrays = [a for a in (pool.k_pages, pool.v_pages, pool.k_scales, pool.v_scales) if a is not None]
+    assert sum(a.nbytes for a in arrays) == kv_bytes_per_token(cfg, kv_dtype) * (6 + 1) * 4  # (+ the scratch page)
