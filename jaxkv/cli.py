@@ -90,7 +90,8 @@ def _serve(args) -> None:
           prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
           streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
           model_name=args.served_model_name, log_level=args.log_level, limits=limits, api_key=args.api_key,
-          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive, kv_rotate=args.kv_rotate)
+          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive, kv_rotate=args.kv_rotate,
+          window_pages=not args.no_window_pages)
 
 
 def _serve_limits(group) -> None:
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens per request")
     srv.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
+    srv.add_argument("--no-window-pages", action="store_true",
+                     help="give sliding-window layers full-length pages instead of a ring of their window's, which "
+                          "turns the prefix cache back on for models with window layers (Mistral, Gemma)")
     srv.add_argument("--kv-rotate", action="store_true",
                      help="rotate keys and queries by a Hadamard matrix before the KV is stored (less int8/fp8 error)")
     srv.add_argument("--no-prefix-caching", action="store_true",

@@ -185,7 +185,8 @@ def test_cli_generates_what_transformers_generates(tmp_path):
 
 def test_server_completes_what_transformers_generates(tmp_path):
     """A Gemma 2 (soft-caps, alternating windows) behind the real HTTP server on 127.0.0.1, driven by the OpenAI
-    client: the greedy completion is transformers' greedy tokens, decoded."""
+    client: the greedy completion is transformers' greedy tokens, decoded. The server runs as `jaxkv serve
+    --no-window-pages` does (full tables for window layers; rings are checked through the API above)."""
     import socket
     import threading
 
@@ -197,7 +198,7 @@ def test_server_completes_what_transformers_generates(tmp_path):
 
     hf_model = write_tiny_hf_model(tmp_path, "gemma2")
     llm = jaxkv.load(str(tmp_path))
-    app = create_app(llm, model_name="tiny-gemma2", max_batch=2, page_size=16, max_context=64)
+    app = create_app(llm, model_name="tiny-gemma2", max_batch=2, page_size=16, max_context=64, window_pages=False)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

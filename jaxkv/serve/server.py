@@ -164,13 +164,15 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
                num_pages: int | None = None, kv_dtype: str | None = None, prefill_chunk: int = 64,
                prefill_budget: int | None = None, prefix_caching: bool = True, max_context: int | None = None,
                limits: Limits | None = None, api_key: str | None = None,
-               allowed_hosts: tuple[str, ...] | None = None, warmup: bool = True, engine=None) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = None, warmup: bool = True, engine=None,
+               window_pages: bool = True) -> FastAPI:
     """The FastAPI app serving `llm` (a `jaxkv.load` result) under `model_name`, behind `guard.Guard`.
 
     Builds an `Engine` with the given options (or uses `engine`; max_context caps a request's prompt +
     completion below the model's context), compiles it ahead of the first request when `warmup`, and
     runs it on a background thread that stops with the app. `limits` bounds each request's cost;
     `api_key` (if set) is required on /v1; `allowed_hosts` (None: any) are the Host names answered.
+    window_pages=False gives window layers full tables, and so the prefix cache (see `Engine`).
     """
     limits = limits or Limits()
     if engine is None:
@@ -179,7 +181,7 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
         extra = {} if max_context is None else {"max_context": max_context}
         engine = Engine(llm, max_batch=max_batch, page_size=page_size, num_pages=num_pages, kv_dtype=kv_dtype,
                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, prefix_caching=prefix_caching,
-                        limits=limits, **extra)
+                        limits=limits, window_pages=window_pages, **extra)
     if warmup and hasattr(engine, "warmup"):
         engine.warmup()
     start = engine.metrics()
@@ -368,7 +370,7 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
           max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, mesh: str | None = None,
           model_name: str | None = None, log_level: str = "info", limits: Limits | None = None,
           api_key: str | None = None, allowed_hosts: tuple[str, ...] | None = None,
-          timeout_keep_alive: int = 5, kv_rotate: bool = False) -> None:
+          timeout_keep_alive: int = 5, kv_rotate: bool = False, window_pages: bool = True) -> None:
     """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command); `mesh` as in
     `jaxkv.load`. api_key defaults to $JAXKV_API_KEY; allowed_hosts to the loopback names when `host` is a
     loopback address (else any). A connection with no request under way for timeout_keep_alive s is closed."""
@@ -393,7 +395,7 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
         app = create_app(llm, model_name=model_name, max_batch=max_batch, page_size=page_size, num_pages=num_pages,
                          kv_dtype=kv_dtype, prefill_chunk=prefill_chunk, prefill_budget=prefill_budget,
                          prefix_caching=prefix_caching, max_context=max_context, limits=limits, api_key=api_key,
-                         allowed_hosts=allowed_hosts)
+                         allowed_hosts=allowed_hosts, window_pages=window_pages)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http=IdleTimeoutH11,
                                 timeout_keep_alive=timeout_keep_alive)
         if warning:
