@@ -104,6 +104,35 @@ def plot(rows: list[dict], bf16_per_token: int, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def write_outputs(args, base, names, rows: list[dict], needles: list[dict], bf16: int) -> Path:
+    """The table and the PNG of what has been measured so far (rewritten after every result)."""
+    out = Path(args.out)
+    lines = [f"# KV compression on {base.config.name}: quality against memory", "",
+             f"Command: `python scripts/bench_kv_compression.py --contexts {args.contexts} --windows {args.windows} "
+             f"--score {args.score} --needle {args.needle} --configs {args.configs}`", "",
+             f"Held-out Shakespeare ({', '.join(d.name for d in shakespeare_split().validation)}), float32 weights. "
+             f"Each window: {args.windows} windows per context, the first context - {args.score} tokens prefilled, the "
+             f"last {args.score} scored token by token through the engine; reference: float32 KV, nothing dropped, "
+             "in lockstep. Bytes: what a request held at its end, scales included.", "",
+             "| context | config | ppl | vs float32 | top-1 agreement | mean KL | KV bytes/token | x bf16 "
+             "| sequences in 1 GiB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        per_token = r["kv_bytes_held"] / r["context"]
+        lines.append(f"| {r['context']} | {r['config']} | {r['ppl']:.3f} | {r['ppl'] / r['reference_ppl'] - 1:+.2%} "
+                     f"| {r['top1_agreement']:.4f} | {r['mean_kl']:.2e} | {per_token:,.0f} | {per_token / bf16:.3f} "
+                     f"| {int(GIB // r['kv_bytes_held'])} |")
+    if needles:
+        lines += ["", "Needle (a 5-digit number at 10% depth, asked at the end, greedy):", "",
+                  "| config | " + " | ".join(f"{c} tokens" for c in sorted({n['context'] for n in needles})) + " |",
+                  "|---|" + "---:|" * len({n["context"] for n in needles})]
+        for name in names:
+            cells = [f"{n['passed']}/{n['trials']}" for n in needles if n["config"] == name]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.write_text("\n".join(lines) + "\n")
+    plot(rows, bf16, out.with_suffix(".png"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -129,37 +158,14 @@ def main() -> None:
             row = {"config": name, **result.as_dict(), "seconds": round(time.perf_counter() - start, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write_outputs(args, base, names, rows, needles, bf16)
     for context in [int(c) for c in args.needle.split(",") if c]:
         for name in names:
             passed = needle_trials(model_for(base, name), ids, context, args.needle_trials, seed=context)
             needles.append({"config": name, "context": context, "passed": passed, "trials": args.needle_trials})
             print(json.dumps(needles[-1]), flush=True)
-
-    out = Path(args.out)
-    lines = [f"# KV compression on {base.config.name}: quality against memory", "",
-             f"Command: `python scripts/bench_kv_compression.py --contexts {args.contexts} --windows {args.windows} "
-             f"--score {args.score} --needle {args.needle} --configs {args.configs}`", "",
-             f"Held-out Shakespeare ({', '.join(d.name for d in shakespeare_split().validation)}), float32 weights. "
-             f"Each window: {args.windows} windows per context, the first context - {args.score} tokens prefilled, the "
-             f"last {args.score} scored token by token through the engine; reference: float32 KV, nothing dropped, "
-             "in lockstep. Bytes: what a request held at its end, scales included.", "",
-             "| context | config | ppl | vs float32 | top-1 agreement | mean KL | KV bytes/token | x bf16 "
-             "| sequences in 1 GiB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        per_token = r["kv_bytes_held"] / r["context"]
-        lines.append(f"| {r['context']} | {r['config']} | {r['ppl']:.3f} | {r['ppl'] / r['reference_ppl'] - 1:+.2%} "
-                     f"| {r['top1_agreement']:.4f} | {r['mean_kl']:.2e} | {per_token:,.0f} | {per_token / bf16:.3f} "
-                     f"| {int(GIB // r['kv_bytes_held'])} |")
-    if needles:
-        lines += ["", "Needle (a 5-digit number at 10% depth, asked at the end, greedy):", "",
-                  "| config | " + " | ".join(f"{c} tokens" for c in sorted({n['context'] for n in needles})) + " |",
-                  "|---|" + "---:|" * len({n["context"] for n in needles})]
-        for name in names:
-            cells = [f"{n['passed']}/{n['trials']}" for n in needles if n["config"] == name]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    out.write_text("\n".join(lines) + "\n")
-    plot(rows, bf16, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+            write_outputs(args, base, names, rows, needles, bf16)
+    print(f"wrote {args.out} and its PNG")
 
 
 if __name__ == "__main__":
