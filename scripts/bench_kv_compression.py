@@ -136,7 +136,7 @@ def write_outputs(args, base, names, rows: list[dict], needles: list[dict], bf16
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--contexts", default="2048,4096")
+    parser.add_argument("--contexts", default="2048,4096", help="perplexity contexts ('' to skip)")
     parser.add_argument("--windows", type=int, default=2, help="windows per context (run together)")
     parser.add_argument("--score", type=int, default=256, help="tokens scored token by token at each window's end")
     parser.add_argument("--needle", default="1024,2048,4096", help="needle contexts ('' to skip)")
@@ -149,7 +149,7 @@ def main() -> None:
     ids = base.tokenizer.encode("\n\n".join(d.text for d in shakespeare_split().validation), add_special_tokens=False)
     bf16 = kv_bytes_per_token(base.config, "bfloat16")
     rows, needles = [], []
-    for context in map(int, args.contexts.split(",")):
+    for context in [int(c) for c in args.contexts.split(",") if c]:
         reference = LLM(base.config, base.tokenizer, base.params, kv_dtype="float32")
         for name in names:
             start = time.perf_counter()
