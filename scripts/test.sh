@@ -3,7 +3,9 @@
 # The real-model tests fetch the default model's GGUF into $JAXKV_HOME on first use.
 # With no arguments each test file runs in its own process: XLA's CPU compiler has crashed (SIGSEGV, inside
 # backend_compile) in one process that had compiled the whole suite's hundreds of executables, never in a file
-# alone. Arguments go to one pytest run as they are.
+# alone. Files run $JAXKV_TEST_JOBS at a time (default: one per core): a file's process spends most of its time
+# in XLA's compiler, on one core. The longest files start first so that the last to finish is a short one.
+# Each file's output is printed whole when it ends. Arguments go to one pytest run as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
@@ -11,15 +13,29 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-failed=()
+# Longest first (as measured on a 2-core machine); files not named here run after, in name order.
+LONGEST=(test_engine test_cli test_architectures test_server test_sharded test_gguf_families test_kv_sharing
+         test_smollm2 test_perplexity test_paged_cache test_train test_ragged_attention test_paged_prefill
+         test_paged_attention_tpu test_lckv_format test_compare_kv_sharing test_server_hardening test_paged_attention)
+files=()
+for name in "${LONGEST[@]}"; do [ -f "tests/$name.py" ] && files+=("tests/$name.py"); done
 for file in tests/test_*.py; do
-  echo "== $file"
-  start=$SECONDS
-  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=5 "$file" || failed+=("$file")
-  echo "== $file took $((SECONDS - start)) s"
+  [[ " ${files[*]} " == *" $file "* ]] || files+=("$file")
 done
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "FAILED files: ${failed[*]}"
+results=$(mktemp -d)
+run_file() {  # run_file FILE RESULTS_DIR: its output, then one line for the summary
+  local file=$1 results=$2 start=$SECONDS log status
+  log="$results/$(basename "$file").log"
+  if .venv/bin/python -m pytest -q -p no:cacheprovider --durations=5 "$file" >"$log" 2>&1; then status=passed
+  else status=FAILED; echo "$file" >>"$results/failed"; fi
+  { echo "== $file"; cat "$log"; echo "== $file $status in $((SECONDS - start)) s"; } | flock "$results/print" cat
+}
+export -f run_file
+start=$SECONDS
+printf '%s\n' "${files[@]}" | xargs -P "${JAXKV_TEST_JOBS:-$(nproc)}" -I{} bash -c 'run_file "$1" "$2"' _ {} "$results"
+echo "${#files[@]} files in $((SECONDS - start)) s"
+if [ -s "$results/failed" ]; then
+  echo "FAILED files: $(sort "$results/failed" | tr '\n' ' ')"
   exit 1
 fi
 echo "all test files passed"

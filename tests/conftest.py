@@ -212,14 +212,18 @@ def _dense_step(cfg):
     return jax.jit(lambda params, tokens, cache: forward(cfg, params, tokens, cache), donate_argnums=2)
 
 
-def dense_greedy(cfg, params, prompt, n: int, eos_ids=()) -> list[int]:
+def dense_greedy(cfg, params, prompt, n: int, eos_ids=(), capacity: int = 64) -> list[int]:
     """Greedy tokens from a dense cache fed one token at a time: an independent path (no pages, no chunks, no
-    batch), exact for every KV-sharing map (LCKV's sources are known for every earlier token). Stops at EOS."""
+    batch), exact for every KV-sharing map (LCKV's sources are known for every earlier token). Stops at EOS.
+    The cache holds `capacity` positions, doubled until prompt + n fit (positions past a row's length are masked
+    out), so that its step compiles once per model and capacity, not once per prompt length."""
     import jax.numpy as jnp
 
     from jaxkv.cache.dense import KVCache
 
-    step, cache, ids = _dense_step(cfg), KVCache.init(cfg, 1, len(prompt) + n), list(prompt)
+    while capacity < len(prompt) + n:
+        capacity *= 2
+    step, cache, ids = _dense_step(cfg), KVCache.init(cfg, 1, capacity), list(prompt)
     for token in prompt[:-1]:
         _, cache = step(params, jnp.asarray([[token]], jnp.int32), cache)
     for _ in range(n):

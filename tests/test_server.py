@@ -79,14 +79,21 @@ def wait_healthy(base: str, timeout_s: float, proc=None) -> None:
 
 @pytest.fixture(scope="module")
 def llm(smollm2_checkpoint):
-    return first_layers(jaxkv.load(str(smollm2_checkpoint)), 4)
+    llm = first_layers(jaxkv.load(str(smollm2_checkpoint)), 4)
+    # The Python API keeps its engine while calls fit and builds (and compiles) a larger one when one does not.
+    # The largest call below (the chat prompt with a system turn) wants chunks of 64 and 128 positions: sized so
+    # from the start, every call runs on that one engine.
+    llm.generate_ids([[0] * 33], MAX, SamplingParams())
+    return llm
 
 
 @pytest.fixture(scope="module")
 def served(llm):
     # Requests capped at CONTEXT tokens: on CPU the engine's decode step costs in proportion to its
-    # block-table width (max_context / page_size), and this keeps the file fast.
-    app = create_app(llm, model_name=MODEL, max_batch=4, page_size=16, max_context=CONTEXT)
+    # block-table width (max_context / page_size), and this keeps the file fast. Chunks of 16, one a step (the
+    # longest prompt here is about 60 tokens): warm-up compiles 8 executables, not the default's 16.
+    app = create_app(llm, model_name=MODEL, max_batch=4, page_size=16, max_context=CONTEXT, prefill_chunk=16,
+                     prefill_budget=16)
     assert app.state.engine.max_context == CONTEXT
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -481,7 +488,7 @@ def test_client_disconnect_mid_stream_aborts_the_request(http, served, abort_spy
 
 def test_client_timeout_on_a_non_streamed_request_aborts_it(served, abort_spy):
     wait_idle(served)
-    with httpx.Client(base_url=served.base, timeout=httpx.Timeout(300, read=3)) as c:
+    with httpx.Client(base_url=served.base, timeout=httpx.Timeout(300, read=1)) as c:  # 1000 tokens take longer
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/completions", json={"prompt": "1, 2, 3, 4,", "max_tokens": 1000, "temperature": 0})
     wait_idle(served, timeout=30)
@@ -579,7 +586,7 @@ def test_serve_command_serves_until_interrupted(smollm2_checkpoint):
         port = s.getsockname()[1]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "jaxkv"), "serve", "--port", str(port),
                              "--max-batch", "1", "--prefill-chunk", "16", "--prefill-budget", "16",
-                             "--max-context", "128",  # few shapes: warm-up compiles 8 executables
+                             "--page-size", "64", "--max-context", "64",  # warm-up compiles 3 executables
                              "--served-model-name", "tiny-test",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "JAXKV_API_KEY": "k-123"})

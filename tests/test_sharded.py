@@ -24,6 +24,10 @@ SCRIPT = r'''
 import json, tempfile
 from pathlib import Path
 import jax, jax.numpy as jnp, numpy as np
+# A compilation cache of this run only: the trainer's three runs on one mesh (and the resumed ones) compile the same
+# steps, and load them from it as a restarted job would, instead of compiling them again.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 from conftest import byte_tokenizer_files, dense_greedy
 from jaxkv.api import LLM
 from jaxkv.config import ModelConfig
@@ -48,7 +52,7 @@ tokenizer = Tokenizer.load(tmp)  # (its EOS ids lie past this vocabulary)
 for name, spec in GENERATE:
     cfg = ModelConfig(**base, **models[name])
     params = init_params(cfg, jax.random.PRNGKey(0))
-    want = [dense_greedy(cfg, params, p, 10) for p in prompts]
+    want = [dense_greedy(cfg, params, p, 10) for p in prompts]  # one compile per model
     got = LLM(cfg, tokenizer, params, page_size=8, mesh=spec).generate_ids(prompts, 10, SamplingParams())
     out[f"generate {name} {spec}"] = [c.token_ids for c in got] == want
 
@@ -143,7 +147,8 @@ except KeyboardInterrupt:
 resumed = run("resumed", "data=2,fsdp=2,model=2")
 out["trainer"] = {
     "steps": [r["step"] for r in sharded] == [r["step"] for r in alone],
-    "loss": max(abs(a.get("loss", a.get("val_loss")) - b.get("loss", b.get("val_loss"))) for a, b in zip(alone, sharded)),
+    "loss": max(abs(a.get("loss", a.get("val_loss")) - b.get("loss", b.get("val_loss")))
+                for a, b in zip(alone, sharded)),
     "resumed": max(abs(a.get("loss", a.get("val_loss")) - b.get("loss", b.get("val_loss")))
                    for a, b in zip(sharded, resumed))}
 print("REPORT " + json.dumps(out))

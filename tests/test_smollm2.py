@@ -102,7 +102,8 @@ def test_gguf_path_loads_same_params_as_checkpoint(llm, smollm2_gguf):
     """jaxkv.load(<file.gguf>) dequantises on the fly; it must equal the converted checkpoint."""
     direct = jaxkv.load(str(smollm2_gguf))
     assert direct.config.replace(name=llm.config.name) == llm.config
-    got, want = jax.tree_util.tree_flatten_with_path(direct.params)[0], jax.tree_util.tree_flatten_with_path(llm.params)[0]
+    got = jax.tree_util.tree_flatten_with_path(direct.params)[0]
+    want = jax.tree_util.tree_flatten_with_path(llm.params)[0]
     assert [p for p, _ in got] == [p for p, _ in want]
     for (path, a), (_, b) in zip(got, want):
         assert a.dtype == b.dtype == jnp.float32, path
@@ -119,20 +120,34 @@ def test_embedding_matches_hf(llm, hf_model):
     assert relative_error(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("name", sorted(LOGIT_PROMPTS))
-def test_last_position_logits_match_hf(llm, hf_model, name):
-    ids = llm.tokenizer.encode(LOGIT_PROMPTS[name])
+@pytest.fixture(scope="module")
+def last_logits(llm) -> dict[str, tuple[np.ndarray, int]]:
+    """jaxkv's logits at the last position of each LOGIT_PROMPTS prompt and the length its cache row holds after,
+    from ONE forward of the three prompts right-padded to the longest (each row's n_new its own length, so the
+    padding is neither written to the cache nor seen by a real position): one shape to compile, not three."""
     cfg = llm.config
-    tokens = jnp.asarray([ids], jnp.int32)
-    got, cache = forward(cfg, llm.params, tokens, KVCache.init(cfg, 1, len(ids)),
-                         logits_at=jnp.asarray([[len(ids) - 1]]))
+    names = sorted(LOGIT_PROMPTS)
+    ids = [llm.tokenizer.encode(LOGIT_PROMPTS[name]) for name in names]
+    lengths = np.asarray([len(i) for i in ids], np.int32)
+    tokens = np.zeros((len(ids), lengths.max()), np.int32)
+    for row, i in enumerate(ids):
+        tokens[row, :len(i)] = i
+    got, cache = forward(cfg, llm.params, jnp.asarray(tokens), KVCache.init(cfg, len(ids), tokens.shape[1]),
+                         n_new=jnp.asarray(lengths), logits_at=jnp.asarray(lengths - 1)[:, None])
+    got, held = np.asarray(got)[:, 0], np.asarray(cache.lengths)
+    return {name: (got[row:row + 1], int(held[row])) for row, name in enumerate(names)}
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_PROMPTS))
+def test_last_position_logits_match_hf(llm, hf_model, last_logits, name):
+    ids = llm.tokenizer.encode(LOGIT_PROMPTS[name])
+    got, held = last_logits[name]
     with torch.no_grad():
         want = hf_model(torch.tensor([ids])).logits[:, -1].numpy()
-    got = np.asarray(got)[:, 0]
-    assert got.shape == want.shape == (1, cfg.vocab_size)
+    assert got.shape == want.shape == (1, llm.config.vocab_size)
     assert relative_error(got, want) < 1e-3
     assert int(np.argmax(got)) == int(np.argmax(want))
-    assert list(np.asarray(cache.lengths)) == [len(ids)]
+    assert held == len(ids)
 
 
 def test_chat_template_text_encodes_like_chat_mode(llm):
