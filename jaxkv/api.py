@@ -60,7 +60,7 @@ class LLM:
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params, kv_dtype: str | None = None,
                  page_size: int | None = None, mesh: str | Mesh | None = None):
-        """kv_dtype: the KV pages' dtype (default the compute dtype; "int8" and "fp8" quantize). page_size: tokens
+        """kv_dtype: the KV pages' dtype (default the compute dtype; "int8", "fp8" and "int4" quantize). page_size: tokens
         per KV page (default 16). mesh: a Mesh or a spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`):
         parameters, caches and batches are sharded over it by the one rules table; None runs on one device."""
         self.config = config
@@ -165,8 +165,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     Face Hub id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
-    checkpoint's own. The KV cache lives in pages of page_size tokens (default 16); kv_dtype "int8" or "fp8"
-    (e4m3) quantizes it. streaming_window turns on StreamingLLM: the cache keeps `sinks` first tokens and the
+    checkpoint's own. The KV cache lives in pages of page_size tokens (default 16); kv_dtype "int8", "fp8"
+    (e4m3) or "int4" quantizes it. streaming_window turns on StreamingLLM: the cache keeps `sinks` first tokens and the
     last `streaming_window`, so generation runs past the model's context in bounded memory. kv_rotate: keys and
     queries rotated by a Hadamard matrix before the KV is stored (less quantization error, same scores). mesh
     ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`).

@@ -10,7 +10,7 @@ import sys
 
 # As jaxkv.config.DTYPES, spelled here so that `jaxkv --help` does not import JAX.
 _DTYPES = ("float32", "bfloat16", "float16")
-_KV_DTYPES = _DTYPES + ("int8", "fp8")  # as jaxkv.cache.quantize.KV_DTYPES
+_KV_DTYPES = _DTYPES + ("int8", "fp8", "int4")  # as jaxkv.cache.quantize.KV_DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -211,14 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
     gen.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
-                     help="KV cache dtype (default: the compute dtype; int8 and fp8 (e4m3) quantize the pages)")
+                     help="KV cache dtype (default: the compute dtype; int8, fp8 (e4m3) and int4 quantize the pages)")
     gen.add_argument("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 16)")
     gen.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens, and generate past "
                           "the model's context in bounded memory")
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     gen.add_argument("--kv-rotate", action="store_true",
-                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less int8/fp8 error)")
+                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less quantization error)")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
@@ -238,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
     ppl.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
-                     help="KV cache dtype (default: the compute dtype; int8 and fp8 (e4m3) quantize the pages)")
+                     help="KV cache dtype (default: the compute dtype; int8, fp8 (e4m3) and int4 quantize the pages)")
     ppl.add_argument("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 16)")
     ppl.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens")
     ppl.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     ppl.add_argument("--kv-rotate", action="store_true",
-                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less int8/fp8 error)")
+                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less quantization error)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ppl.set_defaults(func=_perplexity)
 
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give sliding-window layers full-length pages instead of a ring of their window's, which "
                           "turns the prefix cache back on for models with window layers (Mistral, Gemma)")
     srv.add_argument("--kv-rotate", action="store_true",
-                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less int8/fp8 error)")
+                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less quantization error)")
     srv.add_argument("--no-prefix-caching", action="store_true",
                      help="do not reuse the KV pages of shared prompt prefixes")
     srv.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--context", type=int, default=4096)
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
-                      help="KV cache dtype (default: the model's compute dtype; int8 and fp8 count their scales)")
+                      help="KV cache dtype (default: the model's compute dtype; int8, fp8 and int4 count their scales)")
     plan.add_argument("--memory", default=None, metavar="BYTES", help="device memory, e.g. 24GiB: report the largest batch")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)

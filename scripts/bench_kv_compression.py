@@ -1,8 +1,8 @@
 """What each KV compression costs in quality and saves in memory: SmolLM2 over held-out Shakespeare.
 
     python scripts/bench_kv_compression.py [--contexts 2048,4096] [--windows 2] [--score 256] \\
-        [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,fp8-rot,int8,int8-rot] \\
-        [--out docs/results/kv_compression.md]
+        [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,fp8-rot,int8,int8-rot,int4,int4-rot] \\
+        [--out docs/results/kv_compression.md] [--keep]
 
 Every configuration runs through the serving runtime (`jaxkv.eval.perplexity`): each window of `context` tokens is
 one request whose first context - score tokens are prefilled in chunks and whose last `score` tokens are fed one per
@@ -14,13 +14,17 @@ KL(reference || config) per scored token. Bytes are the pages each request held 
 The needle test states a random 5-digit number early in a long held-out text (at 10% depth) and asks for it at the
 end, greedy; a trial passes if the number comes back.
 
-Writes a markdown table and a PNG of quality against KV bytes (the Pareto front), with the papers' claims beside it.
+Writes a markdown table and a PNG of quality against KV bytes (the Pareto front), with the papers' claims beside it,
+and the results as JSON beside them; --keep first reads that JSON back and keeps the results this run does not redo
+(a long run done in parts, or one configuration added).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -37,11 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 # name -> (KV dtype of the pages, keys and queries rotated by a Hadamard matrix before the KV is stored)
 CONFIGS = {"float32": ("float32", False), "bfloat16": ("bfloat16", False), "fp8": ("fp8", False),
-           "fp8-rot": ("fp8", True), "int8": ("int8", False), "int8-rot": ("int8", True)}
+           "fp8-rot": ("fp8", True), "int8": ("int8", False), "int8-rot": ("int8", True), "int4": ("int4", False),
+           "int4-rot": ("int4", True)}
 # What the papers and peers report (../shared/reference/methods.md), shown beside the measured points.
 CLAIMS = [
     "int8 per (token, head) absmax (xFasterTransformer): 0.52x fp16 bytes",
     "fp8 e4m3: the peers' default KV compression (vLLM, SGLang, TRT-LLM)",
+    "int4 per (token, 32 channels) (TRT-LLM, LMDeploy): about 0.3x fp16 bytes, small loss",
     "KIVI-2: keys per channel, values per token, 2 bits, <= 0.2x bf16, small loss",
     "H2O: 20% of the KV kept, small quality loss",
     "StreamingLLM: 4 sinks + window, stable perplexity (Llama-2-7B 9.59 with 4 sinks)",
@@ -105,11 +111,16 @@ def plot(rows: list[dict], bf16_per_token: int, out: Path) -> None:
 
 
 def write_outputs(args, base, names, rows: list[dict], needles: list[dict], bf16: int) -> Path:
-    """The table and the PNG of what has been measured so far (rewritten after every result)."""
+    """The table, the PNG and the JSON of what has been measured so far (rewritten after every result)."""
     out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "needles": needles}, indent=1) + "\n")
+    names = list(dict.fromkeys([*CONFIGS, *names, *(r["config"] for r in rows), *(n["config"] for n in needles)]))
+    rows = sorted(rows, key=lambda r: (r["context"], names.index(r["config"])))
     lines = [f"# KV compression on {base.config.name}: quality against memory", "",
              f"Command: `python scripts/bench_kv_compression.py --contexts {args.contexts} --windows {args.windows} "
-             f"--score {args.score} --needle {args.needle} --configs {args.configs}`", "",
+             f"--score {args.score} --needle {args.needle} --configs {args.configs}{' --keep' * args.keep}`"
+             + (" (the rows of earlier runs kept: each one's command is in the JSON beside this file)" * args.keep),
+             "",
              f"Held-out Shakespeare ({', '.join(d.name for d in shakespeare_split().validation)}), float32 weights. "
              f"Each window: {args.windows} windows per context, the first context - {args.score} tokens prefilled, the "
              f"last {args.score} scored token by token through the engine; reference: float32 KV, nothing dropped, "
@@ -125,8 +136,10 @@ def write_outputs(args, base, names, rows: list[dict], needles: list[dict], bf16
         lines += ["", "Needle (a 5-digit number at 10% depth, asked at the end, greedy):", "",
                   "| config | " + " | ".join(f"{c} tokens" for c in sorted({n['context'] for n in needles})) + " |",
                   "|---|" + "---:|" * len({n["context"] for n in needles})]
-        for name in names:
-            cells = [f"{n['passed']}/{n['trials']}" for n in needles if n["config"] == name]
+        contexts = sorted({n["context"] for n in needles})
+        for name in [name for name in names if any(n["config"] == name for n in needles)]:
+            cells = [next((f"{n['passed']}/{n['trials']}" for n in needles if (n["config"], n["context"]) == (name, c)),
+                          "not run") for c in contexts]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     out.write_text("\n".join(lines) + "\n")
     plot(rows, bf16, out.with_suffix(".png"))
@@ -143,26 +156,41 @@ def main() -> None:
     parser.add_argument("--needle-trials", type=int, default=3)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "kv_compression.md"))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the results in --out's JSON that this run does not redo")
     args = parser.parse_args()
     names = args.configs.split(",")
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    command = shlex.join(["python", "scripts/bench_kv_compression.py", *sys.argv[1:]])
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    needle_contexts = [int(c) for c in args.needle.split(",") if c]
     base = jaxkv.load(args.model, dtype="float32")  # fp32 compute on CPU: its bf16 matvecs are slow
     ids = base.tokenizer.encode("\n\n".join(d.text for d in shakespeare_split().validation), add_special_tokens=False)
     bf16 = kv_bytes_per_token(base.config, "bfloat16")
     rows, needles = [], []
-    for context in [int(c) for c in args.contexts.split(",") if c]:
+    saved = Path(args.out).with_suffix(".json")
+    if args.keep and saved.exists():
+        kept = json.loads(saved.read_text())
+        rows = [r for r in kept["rows"] if not (r["config"] in names and r["context"] in contexts)]
+        needles = [n for n in kept["needles"] if not (n["config"] in names and n["context"] in needle_contexts)]
+    for context in contexts:
         reference = LLM(base.config, base.tokenizer, base.params, kv_dtype="float32")
         for name in names:
             start = time.perf_counter()
             result = perplexity(model_for(base, name), ids, context=context, prefill=context - args.score,
                                 batch=args.windows, reference=reference, max_windows=args.windows)
-            row = {"config": name, **result.as_dict(), "seconds": round(time.perf_counter() - start, 1)}
+            row = {"config": name, **result.as_dict(), "seconds": round(time.perf_counter() - start, 1),
+                   "command": command}
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_outputs(args, base, names, rows, needles, bf16)
-    for context in [int(c) for c in args.needle.split(",") if c]:
+    for context in needle_contexts:
         for name in names:
             passed = needle_trials(model_for(base, name), ids, context, args.needle_trials, seed=context)
-            needles.append({"config": name, "context": context, "passed": passed, "trials": args.needle_trials})
+            needles.append({"config": name, "context": context, "passed": passed, "trials": args.needle_trials,
+                            "command": command})
             print(json.dumps(needles[-1]), flush=True)
             write_outputs(args, base, names, rows, needles, bf16)
     print(f"wrote {args.out} and its PNG")

@@ -42,14 +42,15 @@ def check_finished_once(outputs) -> None:
 
 
 # --- every model kind on a tiny random model ---------------------------------------------------
-KINDS = {  # name -> (ModelConfig changes, kv_dtype)
-    "standard": (dict(n_kv_heads=4), None),
-    "gqa": (dict(), None),
-    "mqa": (dict(n_kv_heads=1), None),
+KINDS = {  # name -> (ModelConfig changes, kv_dtype); 2 layers where the kind is not a map over layers (faster)
+    "standard": (dict(n_kv_heads=4, n_layers=2), None),
+    "gqa": (dict(n_layers=2), None),
+    "mqa": (dict(n_kv_heads=1, n_layers=2), None),
     "cla2": (dict(kv_sources=cla(4, 2)), None),
     "lckv": (dict(kv_sources=lckv(4, 2), upward_passes_no_grad=24), None),
     "int8": (dict(kv_sources=cla(4, 2)), "int8"),
-    "sinks+window": (dict(streaming_window=24, streaming_sinks=4), None),
+    "int4": (dict(kv_sources=cla(4, 2), head_dim=64), "int4"),  # int4's groups of 32: head_dim a multiple of 64
+    "sinks+window": (dict(streaming_window=24, streaming_sinks=4, n_layers=2), None),
 }
 
 
@@ -69,15 +70,17 @@ def test_every_model_kind_serves_exact_greedy_tokens(kind, byte_tokenizer):
     engine = Engine(llm, max_batch=5, page_size=8, prefill_chunk=16, kv_dtype=kv_dtype)
     got = run(engine, [Request(p, max_tokens=n, request_id=str(i)) for i, (p, n) in enumerate(zip(prompts, budgets))])
     by_itself = kv_dtype is not None or cfg.streaming_window is not None  # the dense path has neither
-    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+    # by itself: each prompt alone through the Python API, longest first so that its first engine holds them all
+    alone = LLM(cfg, byte_tokenizer, params, kv_dtype=kv_dtype, page_size=8)
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        prompt, budget = prompts[i], budgets[i]
         if by_itself:
-            want = LLM(cfg, byte_tokenizer, params, kv_dtype=kv_dtype, page_size=8).generate_ids(
-                [prompt], budget, SamplingParams())[0].token_ids
+            want = alone.generate_ids([prompt], budget, SamplingParams())[0].token_ids
         else:
             want = dense_greedy(cfg, params, prompt, budget, byte_tokenizer.eos_ids)
         assert tokens_of(got[str(i)]) == want, f"request {i}"
         check_finished_once(got[str(i)])
-    if cfg.kv_sources != tuple(range(4)):
+    if cfg.kv_sources != tuple(range(cfg.n_layers)):
         assert engine.pools[0].k_pages.shape[0] == cfg.n_kv_layers < cfg.n_layers  # pools only for KV layers
     assert engine.allocators[0].stats().used == 0
 
@@ -108,9 +111,15 @@ def alone(llm, prompts) -> list[list[int]]:
     return [dense_greedy(llm.config, llm.params, p, 12, llm.tokenizer.eos_ids) for p in prompts]
 
 
+# One geometry for the engines below (the pool-exhaustion one with fewer pages), so that they run the same compiled
+# steps: 4 rows, tables of 4 pages of 16 (the prompts are about 31 tokens, + 12 generated), chunks of 16, one a step:
+# 8 step shapes in all.
+GEOMETRY = dict(max_batch=4, max_context=64, page_size=16, prefill_chunk=16, prefill_budget=16)
+
+
 @pytest.mark.slow
 def test_prefix_cache_serves_the_shared_system_prompt_without_recomputing_it(llm, prompts, alone):
-    engine = Engine(llm, max_batch=2, max_context=512, page_size=16, prefill_chunk=32)
+    engine = Engine(llm, **GEOMETRY)
     first = run(engine, [Request(prompts[0], max_tokens=12, request_id="first")])
     assert first["first"][-1].cached_tokens == 0
     rest = run(engine, [Request(p, max_tokens=12, request_id=str(i)) for i, p in enumerate(prompts[1:], 1)])
@@ -129,7 +138,7 @@ def test_prefix_cache_serves_the_shared_system_prompt_without_recomputing_it(llm
 @pytest.mark.slow
 def test_pool_exhaustion_preempts_and_recomputes_without_losing_anything(llm, prompts, alone):
     """Four slots but pages for about two requests: requests are preempted mid-generation and redone."""
-    engine = Engine(llm, max_batch=4, max_context=512, page_size=16, num_pages=9, prefill_chunk=32, prefix_caching=False)
+    engine = Engine(llm, **GEOMETRY, num_pages=9, prefix_caching=False)
     got = run(engine, [Request(p, max_tokens=12, request_id=str(i)) for i, p in enumerate(prompts)])
     assert engine.metrics()["preemptions_total"] > 0
     assert sorted(got) == [str(i) for i in range(len(prompts))]
@@ -142,7 +151,7 @@ def test_pool_exhaustion_preempts_and_recomputes_without_losing_anything(llm, pr
 
 @pytest.mark.slow
 def test_abort_frees_pages_and_the_others_carry_on(llm, prompts, alone):
-    engine = Engine(llm, max_batch=2, max_context=512, page_size=16, prefill_chunk=32, prefix_caching=False)
+    engine = Engine(llm, **GEOMETRY, prefix_caching=False)
     engine.add(Request(prompts[0], max_tokens=12, request_id="keep"))
     engine.add(Request(prompts[1], max_tokens=12, request_id="drop"))
     outputs = collections.defaultdict(list)
@@ -162,7 +171,7 @@ def test_abort_frees_pages_and_the_others_carry_on(llm, prompts, alone):
 
 @pytest.mark.slow
 def test_seeded_sampling_logprobs_stops_and_no_compiles_after_warmup(llm, prompts):
-    engine = Engine(llm, max_batch=4, max_context=512, page_size=16, prefill_chunk=32)
+    engine = Engine(llm, **GEOMETRY)
     engine.warmup()
     compiled = engine.executables.count
     sampled = SamplingParams(temperature=0.8, top_k=40, seed=3)
@@ -201,12 +210,18 @@ BAD_REQUESTS = [  # (request, the field at fault, words of the message)
 ]
 
 
+@pytest.fixture(scope="module")
+def limited_engine(byte_tokenizer):
+    """One engine for every bad request: each refusal must leave it as empty as it found it."""
+    return Engine(LLM(SMALL_CFG, byte_tokenizer, init_params(SMALL_CFG, jax.random.PRNGKey(0))), max_batch=2,
+                  page_size=8, limits=Limits(max_stop_strings=2, max_stop_chars=5))
+
+
 @pytest.mark.parametrize("request_, param, message", BAD_REQUESTS, ids=[f"{p}-{i}" for i, (_, p, _) in
                                                                        enumerate(BAD_REQUESTS)])
-def test_bad_requests_are_refused_naming_the_field_and_leave_nothing_behind(byte_tokenizer, request_, param,
+def test_bad_requests_are_refused_naming_the_field_and_leave_nothing_behind(limited_engine, request_, param,
                                                                            message):
-    engine = Engine(LLM(SMALL_CFG, byte_tokenizer, init_params(SMALL_CFG, jax.random.PRNGKey(0))), max_batch=2,
-                    page_size=8, limits=Limits(max_stop_strings=2, max_stop_chars=5))
+    engine = limited_engine
     with pytest.raises(InvalidRequest, match=message) as e:
         engine.add(request_)
     assert e.value.param == param
@@ -226,6 +241,17 @@ def test_a_full_queue_refuses_until_it_drains(byte_tokenizer):
     assert engine.metrics()["queue_full_total"] == 1
 
 
+FAIL_CFG = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                       max_seq_len=64)
+
+
+def small_engine(params, byte_tokenizer, **options) -> Engine:
+    """An engine of FAIL_CFG in the one geometry of the tests below (8 rows, pages of 8, chunks of 16, 24 prompt
+    tokens a step), so that they run the same compiled steps."""
+    return Engine(LLM(FAIL_CFG, byte_tokenizer, params), max_batch=8, page_size=8, prefill_chunk=16,
+                  prefill_budget=24, **options)
+
+
 def test_a_request_past_its_deadline_ends_and_others_go_on(byte_tokenizer, monkeypatch):
     """With a fake clock: "late" (deadline 10 s) ends at 11 s with DeadlineExceeded after the tokens it had,
     its pages freed; "on-time", added at 5 s, runs to the end with its greedy tokens."""
@@ -233,9 +259,8 @@ def test_a_request_past_its_deadline_ends_and_others_go_on(byte_tokenizer, monke
 
     clock = [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    params = init_params(SMALL_CFG, jax.random.PRNGKey(0))
-    engine = Engine(LLM(SMALL_CFG, byte_tokenizer, params), max_batch=2, page_size=8,
-                    limits=Limits(request_timeout_s=10))
+    params = init_params(FAIL_CFG, jax.random.PRNGKey(0))
+    engine = small_engine(params, byte_tokenizer, limits=Limits(request_timeout_s=10))
     engine.add(Request([1, 2, 3], max_tokens=20, request_id="late"))
     outputs = collections.defaultdict(list)
     for _ in range(3):
@@ -252,13 +277,9 @@ def test_a_request_past_its_deadline_ends_and_others_go_on(byte_tokenizer, monke
     check_finished_once(late)
     assert late[-1].finish_reason == "error" and isinstance(late[-1].error, DeadlineExceeded)
     assert "10 s" in str(late[-1].error) and tokens_of(late) == had and 0 < len(had) < 20
-    assert tokens_of(outputs["on-time"]) == dense_greedy(SMALL_CFG, params, [4, 5], 12, byte_tokenizer.eos_ids)
+    assert tokens_of(outputs["on-time"]) == dense_greedy(FAIL_CFG, params, [4, 5], 12, byte_tokenizer.eos_ids)
     m = engine.metrics()
     assert (m["requests_timed_out_total"], m["kv_pages_used"]) == (1, 0)
-
-
-FAIL_CFG = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
-                       max_seq_len=64)
 
 
 @pytest.mark.parametrize("consume", [False, True], ids=["pools-kept", "pools-consumed"])
@@ -266,7 +287,7 @@ def test_a_transient_device_failure_loses_no_request_and_no_token(byte_tokenizer
     """The third device call raises once: its requests are retried alone (on fresh pools, recomputed, if the
     failed call consumed them), no step raises, and every client still gets exactly the greedy tokens."""
     params = init_params(FAIL_CFG, jax.random.PRNGKey(5))
-    engine = Engine(LLM(FAIL_CFG, byte_tokenizer, params), max_batch=2, page_size=8, prefill_chunk=16)
+    engine = small_engine(params, byte_tokenizer)
     prompts = [[5, 6, 7, 8, 9], [40, 41, 42], [100] * 12]
     failing_device(engine, monkeypatch, lambda name, args, n: n == 3, consume)
     outputs = run(engine, [Request(prompt, max_tokens=10, request_id=str(i)) for i, prompt in enumerate(prompts)])
@@ -284,7 +305,6 @@ def test_a_request_that_breaks_the_device_fails_alone(byte_tokenizer, monkeypatc
     with the error, after the tokens it had; the others (greedy and seeded, sharing its decode batches)
     produce exactly what they produce in a run without it, and the pool ends idle."""
     params = init_params(FAIL_CFG, jax.random.PRNGKey(7))
-    llm = LLM(FAIL_CFG, byte_tokenizer, params)
 
     def requests(with_poison: bool):
         out = [Request([5, 6, 7, 8, 9], max_tokens=12, request_id="a"),
@@ -296,7 +316,7 @@ def test_a_request_that_breaks_the_device_fails_alone(byte_tokenizer, monkeypatc
             request.ignore_eos = True
         return out
 
-    engine = Engine(llm, max_batch=3, page_size=8, prefill_chunk=16, prefix_caching=False)  # compiled once
+    engine = small_engine(params, byte_tokenizer, prefix_caching=False)  # all four requests in one batch
     want = run(engine, requests(False))
     alone = run(engine, [requests(True)[1]])["bad"]
     if how == "host-side":
@@ -329,10 +349,8 @@ def test_one_call_per_step_mixes_decode_rows_and_chunks_within_the_budget(byte_t
     """Each step is one device call: the decode row of every generating request plus prompt chunks of several
     requests up to `prefill_budget` tokens. Decode-only steps take the smallest row bucket that holds them;
     every step the narrowest table width that holds its positions."""
-    cfg = ModelConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
-                      max_seq_len=64)
-    params = init_params(cfg, jax.random.PRNGKey(6))
-    engine = Engine(LLM(cfg, byte_tokenizer, params), max_batch=8, page_size=8, prefill_chunk=16, prefill_budget=24)
+    params = init_params(FAIL_CFG, jax.random.PRNGKey(6))
+    engine = small_engine(params, byte_tokenizer)
     shapes = engine._shapes()
     assert shapes == ([4, 8], [2, 4, 6, 8], [16, 32], [4, 8])
     run_once, calls = engine.executables.run, []
@@ -349,7 +367,7 @@ def test_one_call_per_step_mixes_decode_rows_and_chunks_within_the_budget(byte_t
     got = run(engine, [Request(p, max_tokens=3 + 4 * i, request_id=str(i), ignore_eos=True)
                        for i, p in enumerate(prompts)])
     for i, prompt in enumerate(prompts):
-        assert tokens_of(got[str(i)]) == dense_greedy(cfg, params, prompt, 3 + 4 * i), f"request {i}"
+        assert tokens_of(got[str(i)]) == dense_greedy(FAIL_CFG, params, prompt, 3 + 4 * i), f"request {i}"
     assert len(calls) == engine.metrics()["steps_total"]  # one call per step
     mixed = 0
     for n_tokens, n_rows, width, q_lens, kv_lens in calls:

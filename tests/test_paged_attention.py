@@ -32,9 +32,29 @@ def random_pool(rng, *, batch, pages_per_seq, page_size, head_dim, dtype, kv) ->
                        for name in ("k_pages", "v_pages")})
         inputs.update({name: jnp.asarray(rng.uniform(0.001, 0.003, pool[:3]), jnp.float32)
                        for name in ("k_scales", "v_scales")})
+    elif kv == "int4":  # any byte is two valid int4 values; a scale per 32 channels
+        inputs.update({name: jnp.asarray(rng.integers(0, 256, (*pool[:3], head_dim // 2)), jnp.uint8)
+                       for name in ("k_pages", "v_pages")})
+        inputs.update({name: jnp.asarray(rng.uniform(0.1, 0.3, (*pool[:3], head_dim // 32)), jnp.float32)
+                       for name in ("k_scales", "v_scales")})
     else:
         inputs.update({name: jnp.asarray(rng.standard_normal(pool), dtype) for name in ("k_pages", "v_pages")})
     return inputs
+
+
+def dequantized(pages, scales) -> np.ndarray:
+    """Pages as float64 values, literally: int8/fp8 values x their (token, head) scale; int4 bytes split into the
+    low nibble (channel i) and the high one (channel head_dim / 2 + i), each read as 4-bit two's complement, every
+    channel times the scale of its group of 32."""
+    pages = np.asarray(pages)
+    if scales is None:
+        return pages.astype(np.float64)
+    scales = np.asarray(scales, np.float64)
+    if pages.dtype != np.uint8:
+        return pages.astype(np.float64) * scales[..., None]
+    nibbles = [pages & 15, pages >> 4]
+    values = np.concatenate([np.where(n > 7, n.astype(np.int64) - 16, n) for n in nibbles], axis=-1)
+    return values * np.repeat(scales, 32, axis=-1)
 
 
 def make_inputs(*, dtype=jnp.float32, page_size=8, head_dim=64, ratio=1, lengths=None, kv=None, seed=0):
@@ -59,10 +79,7 @@ def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v
                     sinks=0, window=None):
     """Each sequence's dense K/V read token by token through its block table, attended in float64."""
     q, block_tables, lengths = np.asarray(q, np.float64), np.asarray(block_tables), np.asarray(lengths)
-    k_pages, v_pages = np.asarray(k_pages, np.float64), np.asarray(v_pages, np.float64)
-    if k_scales is not None:
-        k_pages = k_pages * np.asarray(k_scales, np.float64)[..., None]
-        v_pages = v_pages * np.asarray(v_scales, np.float64)[..., None]
+    k_pages, v_pages = dequantized(k_pages, k_scales), dequantized(v_pages, v_scales)
     n_kv, _, page_size, head_dim = k_pages.shape
     group = q.shape[1] // n_kv
     scale = head_dim ** -0.5 if scale is None else scale
@@ -93,6 +110,8 @@ def naive_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v
     dict(page_size=16, sinks=0, window=1),
     dict(ratio=3, kv="int8", sinks=9, window=20),
     dict(ratio=3, kv="fp8", sinks=9, window=20),
+    dict(ratio=3, kv="int4", head_dim=128),
+    dict(kv="int4", sinks=9, window=20),
     dict(lengths=[0, 30, 49, 100, 213], sinks=4, window=20),  # past the table: the window wraps round its ring
 ], ids=str)
 def test_reference_matches_naive_loop(case):
@@ -113,6 +132,8 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.float32, page_size=8, ratio=3, kv="int8"),
     dict(dtype=jnp.bfloat16, page_size=16, ratio=1, kv="int8", sinks=3, window=30),
     dict(dtype=jnp.bfloat16, page_size=16, ratio=1, kv="fp8", sinks=3, window=30),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, kv="int4"),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, kv="int4", sinks=3, window=30, head_dim=128),
     dict(dtype=jnp.float32, page_size=32, ratio=3, head_dim=128),
     dict(dtype=jnp.float32, page_size=8, ratio=3, lengths=[0, 30, 49, 100, 213], sinks=4, window=20),
 ], ids=str)

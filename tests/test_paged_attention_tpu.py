@@ -31,6 +31,8 @@ CASES = [
     dict(dtype=jnp.float32, page_size=8, ratio=3, kv="int8", sinks=10, window=1, small_blocks=True),
     dict(dtype=jnp.bfloat16, page_size=16, ratio=1, kv="int8", sinks=3, window=30, head_dim=128),
     dict(dtype=jnp.bfloat16, page_size=16, ratio=3, kv="fp8", sinks=3, window=30),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, kv="int4", small_blocks=True),  # int4: a scale per 32 channels
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, kv="int4", sinks=3, window=30, head_dim=128),
     dict(dtype=jnp.float32, **RING),  # the window's pages wrap around the ring of table slots after the sink page
     dict(dtype=jnp.float32, **RING, small_blocks=True),
 ]

@@ -14,7 +14,7 @@ from pallas_kernels import paged_attention
 from pallas_kernels.paged_attention.reference import visible_pages
 from pallas_kernels.paged_prefill import gpu, paged_prefill_attention
 from conftest import interpret, relative_error
-from test_paged_attention import KV_HEADS, random_pool, split_options
+from test_paged_attention import KV_HEADS, dequantized, random_pool, split_options
 
 PAGES_PER_SEQ, PADDING = 6, 3
 
@@ -43,11 +43,8 @@ def naive_prefill(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scale
                   scale=None, sinks=0, window=None):
     """Each query's visible tokens read one by one through its sequence's block table, attended in float64."""
     q, block_tables, lengths = np.asarray(q, np.float64), np.asarray(block_tables), np.asarray(lengths)
-    k_pages, v_pages = np.asarray(k_pages, np.float64), np.asarray(v_pages, np.float64)
+    k_pages, v_pages = dequantized(k_pages, k_scales), dequantized(v_pages, v_scales)
     cu_q_lens = np.asarray(cu_q_lens)
-    if k_scales is not None:
-        k_pages = k_pages * np.asarray(k_scales, np.float64)[..., None]
-        v_pages = v_pages * np.asarray(v_scales, np.float64)[..., None]
     n_kv, _, page_size, head_dim = k_pages.shape
     group = q.shape[1] // n_kv
     scale = head_dim ** -0.5 if scale is None else scale
@@ -74,6 +71,7 @@ def naive_prefill(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scale
     dict(page_size=16, ratio=3, scale=0.3, sinks=4, window=11),
     dict(ratio=2, sinks=0, window=1),
     dict(ratio=3, kv="int8", sinks=9, window=20),
+    dict(ratio=3, kv="int4", sinks=9, window=20),
 ], ids=str)
 def test_reference_matches_naive_loop(case):
     options, case = split_options(case)
@@ -93,6 +91,8 @@ def test_reference_matches_naive_loop(case):
     dict(dtype=jnp.float32, page_size=8, ratio=2, sinks=3, window=0),  # the sinks alone
     dict(dtype=jnp.bfloat16, page_size=16, ratio=1, head_dim=128, kv="int8"),
     dict(dtype=jnp.bfloat16, page_size=16, ratio=3, kv="fp8", sinks=3, window=30),
+    dict(dtype=jnp.float32, page_size=8, ratio=3, kv="int4", sinks=10, window=1),
+    dict(dtype=jnp.bfloat16, page_size=16, ratio=1, head_dim=128, kv="int4"),
 ], ids=str)
 def test_gpu_kernel_matches_reference(case):
     options, case = split_options(case)

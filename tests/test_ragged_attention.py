@@ -106,8 +106,11 @@ def test_tpu_decode_kernel_matches_reference():
     assert relative_error(got, want) < 1e-5
 
 
+INT4_CASES = [dict(ratio=3, kv="int4", sinks=9, window=20), dict(rows=DECODE, kv="int4", softcap=2.0, head_dim=128)]
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4], CASES[5]], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4], CASES[5], *INT4_CASES], ids=str)
 def test_tpu_ragged_kernel_matches_reference(case, strict, monkeypatch):
     """Mixed steps run the ragged Mosaic kernel, decode steps the decode one, in TPU interpret mode (~5 s a compile
     here). The ragged kernel walks 16-token KV blocks (several double-buffered ones a row, and a shorter compile
@@ -124,7 +127,7 @@ def test_tpu_ragged_kernel_matches_reference(case, strict, monkeypatch):
     assert not np.asarray(got[-PADDING:]).any(), "padding rows must come out zero"
 
 
-@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("kv", ["int8", "fp8", "int4"])
 @pytest.mark.parametrize("rows", [MIXED, DECODE], ids=["mixed", "decode"])
 def test_tpu_paths_lower_for_tpu(rows, kv):
     """Both TPU paths (the ragged Mosaic kernel, the decode kernel) lower to Mosaic on this CPU-only machine: an
@@ -140,7 +143,7 @@ def test_tpu_paths_lower_for_tpu(rows, kv):
     assert f'kernel_name = "{kernel}"' in text, f"no {kernel} Mosaic call in the TPU lowering"
 
 
-@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("kv", ["int8", "fp8", "int4"])
 @pytest.mark.parametrize("rows", [MIXED, DECODE], ids=["mixed", "decode"])
 def test_gpu_paths_lower_for_cuda(rows, kv):
     """Both GPU paths (the ragged Triton kernel, the decode kernel) still lower on this CPU-only machine."""

@@ -25,7 +25,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from jaxkv.cache.quantize import KV_DTYPES, SCALED, quantize, storage_dtype
+from jaxkv.cache.quantize import KV_DTYPES, SCALED, quantize, storage_dtype, storage_shape
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.rope import apply_rope, inverse_frequencies
@@ -62,9 +62,11 @@ class PagePool:
         if kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         n_layers = cfg.n_kv_layers if n_layers is None else n_layers
-        shape = (n_layers, cfg.n_kv_heads, num_pages + 1, page_size, cfg.head_dim)
-        scales = (jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32)) \
-            if kv_dtype in SCALED else (None, None)
+        values, per_scale = storage_shape(kv_dtype, cfg.head_dim)
+        shape = (n_layers, cfg.n_kv_heads, num_pages + 1, page_size)
+        scales = (None, None) if per_scale is None else \
+            (jnp.zeros(shape + per_scale, jnp.float32), jnp.zeros(shape + per_scale, jnp.float32))
+        shape += values
         sinks = cfg.attention_sinks
         sink_keys = jnp.zeros((n_layers, max_seqs, sinks, cfg.n_kv_heads, cfg.head_dim)) if sinks else None
         dtype = storage_dtype(kv_dtype)
@@ -86,7 +88,7 @@ class PagePool:
     @property
     def kv_dtype(self) -> str:
         """The KV dtype name the pool was made with (int8, fp8 or a float dtype)."""
-        return next((name for name, (dtype, _) in SCALED.items() if self.k_pages.dtype == dtype),
+        return next((name for name, (dtype, *_) in SCALED.items() if self.k_pages.dtype == dtype),
                     str(self.k_pages.dtype))
 
     def layer(self, index: int) -> PoolLayer:
@@ -96,7 +98,7 @@ class PagePool:
 
     def put(self, index: int, pages: jax.Array, offsets: jax.Array, **new: jax.Array) -> PagePool:
         """Store `new` (k= and/or v=, [N, kv_heads, head_dim]) at (pages, offsets) [N] of the pool's index-th
-        layer, quantizing int8 and fp8; entries whose page is out of range are dropped."""
+        layer, quantizing int8, fp8 and int4; entries whose page is out of range are dropped."""
         heads = jnp.arange(self.k_pages.shape[1])[:, None]
         at = (index, heads, pages[None], offsets[None])
         updates = {}

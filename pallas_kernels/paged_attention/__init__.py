@@ -13,7 +13,9 @@ from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import gpu, reference, tpu
 from pallas_kernels.sharded import per_shard
 
-SCALED_DTYPES = (jnp.int8, jnp.float8_e4m3fn)  # quantized pages: values x a float32 scale per (token, head)
+# quantized pages: values x a float32 scale per (token, head), or for int4 (two values a uint8) per (token, head,
+# group of reference.INT4_GROUP channels)
+SCALED_DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.uint8)
 
 # jax.default_backend() name -> kernel; "auto" uses the one for the current platform, else the reference.
 _KERNELS = {"gpu": gpu.paged_attention, "tpu": tpu.paged_attention}
@@ -77,17 +79,24 @@ def validate_pages(check, q, k_pages, v_pages, block_tables, lengths, k_scales, 
           f"block_tables and lengths must be int32, got {block_tables.dtype} and {lengths.dtype}")
     n_heads, head_dim = q.shape[-2:]
     n_kv, n_pages, page_size, kv_head_dim = k_pages.shape
-    check(kv_head_dim == head_dim, f"head_dim differs: q {head_dim}, k/v pages {kv_head_dim}")
+    int4 = k_pages.dtype == jnp.uint8
+    if int4:
+        check(head_dim % (2 * reference.INT4_GROUP) == 0 and kv_head_dim * 2 == head_dim,
+              f"int4 (uint8) pages hold head_dim / 2 bytes a vector, head_dim a multiple of {2 * reference.INT4_GROUP}:"
+              f" q head_dim {head_dim}, pages {kv_head_dim}")
+    else:
+        check(kv_head_dim == head_dim, f"head_dim differs: q {head_dim}, k/v pages {kv_head_dim}")
     check(n_kv > 0 and n_heads % n_kv == 0, f"q_heads {n_heads} is not a multiple of kv_heads {n_kv}")
     check(jnp.issubdtype(q.dtype, jnp.floating), f"q must be a float array, got {q.dtype}")
     if k_pages.dtype in SCALED_DTYPES:
         for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
             check(scales is not None, f"{k_pages.dtype} pages need {name}")
-            check(scales.shape == (n_kv, n_pages, page_size) and scales.dtype == jnp.float32,
-                  f"{name} must be float32 {(n_kv, n_pages, page_size)}, got {scales.dtype} {scales.shape}")
+            want = (n_kv, n_pages, page_size) + ((head_dim // reference.INT4_GROUP,) if int4 else ())
+            check(scales.shape == want and scales.dtype == jnp.float32,
+                  f"{name} must be float32 {want}, got {scales.dtype} {scales.shape}")
     else:
         check(k_scales is None and v_scales is None,
-              f"k_scales/v_scales are for int8 and float8_e4m3fn pages, not {k_pages.dtype}")
+              f"k_scales/v_scales are for int8, float8_e4m3fn and int4 (uint8) pages, not {k_pages.dtype}")
         check(k_pages.dtype == q.dtype, f"k/v pages dtype {k_pages.dtype} != q dtype {q.dtype} (or quantize them)")
     check(sinks >= 0, f"sinks must be >= 0, got {sinks}")
     check(window is None or window >= 0, f"window must be None or >= 0, got {window}")

@@ -10,7 +10,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.errors import KernelInputError
-from pallas_kernels.paged_attention.reference import MASKED, soft_cap, table_column, visible, visible_pages
+from pallas_kernels.paged_attention.reference import (INT4_GROUP, MASKED, soft_cap, table_column, visible,
+                                                       visible_pages)
 
 _BLOCK_TOKENS = 32  # tokens per loop step: Triton's dot wants every dimension >= 16
 _MAX_SPLITS = 8  # split-K programs per (sequence, KV head), so short batches still fill the GPU
@@ -24,7 +25,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap,
     pages), so masked-out middles of long sequences are never loaded.
     """
     k_scales_ref, v_scales_ref, acc_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
-    n_pages, page_size, head_dim = k_ref.shape
+    n_pages, page_size, _ = k_ref.shape  # int4 pages hold head_dim / 2 bytes a vector
+    head_dim = q_ref.shape[-1]
     pages_per_seq = tables_ref.shape[0]
     block_k = pages_per_block * page_size
     length = lengths_ref[0]
@@ -64,26 +66,44 @@ def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep
                  used=None):
     """One online-softmax step of the rows q [R, Dh] over the pool pages `pages` (block_k tokens together):
     carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8/fp8 scales
-    (refs or None) apply to the logits and to p. `used` [block_k], when given, zeroes V (and its scales) where
-    no row looks, so stale or NaN places of a loaded page cannot reach the output through 0 * NaN."""
+    (refs or None) apply to the logits and to p, int4 pages are dequantized as they load. `used` [block_k], when
+    given, zeroes V (and its scales) where no row looks, so stale or NaN places of a loaded page cannot reach the
+    output through 0 * NaN."""
     acc, m, l = carry
     block_k, head_dim = keep.shape[-1], q.shape[-1]
-    k = k_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
+    per_token = k_scales_ref is not None and k_ref.dtype != jnp.uint8  # int4: _load_tokens applies its scales
+    k = _load_tokens(k_ref, k_scales_ref, pages, block_k, head_dim).astype(compute_dtype)
     logits = plgpu.dot(q, k, trans_b=True)  # [R, block_k] float32
-    if k_scales_ref is not None:
+    if per_token:
         logits *= k_scales_ref[pages].reshape(1, block_k)
     logits = jnp.where(keep, soft_cap(logits * scale, softcap), MASKED)
     m_next = jnp.maximum(m, logits.max(axis=-1))
     alpha = jnp.exp(m - m_next)
     p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
     l_next = alpha * l + p.sum(axis=-1)
-    v = v_ref[pages].reshape(block_k, head_dim).astype(compute_dtype)
-    if v_scales_ref is not None:
+    v = _load_tokens(v_ref, v_scales_ref, pages, block_k, head_dim).astype(compute_dtype)
+    if per_token:
         v_scales = v_scales_ref[pages].reshape(block_k)
         p *= (v_scales if used is None else jnp.where(used, v_scales, 0.0))[None, :]
     if used is not None:
         v = jnp.where(used[:, None], v, 0)
     return alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v), m_next, l_next
+
+
+def _load_tokens(ref, scales_ref, pages, block_k, head_dim):
+    """The block_k tokens [block_k, Dh] of the pool pages `pages`: float, int8 and fp8 pages as stored (their
+    per-token scales apply to the logits and to p); int4 pages (uint8 [..., Dh / 2]: byte i holds channel i in
+    its low nibble, channel Dh / 2 + i in its high one, 4-bit two's complement) dequantized in float32 with their
+    scales [..., Dh / INT4_GROUP], as reference.dequantize. Triton concatenates only [..., 1] pieces: the two
+    halves are joined as [block_k, Dh / 2, 2], then transposed so that a reshape puts the low nibbles first."""
+    if ref.dtype != jnp.uint8:
+        return ref[pages].reshape(block_k, head_dim)
+    b = ref[pages].reshape(block_k, head_dim // 2).astype(jnp.int32)
+    values = jnp.stack([((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8], axis=-1)
+    values = values.transpose(0, 2, 1).reshape(block_k, head_dim).astype(jnp.float32)
+    groups = head_dim // INT4_GROUP
+    scales = jnp.broadcast_to(scales_ref[pages].reshape(block_k, groups, 1), (block_k, groups, INT4_GROUP))
+    return values * scales.reshape(block_k, head_dim)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "sinks", "window", "interpret"))
@@ -103,8 +123,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     quantized = k_scales is not None
 
     qg = jnp.pad(q.reshape(batch, n_kv, group, head_dim), ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
-    pool_spec = pl.BlockSpec((None, n_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
-    scales_spec = pl.BlockSpec((None, n_pages, page_size), lambda b, h, s: (h, 0, 0))
+    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))  # int4: Dh / 2 bytes
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, s: (b,)),
         pl.BlockSpec((None, pages_per_seq), lambda b, h, s: (b, 0)),
@@ -112,7 +131,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
         pool_spec, pool_spec,
     ]
     args = [lengths, block_tables, qg, k_pages, v_pages]
-    if quantized:
+    if quantized:  # int8/fp8 [K, N, S], int4 [K, N, S, Dh / 32]: a KV head's scales whole
+        scales_spec = pl.BlockSpec((None, *k_scales.shape[1:]), lambda b, h, s: (h,) + (0,) * (k_scales.ndim - 1))
         in_specs += [scales_spec, scales_spec]
         args += [k_scales, v_scales]
     partial_shape = (batch, n_kv, n_splits, padded_group)

@@ -47,10 +47,25 @@ def candidate_positions(lengths: jax.Array, pages_per_seq: int, page_size: int, 
     return jnp.concatenate([jnp.broadcast_to(jnp.arange(sinks), (lengths.shape[0], sinks)), recent], axis=1)
 
 
+INT4_GROUP = 32  # channels per scale of int4 pages
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+    """int4 values int32 [..., 2n] from their bytes uint8 [..., n]: byte i holds channel i in its low nibble and
+    channel n + i in its high one, each a 4-bit two's complement number."""
+    b = packed.astype(jnp.int32)
+    return jnp.concatenate([((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8], axis=-1)
+
+
 def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
-    """Quantized (int8, fp8) pages times their per-(token, head) scales; float pages pass through cast to `dtype`."""
+    """Quantized pages times their scales: int8 and fp8 one per (token, head), int4 (uint8 bytes, two values each)
+    one per (token, head, INT4_GROUP channels); float pages pass through cast to `dtype`."""
     if scales is None:
         return pages.astype(dtype)
+    if pages.dtype == jnp.uint8:
+        values = unpack_int4(pages).astype(jnp.float32)
+        grouped = values.reshape(*values.shape[:-1], -1, INT4_GROUP) * scales[..., None]
+        return grouped.reshape(values.shape).astype(dtype)
     return (pages.astype(jnp.float32) * scales[..., None]).astype(dtype)
 
 
@@ -58,12 +73,12 @@ def gather_tokens(pages, scales, block_tables, positions, sinks, window):
     """K or V [K, B, C, Dh] float32 at `positions` [B, C] (from `candidate_positions`) of each sequence,
     read through its block table: whole pages in table order without a window (a gather of page rows,
     which XLA's CPU backend does far faster than one of [S, Dh] blocks)."""
-    n_kv, num_pages, page_size, head_dim = pages.shape
+    n_kv, num_pages, page_size, stored = pages.shape
     if window is None:
         rows = jnp.take(pages.reshape(n_kv, num_pages, -1), block_tables, axis=1, mode="clip")
         row_scales = None if scales is None else jnp.take(scales, block_tables, axis=1, mode="clip")
-        dense = dequantize(rows.reshape(*rows.shape[:3], page_size, head_dim), row_scales, jnp.float32)
-        return dense.reshape(*dense.shape[:2], -1, head_dim)
+        dense = dequantize(rows.reshape(*rows.shape[:3], page_size, stored), row_scales, jnp.float32)
+        return dense.reshape(*dense.shape[:2], -1, dense.shape[-1])
     column = table_column(jnp.maximum(positions, 0) // page_size, block_tables.shape[1], sinks, page_size)
     page = jnp.take_along_axis(block_tables, column, axis=1)
     offset = jnp.maximum(positions, 0) % page_size
@@ -75,7 +90,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     """q [B, H, Dh] over the pages block_tables [B, P] names in k/v_pages [K, N, S, Dh]; see the package docstring.
     Both products keep the gathered K/V as the row operand, in the layout it is gathered in: on CPU, where
     this path runs for real, that is several times faster than contracting both operands' minor axes."""
-    n_kv, _, page_size, head_dim = k_pages.shape
+    n_kv, _, page_size, _ = k_pages.shape
+    head_dim = q.shape[-1]
     batch, pages_per_seq = block_tables.shape
     positions = candidate_positions(lengths, pages_per_seq, page_size, sinks, window)
     k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks, window)

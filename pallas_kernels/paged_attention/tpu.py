@@ -5,6 +5,8 @@ sink pages, then the window's; never the middle) in blocks of pages_per_block pa
 half of a double VMEM buffer while it computes on block i in the other (`attend_pages`, which the ragged
 kernel shares). Pool page numbers come from the scalar-prefetched lengths and block tables (SMEM), through
 the reference's ring `table_column`. Each split writes a partial (acc, max, sum) that JAX combines, as in gpu.py.
+Quantized pages are copied as stored: int8/fp8 ones with per-token scales that multiply the logits and
+probabilities, int4 ones (two values a byte, a scale per 32 channels) dequantized in VMEM.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.errors import KernelInputError
-from pallas_kernels.paged_attention.reference import MASKED, soft_cap, table_column, visible, visible_pages
+from pallas_kernels.paged_attention.reference import (INT4_GROUP, MASKED, soft_cap, table_column, unpack_int4,
+                                                      visible, visible_pages)
 
 _BLOCK_TOKENS = 128  # tokens per loop step: one MXU-wide block of keys, and DMAs big enough to hide latency
 _MAX_SPLITS = 2  # split-K programs per (sequence, KV head): one long sequence still spans a megacore's 2 cores
@@ -59,9 +62,13 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
     Logical page i is page i below n_sink (the sinks), page i - n_sink + window_first from there. pools (k, v
     [, k scales, v scales], in HBM) are DMA-ed into one half of the double VMEM buffers while the other is
     computed on; sems holds one DMA semaphore per half (a block waits for all its copies before reading any).
+    int4 pools (uint8 bytes [.., S, Dh / 2], scales [.., S, Dh / INT4_GROUP]) are copied packed and dequantized
+    in VMEM (`_dequantized_int4`).
     """
     quantized = len(pools) == 4
-    _, n_pages, page_size, head_dim = pools[0].shape
+    int4 = pools[0].dtype == jnp.uint8
+    _, n_pages, page_size, _ = pools[0].shape
+    head_dim = q.shape[-1]
     pages_per_block = buffers[0].shape[1]
     block_k = pages_per_block * page_size
     n_blocks = pl.cdiv(jnp.maximum(stop - start, 0), pages_per_block)
@@ -90,6 +97,14 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
 
     compute_dtype = q.dtype if quantized else pools[0].dtype
 
+    def block_values(which, half):
+        """Buffer half `half` of K (which 0) or V (1) as values [block_k, Dh] in compute_dtype, and the per-token
+        scales [1, block_k] that the logits (K) or probabilities (V) take instead (int8, fp8; else None)."""
+        if int4:
+            return _dequantized_int4(buffers[which][half], buffers[which + 2][half], compute_dtype), None
+        scales = buffers[which + 2][half].reshape(1, block_k) if quantized else None  # as a row
+        return merged(buffers[which], half, compute_dtype), scales
+
     def body(i, carry):
         acc, m, l = carry
 
@@ -106,18 +121,18 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
         positions = page_of(logical) * page_size + tokens % page_size
         seen = keep(positions) & (logical < stop)
 
-        k = merged(buffers[0], half, compute_dtype)
+        k, k_scales = block_values(0, half)
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if quantized:
-            logits *= buffers[2][half].reshape(1, block_k)  # per-token K scales, as a row
+        if k_scales is not None:
+            logits *= k_scales
         logits = jnp.where(seen, soft_cap(logits * scale, softcap), MASKED)
         m_next = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
         alpha = jnp.exp(m - m_next)
         p = jnp.where(seen, jnp.exp(logits - m_next), 0.0)
         l_next = alpha * l + p.sum(axis=-1, keepdims=True)
-        if quantized:
-            p *= buffers[3][half].reshape(1, block_k)
-        v = merged(buffers[1], half, compute_dtype)
+        v, v_scales = block_values(1, half)
+        if v_scales is not None:
+            p *= v_scales
         acc_next = alpha * acc + jnp.dot(p.astype(compute_dtype), v, preferred_element_type=jnp.float32)
         return acc_next, m_next, l_next
 
@@ -130,6 +145,21 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASKED, jnp.float32),
             jnp.zeros((rows, 1), jnp.float32))
     return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+def _dequantized_int4(packed, scales, dtype):
+    """An int4 buffer half as values [pages * S, Dh] in dtype, as the reference's `dequantize` computes them: bytes
+    packed uint8 [pages, S, Dh / 2] unpacked by `unpack_int4`, each channel times its group's scale from scales
+    float32 [pages, S, Dh / INT4_GROUP]. Pages merge in 32 bits (free for page_size a multiple of 8); group g's
+    scale column reaches its channels by a lane broadcast and a select, so no reshape splits the lanes."""
+    tokens = packed.shape[0] * packed.shape[1]
+    values = unpack_int4(packed.astype(jnp.int32).reshape(tokens, packed.shape[2])).astype(jnp.float32)
+    scales = scales.reshape(tokens, scales.shape[2])
+    channel = jax.lax.broadcasted_iota(jnp.int32, (1, values.shape[1]), 1)
+    per_channel = scales[:, :1]
+    for g in range(1, scales.shape[1]):
+        per_channel = jnp.where(channel >= g * INT4_GROUP, scales[:, g:g + 1], per_channel)
+    return (values * per_channel).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "sinks", "window", "interpret", "block_tokens",

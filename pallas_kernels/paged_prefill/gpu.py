@@ -30,7 +30,8 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, si
     """One (query block, KV head): the block's rows attend over the logical pages 0..n_visible-1 (the sink pages,
     then the window's or causal prefix's pages), so pages no query of the block can see are never loaded."""
     k_scales_ref, v_scales_ref, o_ref = refs if quantized else (None, None, *refs)
-    n_pages, page_size, head_dim = k_ref.shape
+    n_pages, page_size, _ = k_ref.shape  # int4 pages hold head_dim / 2 bytes a vector
+    head_dim = q_ref.shape[-1]
     block_k = pages_per_block * page_size
     seq, first, n_queries, first_pos = info_ref[0], info_ref[1], info_ref[2], info_ref[3]
     last_pos = first_pos + n_queries - 1
@@ -104,15 +105,15 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     qg = qg.reshape(n_kv, (n_tokens + block_q) * padded_group, head_dim)
 
     rows_spec = pl.BlockSpec((None, qg.shape[1], head_dim), lambda j, h: (h, 0, 0))
-    pool_spec = pl.BlockSpec((None, n_pages, page_size, head_dim), lambda j, h: (h, 0, 0, 0))
-    scales_spec = pl.BlockSpec((None, n_pages, page_size), lambda j, h: (h, 0, 0))
+    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda j, h: (h, 0, 0, 0))  # int4: Dh / 2 bytes
     in_specs = [
         pl.BlockSpec((None, 4), lambda j, h: (j, 0)),
         pl.BlockSpec((batch * pages_per_seq,), lambda j, h: (0,)),
         rows_spec, pool_spec, pool_spec,
     ]
     args = [plan, block_tables.reshape(-1), qg, k_pages, v_pages]
-    if quantized:
+    if quantized:  # int8/fp8 [K, N, S], int4 [K, N, S, Dh / 32]: a KV head's scales whole
+        scales_spec = pl.BlockSpec((None, *k_scales.shape[1:]), lambda j, h: (h,) + (0,) * (k_scales.ndim - 1))
         in_specs += [scales_spec, scales_spec]
         args += [k_scales, v_scales]
     kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,

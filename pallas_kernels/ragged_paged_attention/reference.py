@@ -54,7 +54,8 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
 def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, table, *, scale, softcap, sinks,
                      window):
     """One row's chunk q [C, H, Dh] at `positions` [C] (the first n_q real) over its pages, read once."""
-    n_kv, _, page_size, head_dim = k_pages.shape
+    n_kv, _, page_size, _ = k_pages.shape
+    head_dim = q.shape[-1]
     width = q.shape[0]
     if window is None:  # every page of the row, in table order
         keys = jnp.arange(table.shape[0] * page_size)
