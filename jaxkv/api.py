@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.cache.eviction import Eviction, eviction_policy
 from jaxkv.cache.paged import KV_DTYPES
 from jaxkv.checkpoints.registry import DEFAULT_MODEL, open_source, resolve
 from jaxkv.checkpoints.store import assemble_params, load_checkpoint
@@ -59,16 +60,18 @@ class LLM:
     """A loaded model: config, tokenizer, params, and generation on an engine sized for the batch."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params, kv_dtype: str | None = None,
-                 page_size: int | None = None, mesh: str | Mesh | None = None):
-        """kv_dtype: the KV pages' dtype (default the compute dtype; "int8", "fp8" and "int4" quantize). page_size: tokens
-        per KV page (default 16). mesh: a Mesh or a spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`):
-        parameters, caches and batches are sharded over it by the one rules table; None runs on one device."""
+                 page_size: int | None = None, mesh: str | Mesh | None = None, eviction: Eviction | None = None):
+        """kv_dtype: the KV pages' dtype (default the compute dtype; "int8", "fp8" and "int4" quantize). page_size:
+        tokens per KV page (default 16). mesh: a Mesh or a spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`):
+        parameters, caches and batches are sharded over it by the one rules table; None runs on one device.
+        eviction: a KV budget per sequence kept by H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`)."""
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         self.kv_dtype = kv_dtype or config.dtype
         if self.kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        self.eviction = eviction
         self.page_size = page_size or 16
         if self.page_size & (self.page_size - 1):
             raise JaxkvError(f"page_size must be a power of two, got {self.page_size}")
@@ -154,13 +157,15 @@ class LLM:
             engine = self._engine = Engine(
                 self, max_batch=shape[0], page_size=self.page_size, kv_dtype=self.kv_dtype, max_context=context,
                 prefill_chunk=shape[2], prefill_budget=shape[0] * shape[2], decode_iters=DECODE_ITERS,
-                limits=Limits(max_waiting=None, request_timeout_s=None), executables=self.executables)
+                limits=Limits(max_waiting=None, request_timeout_s=None), executables=self.executables,
+                eviction=self.eviction)
         return engine
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
          page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4,
-         mesh: str | Mesh | None = None, kv_rotate: bool = False) -> LLM:
+         mesh: str | Mesh | None = None, kv_rotate: bool = False, kv_budget: int | None = None,
+         eviction: str | None = None, eviction_window: int | None = None) -> LLM:
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir, a GGUF file or a Hugging
     Face Hub id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
 
@@ -169,8 +174,11 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     (e4m3) or "int4" quantizes it. streaming_window turns on StreamingLLM: the cache keeps `sinks` first tokens and the
     last `streaming_window`, so generation runs past the model's context in bounded memory. kv_rotate: keys and
     queries rotated by a Hadamard matrix before the KV is stored (less quantization error, same scores). mesh
-    ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`).
+    ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`). eviction "h2o" or "snapkv" keeps
+    kv_budget tokens per sequence after its prompt: eviction_window recent ones (SnapKV: its observation window)
+    and the most attended others (`jaxkv.cache.eviction`).
     """
+    policy = eviction_policy(eviction, kv_budget, eviction_window)  # bad values fail before the weights load
     if dtype is not None:
         dtype = _dtype_name(dtype)
     mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh  # a bad spec fails before the weights load
@@ -188,7 +196,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
         cfg = cfg.replace(streaming_window=streaming_window, streaming_sinks=sinks)
     if kv_rotate:
         cfg = cfg.replace(kv_rotate=True)
-    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh)
+    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh, eviction=policy)
 
 
 def _dtype_name(dtype) -> str:

@@ -11,6 +11,7 @@ import sys
 # As jaxkv.config.DTYPES, spelled here so that `jaxkv --help` does not import JAX.
 _DTYPES = ("float32", "bfloat16", "float16")
 _KV_DTYPES = _DTYPES + ("int8", "fp8", "int4")  # as jaxkv.cache.quantize.KV_DTYPES
+_EVICTIONS = ("h2o", "snapkv")  # as jaxkv.cache.eviction.METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,11 +20,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _kv_arguments(args) -> dict:
+    return dict(kv_rotate=args.kv_rotate, kv_budget=args.kv_budget, eviction=args.eviction,
+                eviction_window=args.eviction_window)
+
+
 def _generate(args) -> None:
     import jaxkv
 
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
-                     streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh, kv_rotate=args.kv_rotate)
+                     streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh, **_kv_arguments(args))
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat,
                        ignore_eos=args.ignore_eos)
@@ -56,7 +62,7 @@ def _perplexity(args) -> None:
         raise JaxkvError(f"cannot read text file {args.file}: {e}") from None
     check_context(args.context)  # fails before the model loads
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
-                     streaming_window=args.streaming_window, sinks=args.sinks, kv_rotate=args.kv_rotate)
+                     streaming_window=args.streaming_window, sinks=args.sinks, **_kv_arguments(args))
     reference = None
     if args.reference:  # the same weights, float32 KV, nothing dropped
         reference = LLM(llm.config.replace(streaming_window=None, kv_rotate=False), llm.tokenizer, llm.params,
@@ -90,7 +96,7 @@ def _serve(args) -> None:
           prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
           streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
           model_name=args.served_model_name, log_level=args.log_level, limits=limits, api_key=args.api_key,
-          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive, kv_rotate=args.kv_rotate,
+          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive, **_kv_arguments(args),
           window_pages=not args.no_window_pages)
 
 
@@ -217,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="StreamingLLM: keep only the sinks and this many recent tokens, and generate past "
                           "the model's context in bounded memory")
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
-    gen.add_argument("--kv-rotate", action="store_true",
-                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less quantization error)")
+    _kv_compression(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
@@ -243,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens")
     ppl.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
-    ppl.add_argument("--kv-rotate", action="store_true",
-                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less quantization error)")
+    _kv_compression(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ppl.set_defaults(func=_perplexity)
 
@@ -276,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-window-pages", action="store_true",
                      help="give sliding-window layers full-length pages instead of a ring of their window's, which "
                           "turns the prefix cache back on for models with window layers (Mistral, Gemma)")
-    srv.add_argument("--kv-rotate", action="store_true",
-                     help="rotate keys and queries by a Hadamard matrix before the KV is stored (less quantization error)")
+    _kv_compression(srv)
     srv.add_argument("--no-prefix-caching", action="store_true",
                      help="do not reuse the KV pages of shared prompt prefixes")
     srv.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -322,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     tr.set_defaults(func=_train)
     return parser
+
+
+def _kv_compression(parser) -> None:
+    """The KV compression flags generate, perplexity and serve share (beside --kv-dtype)."""
+    parser.add_argument("--kv-rotate", action="store_true",
+                        help="rotate keys and queries by a Hadamard matrix before the KV is stored (less quantization "
+                             "error)")
+    parser.add_argument("--eviction", choices=_EVICTIONS, default=None,
+                        help="token eviction: keep --kv-budget tokens per sequence after its prompt, by H2O (the most "
+                             "attended so far) or SnapKV (chosen once by the last prompt tokens)")
+    parser.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
+                        help="tokens per sequence (and KV layer) that --eviction keeps")
+    parser.add_argument("--eviction-window", type=int, default=None, metavar="TOKENS",
+                        help="recent tokens always kept (SnapKV: its observation window; default: half the budget "
+                             "for H2O, 32 for SnapKV)")
 
 
 def main(argv: list[str] | None = None) -> int:

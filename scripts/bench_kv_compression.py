@@ -1,15 +1,17 @@
 """What each KV compression costs in quality and saves in memory: SmolLM2 over held-out Shakespeare.
 
     python scripts/bench_kv_compression.py [--contexts 2048,4096] [--windows 2] [--score 256] \\
-        [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,fp8-rot,int8,int8-rot,int4,int4-rot] \\
-        [--out docs/results/kv_compression.md] [--keep]
+        [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,fp8-rot,int8,int8-rot,int4,int4-rot,\\
+        h2o-10%,h2o-20%,h2o-50%,snapkv-10%,snapkv-20%,snapkv-50%] [--out docs/results/kv_compression.md] [--keep]
 
 Every configuration runs through the serving runtime (`jaxkv.eval.perplexity`): each window of `context` tokens is
 one request whose first context - score tokens are prefilled in chunks and whose last `score` tokens are fed one per
 step, as decoding feeds sampled ones, so each compression acts where serving pays for it: on a long context. The
 reference is float32 KV with nothing dropped, run in lockstep on the same requests: top-1 agreement and mean
 KL(reference || config) per scored token. Bytes are the pages each request held at its end (scales included);
-"sequences in 1 GiB" is how many such requests a GiB of KV holds.
+"sequences in 1 GiB" is how many such requests a GiB of KV holds. Eviction (H2O, SnapKV) runs on float32 KV with
+a budget of 10/20/50% of the context: the prompt is cut to it once prefilled, then H2O keeps it while the scored
+tokens come (SnapKV keeps them all).
 
 The needle test states a random 5-digit number early in a long held-out text (at 10% depth) and asks for it at the
 end, greedy; a trial passes if the number comes back.
@@ -33,6 +35,7 @@ import numpy as np
 import jaxkv
 from jaxkv.api import LLM
 from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.cache.eviction import eviction_policy
 from jaxkv.data.corpus import shakespeare_split
 from jaxkv.eval import perplexity
 from jaxkv.generate.sampling import SamplingParams
@@ -43,18 +46,27 @@ GIB = 2**30
 CONFIGS = {"float32": ("float32", False), "bfloat16": ("bfloat16", False), "fp8": ("fp8", False),
            "fp8-rot": ("fp8", True), "int8": ("int8", False), "int8-rot": ("int8", True), "int4": ("int4", False),
            "int4-rot": ("int4", True)}
+# name -> (eviction method, KV budget as a fraction of the context); float32 KV
+EVICTIONS = {f"{method}-{percent}%": (method, percent / 100)
+             for method in ("h2o", "snapkv") for percent in (10, 20, 50)}
 # What the papers and peers report (../shared/reference/methods.md), shown beside the measured points.
 CLAIMS = [
     "int8 per (token, head) absmax (xFasterTransformer): 0.52x fp16 bytes",
     "fp8 e4m3: the peers' default KV compression (vLLM, SGLang, TRT-LLM)",
     "int4 per (token, 32 channels) (TRT-LLM, LMDeploy): about 0.3x fp16 bytes, small loss",
     "KIVI-2: keys per channel, values per token, 2 bits, <= 0.2x bf16, small loss",
-    "H2O: 20% of the KV kept, small quality loss",
+    "H2O: 20% of the KV kept, small quality loss (up to 29x throughput)",
+    "SnapKV: prompt cut once by its last 32 queries, negligible LongBench loss at 16K",
     "StreamingLLM: 4 sinks + window, stable perplexity (Llama-2-7B 9.59 with 4 sinks)",
 ]
 
 
-def model_for(base: LLM, name: str) -> LLM:
+def model_for(base: LLM, name: str, context: int) -> LLM:
+    """The configuration `name` of the base model; an eviction budget is a fraction of `context`."""
+    if name in EVICTIONS:
+        method, fraction = EVICTIONS[name]
+        return LLM(base.config, base.tokenizer, base.params, kv_dtype="float32",
+                   eviction=eviction_policy(method, int(fraction * context)))
     kv_dtype, rotate = CONFIGS[name]
     return LLM(base.config.replace(kv_rotate=rotate), base.tokenizer, base.params, kv_dtype=kv_dtype)
 
@@ -114,7 +126,8 @@ def write_outputs(args, base, names, rows: list[dict], needles: list[dict], bf16
     """The table, the PNG and the JSON of what has been measured so far (rewritten after every result)."""
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "needles": needles}, indent=1) + "\n")
-    names = list(dict.fromkeys([*CONFIGS, *names, *(r["config"] for r in rows), *(n["config"] for n in needles)]))
+    names = list(dict.fromkeys([*CONFIGS, *EVICTIONS, *names, *(r["config"] for r in rows),
+                                *(n["config"] for n in needles)]))
     rows = sorted(rows, key=lambda r: (r["context"], names.index(r["config"])))
     lines = [f"# KV compression on {base.config.name}: quality against memory", "",
              f"Command: `python scripts/bench_kv_compression.py --contexts {args.contexts} --windows {args.windows} "
@@ -154,15 +167,15 @@ def main() -> None:
     parser.add_argument("--score", type=int, default=256, help="tokens scored token by token at each window's end")
     parser.add_argument("--needle", default="1024,2048,4096", help="needle contexts ('' to skip)")
     parser.add_argument("--needle-trials", type=int, default=3)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join([*CONFIGS, *EVICTIONS]))
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "kv_compression.md"))
     parser.add_argument("--keep", action="store_true",
                         help="keep the results in --out's JSON that this run does not redo")
     args = parser.parse_args()
     names = args.configs.split(",")
-    unknown = sorted(set(names) - set(CONFIGS))
+    unknown = sorted(set(names) - set(CONFIGS) - set(EVICTIONS))
     if unknown:
-        parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+        parser.error(f"unknown configs {unknown}; choose from {', '.join([*CONFIGS, *EVICTIONS])}")
     command = shlex.join(["python", "scripts/bench_kv_compression.py", *sys.argv[1:]])
     contexts = [int(c) for c in args.contexts.split(",") if c]
     needle_contexts = [int(c) for c in args.needle.split(",") if c]
@@ -179,7 +192,7 @@ def main() -> None:
         reference = LLM(base.config, base.tokenizer, base.params, kv_dtype="float32")
         for name in names:
             start = time.perf_counter()
-            result = perplexity(model_for(base, name), ids, context=context, prefill=context - args.score,
+            result = perplexity(model_for(base, name, context), ids, context=context, prefill=context - args.score,
                                 batch=args.windows, reference=reference, max_windows=args.windows)
             row = {"config": name, **result.as_dict(), "seconds": round(time.perf_counter() - start, 1),
                    "command": command}
@@ -188,7 +201,7 @@ def main() -> None:
             write_outputs(args, base, names, rows, needles, bf16)
     for context in needle_contexts:
         for name in names:
-            passed = needle_trials(model_for(base, name), ids, context, args.needle_trials, seed=context)
+            passed = needle_trials(model_for(base, name, context), ids, context, args.needle_trials, seed=context)
             needles.append({"config": name, "context": context, "passed": passed, "trials": args.needle_trials,
                             "command": command})
             print(json.dumps(needles[-1]), flush=True)

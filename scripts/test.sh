@@ -15,7 +15,7 @@ if [ $# -gt 0 ]; then
 fi
 # Longest first (as measured on a 2-core machine); files not named here run after, in name order.
 LONGEST=(test_engine test_cli test_architectures test_server test_sharded test_gguf_families test_kv_sharing
-         test_smollm2 test_perplexity test_paged_cache test_train test_ragged_attention test_paged_prefill
+         test_smollm2 test_perplexity test_eviction test_paged_cache test_train test_ragged_attention test_paged_prefill
          test_paged_attention_tpu test_lckv_format test_compare_kv_sharing test_server_hardening test_paged_attention)
 files=()
 for name in "${LONGEST[@]}"; do [ -f "tests/$name.py" ] && files+=("tests/$name.py"); done

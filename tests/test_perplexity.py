@@ -114,7 +114,20 @@ def test_cli_perplexity_json(model_dir, llm, tmp_path, capsys):
     assert {k: out[k] for k in ("tokens", "windows", "context", "prefill", "kv_dtype", "kv_bytes_per_token")} == {
         "tokens": 32 * len(windows), "windows": len(windows), "context": 64, "prefill": 32, "kv_dtype": "float32",
         "kv_bytes_per_token": llm.kv_bytes_per_token}
-    assert out["reference_ppl"] is None and out["mean_kl"] is None
+    assert out["reference_ppl"] is None and out["mean_kl"] is None and out["eviction"] is None
+
+
+def test_cli_perplexity_with_eviction(model_dir, llm, tmp_path, capsys):
+    """--eviction h2o --kv-budget 16 on windows of 64: the JSON names the policy, and each window ends holding its
+    budget (2 pages of 8), not its 64 tokens (8 pages)."""
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 3)
+    assert main(["perplexity", "--model", str(model_dir), "--file", str(text), "--context", "64", "--page-size", "8",
+                 "--eviction", "h2o", "--kv-budget", "16", "--reference", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["eviction"] == "h2o budget 16 window 8"
+    assert out["kv_bytes_held"] == 2 * 8 * llm.kv_bytes_per_token
+    assert out["ppl"] != out["reference_ppl"] and 0 < out["top1_agreement"] <= 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -122,6 +135,9 @@ def test_cli_perplexity_json(model_dir, llm, tmp_path, capsys):
     (["--context", "1"], "context must be at least 2 tokens, got 1"),
     (["--context", "4096"], "context 4096 is longer than the model's 256 tokens"),
     (["--context", "32", "--prefill", "32"], r"prefill must be in \[1, 31\] for windows of 32 tokens, got 32"),
+    (["--eviction", "h2o"], r"eviction h2o needs a KV budget \(--kv-budget N tokens\)"),
+    (["--eviction", "snapkv", "--kv-budget", "8", "--eviction-window", "8"],
+     r"the eviction window must be at least 1 and below the KV budget \(8\), got 8"),
 ])
 def test_cli_perplexity_bad_input_is_one_line(model_dir, tmp_path, capsys, args, message):
     text = tmp_path / "text.txt"

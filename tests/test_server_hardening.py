@@ -227,14 +227,28 @@ def test_request_sizes_are_bounded(served, body, param, code):
 
 
 def test_a_full_queue_answers_429_with_retry_after(served, monkeypatch):
-    """Two slots busy, three waiting (the limit): the next request gets 429 and Retry-After, the others finish."""
+    """Two slots busy, three waiting (the limit): the next request gets 429 and Retry-After, the others finish.
+    The two are running before the three are sent, and steps are slowed to 20 ms meanwhile, so that no running
+    request can finish (and admit a waiting one) before the sixth arrives, however fast or loaded the machine."""
     long = {"prompt": "a", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
-    with ThreadPoolExecutor(5) as pool:
-        running = [pool.submit(completion, served, **long) for _ in range(5)]
+    step = served.engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+
+    def until(what: str, n: int) -> None:
         deadline = time.monotonic() + 30
-        while served.app.state.engine.metrics()["waiting"] < 3:
-            assert time.monotonic() < deadline
+        while served.app.state.engine.metrics()[what] < n:
+            assert time.monotonic() < deadline, f"{what} never reached {n}"
             time.sleep(0.01)
+
+    monkeypatch.setattr(served.engine, "step", slow_step)
+    with ThreadPoolExecutor(5) as pool:
+        running = [pool.submit(completion, served, **long) for _ in range(2)]
+        until("running", 2)
+        running += [pool.submit(completion, served, **long) for _ in range(3)]
+        until("waiting", 3)
         r = completion(served)
         assert_openai_error(r, 429, code="queue_full")
         assert int(r.headers["retry-after"]) >= 1

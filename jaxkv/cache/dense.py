@@ -64,14 +64,20 @@ class KVCache:
         return self.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,
-               sinks: int, softcap: float | None = None, backend: str = "auto", remat: bool = False) -> jax.Array:
-        """q [B, T, H, Dh] at `positions` over KV layer `kv_layer` (`cached_attention`). remat recomputes the
-        probabilities in the backward pass instead of storing them."""
+               sinks: int, softcap: float | None = None, backend: str = "auto",
+               remat: bool = False) -> tuple[jax.Array, KVCache]:
+        """q [B, T, H, Dh] at `positions` over KV layer `kv_layer` (`cached_attention`), and the cache (unchanged;
+        a paged cache may keep attention scores). remat recomputes the probabilities in the backward pass instead
+        of storing them."""
         attend = functools.partial(cached_attention, strict=strict, window=window, sinks=sinks, softcap=softcap)
         attend = jax.checkpoint(attend) if remat else attend
         # every query block sees every key: with a "seq" axis this is the all-gather of K/V per layer
         k, v = (constrain(a.astype(q.dtype), "batch", None, "kv_heads") for a in self.read(kv_layer))
-        return attend(q, k, v, positions)
+        return attend(q, k, v, positions), self
+
+    def without_votes(self):
+        """(the cache, how to restore it): a dense cache keeps no eviction votes (`PagedKV.without_votes`)."""
+        return self, lambda cache: cache
 
     def advance(self, n_new: jax.Array) -> KVCache:
         return self.replace(lengths=self.lengths + n_new)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
+from jaxkv.cache.eviction import add_attention_scores
 from jaxkv.cache.quantize import KV_DTYPES, SCALED, quantize, storage_dtype, storage_shape
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
@@ -43,6 +44,9 @@ class PagePool:
     v_scales: jax.Array | None
     sink_keys: jax.Array | None  # float32 [n_kv_layers, max_seqs, sinks, kv_heads, head_dim], as first written
     sinks: int = struct.field(pytree_node=False, default=0)
+    # token eviction (`jaxkv.cache.eviction`): float32 [n_kv_layers, kv_heads, max_seqs, slots], the attention
+    # each held token of a sequence has received from scoring queries, per sequence row and slot
+    scores: jax.Array | None = None
 
     # logical axes (`jaxkv.parallel.rules`): KV heads may split over "model"; pages are one address space
     LOGICAL_AXES: ClassVar[dict[str, PartitionSpec]] = {
@@ -51,13 +55,15 @@ class PagePool:
         "k_scales": PartitionSpec("layers", "kv_heads", "pages", "page_offset"),
         "v_scales": PartitionSpec("layers", "kv_heads", "pages", "page_offset"),
         "sink_keys": PartitionSpec("layers", "seqs", "sinks", "kv_heads", "head_dim"),
+        "scores": PartitionSpec("layers", "kv_heads", "seqs", None),
     }
 
     @classmethod
     def init(cls, cfg: ModelConfig, num_pages: int, page_size: int, max_seqs: int = 1,
-             kv_dtype: str | None = None, n_layers: int | None = None) -> PagePool:
+             kv_dtype: str | None = None, n_layers: int | None = None, score_slots: int = 0) -> PagePool:
         """num_pages pages for sequences (plus the scratch page) of n_layers KV layers (default all of cfg's);
-        max_seqs sequences may keep sink keys."""
+        max_seqs sequences may keep sink keys, and with score_slots the attention each of their first score_slots
+        tokens received (token eviction)."""
         kv_dtype = kv_dtype or cfg.dtype
         if kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
@@ -70,7 +76,8 @@ class PagePool:
         sinks = cfg.attention_sinks
         sink_keys = jnp.zeros((n_layers, max_seqs, sinks, cfg.n_kv_heads, cfg.head_dim)) if sinks else None
         dtype = storage_dtype(kv_dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales, sink_keys=sink_keys, sinks=sinks)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales, sink_keys=sink_keys, sinks=sinks,
+                   scores=jnp.zeros((n_layers, cfg.n_kv_heads, max_seqs, score_slots)) if score_slots else None)
 
     @property
     def page_size(self) -> int:
@@ -152,15 +159,20 @@ class StepMetadata:
     """One step's packed tokens and rows, built on the host (`pack`; the engine). tokens: T; rows: R.
 
     attention: per page group, the rows' chunks, KV lengths (after this step) and the group's block tables (the
-    chunks and lengths are the same in every group); positions int32 [T]: each token's position in its sequence;
-    token_rows int32 [T]: its row (padding tokens: any, they are dropped); logits_index int32 [R]: each row's
-    last token, whose logits are sampled; sink_rows int32 [R]: where each row's sink keys live in the pool."""
+    chunks and lengths are the same in every group); positions int32 [T]: each token's position in its sequence
+    (its RoPE); slots int32 [T]: its place in its row's pages, the same as its position unless tokens were evicted
+    before it (`jaxkv.cache.eviction`: the KV lengths count slots); token_rows int32 [T]: its row (padding tokens:
+    any, they are dropped); logits_index int32 [R]: each row's last token, whose logits are sampled; sink_rows
+    int32 [R]: the row's sequence's place in the pool (its sink keys and eviction scores); score_weights float32
+    [T] or None: how much each token's attention adds to the scores of the tokens it sees (pools that keep them)."""
 
     attention: tuple[RaggedMetadata, ...]
     positions: jax.Array
     token_rows: jax.Array
     logits_index: jax.Array
     sink_rows: jax.Array
+    slots: jax.Array
+    score_weights: jax.Array | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -174,16 +186,17 @@ class StepMetadata:
     def advanced(self, i) -> StepMetadata:
         """The metadata of the same rows i tokens further on (decode iteration i of one call: one token a row)."""
         live = (self.rows.cu_q_lens[1:] > self.rows.cu_q_lens[:-1]).astype(jnp.int32)
-        return self.replace(positions=self.positions + i, attention=tuple(
+        return self.replace(positions=self.positions + i, slots=self.slots + i, attention=tuple(
             dataclasses.replace(a, kv_lens=a.kv_lens + live * i) for a in self.attention))
 
     @classmethod
     def pack(cls, block_tables, cached, n_new, *, n_tokens: int | None = None, max_q_len: int | None = None,
-             sink_rows=None) -> StepMetadata:
+             sink_rows=None, starts=None, score_weights=None) -> StepMetadata:
         """Host metadata of rows whose n_new[r] tokens follow their cached[r] ones, packed in row order.
         block_tables: per page group, int32 [R, W_g] (rows past len(cached) are idle); n_tokens pads the packed
         tokens (default: exact); max_q_len defaults to the longest chunk; sink_rows (default 0..) index the pool's
-        sink keys."""
+        sink keys. starts: each row's first new position when it is not cached[r] (a row that evicted tokens
+        holds fewer than its position); score_weights: per packed token (`StepMetadata`)."""
         tables = [np.asarray(t, np.int32) for t in block_tables]
         n_rows = tables[0].shape[0]
         cached, n_new = np.asarray(cached, np.int32), np.asarray(n_new, np.int32)
@@ -193,17 +206,23 @@ class StepMetadata:
         cu_q_lens[:len(n_new) + 1] = np.concatenate([[0], np.cumsum(n_new)])
         kv_lens = np.zeros(n_rows, np.int32)
         kv_lens[:len(n_new)] = cached + n_new
-        positions, token_rows = np.zeros(n_tokens, np.int32), np.zeros(n_tokens, np.int32)
-        for r, (start, n) in enumerate(zip(cached, n_new)):
+        starts = cached if starts is None else np.asarray(starts, np.int32)
+        positions, slots, token_rows = (np.zeros(n_tokens, np.int32) for _ in range(3))
+        for r, (held, start, n) in enumerate(zip(cached, starts, n_new)):
             positions[cu_q_lens[r]:cu_q_lens[r + 1]] = np.arange(start, start + n)
+            slots[cu_q_lens[r]:cu_q_lens[r + 1]] = np.arange(held, held + n)
             token_rows[cu_q_lens[r]:cu_q_lens[r + 1]] = r
         logits_index = np.maximum(cu_q_lens[1:] - 1, 0)
         sinks = np.arange(n_rows, dtype=np.int32)
         if sink_rows is not None:  # idle rows keep their own index: they write nothing
             sinks[:len(sink_rows)] = sink_rows
         max_q_len = max(int(n_new.max(initial=1)), 1) if max_q_len is None else max_q_len
+        weights = None
+        if score_weights is not None:
+            weights = np.zeros(n_tokens, np.float32)
+            weights[:total] = np.asarray(score_weights, np.float32)[:total]
         return cls(tuple(RaggedMetadata(cu_q_lens, kv_lens, t, max_q_len) for t in tables), positions, token_rows,
-                   logits_index, sinks)
+                   logits_index, sinks, slots, weights)
 
 
 @struct.dataclass
@@ -232,28 +251,55 @@ class PagedKV:
         a token among the first `sinks` positions also keeps its key as written, for StreamingLLM."""
         group, index = self._place(kv_layer)
         meta, pool = jax.tree.map(jnp.asarray, self.meta), self.pools[group]  # (host arrays: a step built outside jit)
-        positions = positions[0]
+        positions, slots = positions[0], meta.slots
         real = jnp.arange(positions.shape[0]) < meta.rows.cu_q_lens[-1]
         table = meta.attention[group].block_tables
-        column = table_column(positions // pool.page_size, table.shape[1], pool.sinks, pool.page_size)
+        column = table_column(slots // pool.page_size, table.shape[1], pool.sinks, pool.page_size)
         pages = jnp.where(real, table[meta.token_rows, column], pool.k_pages.shape[2])  # out of range: dropped
         if pool.sinks:
             sink = jnp.where(real & (positions < pool.sinks), positions, pool.sinks)  # others out of range: dropped
             pool = pool.replace(sink_keys=pool.sink_keys.at[index, meta.sink_rows[meta.token_rows], sink].set(
                 k[0].astype(jnp.float32), mode="drop"))
-        pool = pool.put(index, pages, positions % pool.page_size, k=k[0], v=v[0])
+        pool = pool.put(index, pages, slots % pool.page_size, k=k[0], v=v[0])
         return self.replace(pools=self.pools[:group] + (pool,) + self.pools[group + 1:])
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,
-               sinks: int, softcap: float | None = None, backend: str = "auto", remat: bool = False) -> jax.Array:
-        """q [1, T, H, Dh] over every row's pages (`ragged_paged_attention`). Float pages of another dtype than q
-        (bfloat16 KV under float32 compute) take q in their dtype, as a model computing in it would."""
+               sinks: int, softcap: float | None = None, backend: str = "auto",
+               remat: bool = False) -> tuple[jax.Array, PagedKV]:
+        """q [1, T, H, Dh] over every row's pages (`ragged_paged_attention`), and the cache: a pool that keeps
+        scores (token eviction) adds the attention of this step's scoring queries to them. Float pages of another
+        dtype than q (bfloat16 KV under float32 compute) take q in their dtype, as a model computing in it would."""
         group, index = self._place(kv_layer)
         pool = self.pools[group]
         q_in = q[0] if pool.quantized else q[0].astype(pool.k_pages.dtype)
         out = ragged_paged_attention(q_in, pool.layer(index), self.meta.attention[group], sinks=sinks,
                                      window=window, softcap=softcap, strict=strict, backend=backend)
-        return out[None].astype(q.dtype)
+        if pool.scores is not None and self.meta.score_weights is not None:
+            meta = jax.tree.map(jnp.asarray, self.meta)
+            pool = pool.replace(scores=add_attention_scores(pool.scores, index, q[0], pool.layer(index),
+                                                            meta.attention[group], meta.sink_rows,
+                                                            meta.score_weights, softcap=softcap, strict=strict))
+            return out[None].astype(q.dtype), self.replace(pools=self.pools[:group] + (pool,) + self.pools[group + 1:])
+        return out[None].astype(q.dtype), self
+
+    def new_votes(self) -> PagedKV:
+        """The step's tokens have received no attention yet: their eviction scores start at zero, before any layer
+        runs (a layer that writes after another read it, as LCKV's upward sources, must not wipe its votes)."""
+        meta, pools = jax.tree.map(jnp.asarray, self.meta), list(self.pools)
+        real = jnp.arange(meta.slots.shape[0]) < meta.rows.cu_q_lens[-1]
+        for group, pool in enumerate(pools):
+            if pool.scores is not None:
+                where = jnp.where(real, meta.slots, pool.scores.shape[3])  # padding: out of range, dropped
+                pools[group] = pool.replace(scores=pool.scores.at[:, :, meta.sink_rows[meta.token_rows], where].set(
+                    0.0, mode="drop"))
+        return self.replace(pools=tuple(pools))
+
+    def without_votes(self):
+        """(this cache with its queries' votes for eviction off, how to turn them back on): LCKV's passes that
+        only refine the KV of upward sources must not vote."""
+        weights = self.meta.score_weights
+        return (self.replace(meta=self.meta.replace(score_weights=None)),
+                lambda kv: kv.replace(meta=kv.meta.replace(score_weights=weights)))
 
     def advance(self, n_new=None) -> PagedKV:
         return self  # lengths live on the host, in the next step's metadata

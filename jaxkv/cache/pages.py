@@ -136,6 +136,26 @@ class PageAllocator:
             self._idle.pop(page, None)  # referenced again: not evictable
         self._pages[seq], self._lengths[seq] = list(pages), length
 
+    def own(self, seq, n: int) -> list[int]:
+        """Give `seq` pages of its own in place of those of its first n that another sequence or the prefix cache
+        also holds, before it rewrites them (token eviction); returns its pages. All or nothing (OutOfPages).
+        The pages it leaves stay with their other holders."""
+        pages = self._pages[seq]
+        shared = [i for i, page in enumerate(pages[:n]) if self._refs[page] > 1 or page in self._hash_of]
+        fresh = self._take(len(shared))
+        self._drop([pages[i] for i in shared])
+        for i, page in zip(shared, fresh):
+            pages[i] = page
+        return list(pages)
+
+    def truncate(self, seq, length: int) -> None:
+        """`seq` now holds `length` tokens: the pages past them go back."""
+        pages = self._pages[seq]
+        keep = self.pages_for(length)
+        self._drop(pages[keep:])
+        del pages[keep:]
+        self._lengths[seq] = length
+
     def release(self, seq) -> None:
         """Give back a finished or preempted sequence's pages (shared ones stay while referenced)."""
         self._drop(self._pages.pop(seq))

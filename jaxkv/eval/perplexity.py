@@ -33,6 +33,7 @@ class PerplexityResult:
     kv_dtype: str
     kv_bytes_per_token: int  # the formula jaxkv plans with (scales included)
     kv_bytes_held: float  # pages a window's request held at its last token, in bytes (mean over windows)
+    eviction: str | None  # e.g. "h2o budget 256 window 128"
     reference_ppl: float | None = None
     top1_agreement: float | None = None  # fraction of positions whose argmax equals the reference's
     mean_kl: float | None = None  # mean KL(reference || model) in nats
@@ -58,7 +59,8 @@ def windows_of(ids: Sequence[int], context: int, max_windows: int | None = None)
 def _engine(llm, n_windows: int, length: int, batch: int) -> Engine:
     return Engine(llm, max_batch=max(1, min(batch, n_windows)), page_size=llm.page_size, kv_dtype=llm.kv_dtype,
                   max_context=min(llm.config.max_seq_len, length + 1), prefill_chunk=64, prefix_caching=False,
-                  limits=Limits(max_waiting=None, request_timeout_s=None), executables=llm.executables)
+                  limits=Limits(max_waiting=None, request_timeout_s=None), executables=llm.executables,
+                  eviction=llm.eviction)
 
 
 def perplexity(llm, ids: Sequence[int], *, context: int = 1024, prefill: int | None = None, batch: int = 8,
@@ -112,5 +114,7 @@ def perplexity(llm, ids: Sequence[int], *, context: int = 1024, prefill: int | N
         ppl=math.exp(nll[0] / n), tokens=n, windows=len(windows), context=length, prefill=prefill,
         kv_dtype=llm.kv_dtype, kv_bytes_per_token=llm.kv_bytes_per_token,
         kv_bytes_held=sum(held.values()) / len(held),
+        eviction=None if llm.eviction is None else
+        f"{llm.eviction.method} budget {llm.eviction.budget} window {llm.eviction.window}",
         reference_ppl=math.exp(nll[1] / n) if reference is not None else None,
         top1_agreement=agree / scored if scored else None, mean_kl=kl / scored if scored else None)

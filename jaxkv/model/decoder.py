@@ -87,9 +87,9 @@ class Attention(nn.Module):
                 k = _rotate(k)
             v = _dense(cfg, kv_shape, kv_axes, "v_proj", bias=cfg.qkv_bias)(x)
             kv = kv.write(kv_layer, k, v, positions, n_new)
-        out = kv.attend(kv_layer, q, positions, strict=cfg.kv_sources[self.layer] > self.layer,
-                        window=cfg.window(self.layer), sinks=cfg.attention_sinks, softcap=cfg.attn_softcap,
-                        backend=cfg.attention_backend, remat=self.remat)
+        out, kv = kv.attend(kv_layer, q, positions, strict=cfg.kv_sources[self.layer] > self.layer,
+                            window=cfg.window(self.layer), sinks=cfg.attention_sinks, softcap=cfg.attn_softcap,
+                            backend=cfg.attention_backend, remat=self.remat)
         out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1), bias=cfg.o_bias)(out)
         return out, kv
 
@@ -229,10 +229,12 @@ def _iterated_layers(model: Decoder, cfg: ModelConfig, params, tokens, kv, n_new
 
             free = cfg.upward_passes_no_grad if passes is None else passes - 1
             x_free = jax.lax.stop_gradient(x)
+            kv, resume = kv.without_votes()  # eviction's votes count the last pass only: the run as it is
             kv = jax.lax.fori_loop(0, free, lambda _, kv, x_free=x_free: refine(kv, frozen, x_free),
                                    jax.tree.map(jax.lax.stop_gradient, kv))
             for _ in range(cfg.upward_passes_grad - 1 if passes is None else 0):
                 kv = refine(kv, params)
+            kv = resume(kv)
         x, kv = model.apply({"params": params}, x, positions, n_new, kv, start, stop, method=Decoder.layers_from)
     return x, kv
 

@@ -20,6 +20,11 @@ sends can raise inside a step. If a device call still fails, the requests in it 
 retried alone: one that fails again, alone, ends with an error; the others go on. If the failed call consumed
 the donated pool, a fresh one is made and every running request is recomputed. A request past its deadline
 ends too.
+
+With token eviction (`jaxkv.cache.eviction`: H2O, SnapKV) a sequence holds at most a budget of tokens per KV layer
+after its prompt: once a step leaves it with more, one more device call (`compact`) keeps the best-scored ones in
+its first slots and the allocator takes its pages past the budget back. It first moves off pages it shares (a
+cached prefix), which stay in the prefix cache for others.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jaxkv.cache.eviction import Eviction, compact
 from jaxkv.cache.pages import OutOfPages, PageAllocator, prefix_hashes
 from jaxkv.cache.paged import PageGroup, PagePool, StepMetadata, page_groups, streaming_pages
 from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
@@ -66,12 +72,25 @@ class _Sequence:
         self.request = request
         self.tokens = list(request.prompt_ids)
         self.n_prompt = len(self.tokens)
-        self.computed = 0  # tokens whose K/V is in the cache
+        self.computed = 0  # tokens whose K/V is in the cache (or was, before eviction dropped it)
+        self.dropped = 0  # tokens evicted from the cache
+        self.prefill_end = 0  # tokens fed as prompt chunks since admission: then decoding starts
+        self.compacted = False  # whether eviction cut it since admission
         self.row: int | None = None  # its place among the running requests (where its sink keys live)
         self.order = 0  # admission order: the latest admitted is preempted first
         self.cached_tokens = 0
         self.deadline = deadline  # time.monotonic() by which it must finish
         self.text = TextStream(decode, request.stop)
+
+    @property
+    def held(self) -> int:
+        """Tokens in the cache: the slots of its pages in use."""
+        return self.computed - self.dropped
+
+    def restart(self) -> None:
+        """Back to an empty cache (preempted, or its pool lost): recomputed from its tokens when admitted."""
+        self.computed = self.dropped = 0
+        self.compacted = False
 
     @property
     def generated(self) -> int:
@@ -94,7 +113,8 @@ class Engine:
     def __init__(self, llm, *, max_batch: int = 8, page_size: int = 16, num_pages: int | None = None,
                  kv_dtype: str | None = None, prefill_chunk: int = 64, prefill_budget: int | None = None,
                  prefix_caching: bool = True, max_context: int | None = None, limits: Limits | None = None,
-                 decode_iters: int = 1, executables: Executables | None = None, window_pages: bool = True):
+                 decode_iters: int = 1, executables: Executables | None = None, window_pages: bool = True,
+                 eviction: Eviction | None = None):
         """max_batch: requests running at once (rows of a step). max_context caps prompt + generated tokens per
         request (default: the model's max_seq_len). num_pages: the pages of the KV layers with full tables
         (default: max_batch full-length sequences); window layers (`page_groups`) get their rings' share of as
@@ -103,7 +123,9 @@ class Engine:
         more fills free rows sooner, less keeps the running requests' inter-token latency low. `limits` bounds
         what one request may cost. decode_iters: tokens per row in a call that holds only decode rows (when
         nothing waits). `executables` may be shared between engines of one model. window_pages=False gives window
-        layers full tables too (their prefixes can then be cached)."""
+        layers full tables too (their prefixes can then be cached). eviction: a token budget per sequence, kept by
+        H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`); not with sliding windows or StreamingLLM, and
+        decode_iters is then 1 (a decode step may evict)."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -117,8 +139,12 @@ class Engine:
         self.cfg, self.params, self.tokenizer = cfg, llm.params, llm.tokenizer
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
         self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
-        self.prefill_budget, self.decode_iters = prefill_budget, decode_iters
+        self.prefill_budget, self.decode_iters = prefill_budget, 1 if eviction else decode_iters
         self.streaming = cfg.streaming_window is not None
+        self.eviction = eviction
+        if eviction and (self.streaming or any(cfg.window(layer) is not None for layer in range(cfg.n_layers))):
+            raise JaxkvError("token eviction needs every layer to attend to the whole sequence: not with StreamingLLM "
+                             "or sliding-window layers")
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.groups = page_groups(cfg, page_size, max(prefill_chunk, decode_iters), self.pages_per_seq)
@@ -132,7 +158,8 @@ class Engine:
         self.mesh = llm.mesh
         inits = []
         for group, n in zip(self.groups, group_pages):
-            init = functools.partial(PagePool.init, cfg, n, page_size, max_batch, kv_dtype, len(group.kv_layers))
+            init = functools.partial(PagePool.init, cfg, n, page_size, max_batch, kv_dtype, len(group.kv_layers),
+                                     self.pages_per_seq * page_size if eviction else 0)
             if llm.mesh is not None:  # built in place, each device allocating only its shard of the pool
                 init = jax.jit(init, out_shardings=cache_shardings(jax.eval_shape(init), llm.mesh))
             inits.append(init)
@@ -162,8 +189,11 @@ class Engine:
         if request.request_id in self._by_id:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use", "request_id")
         n, budget = len(request.prompt_ids), request.max_tokens
+        peak = n + budget
+        if self.eviction:
+            peak = self.eviction.peak(n, budget)
         for group, allocator in zip(self.groups, self.allocators):
-            need = group.ring if self.streaming else self._group_pages(group, n + budget)
+            need = group.ring if self.streaming else self._group_pages(group, peak)
             if need > allocator.num_pages:
                 raise InvalidRequest(f"the request needs {need} KV pages; the pool has {allocator.num_pages}",
                                      "max_tokens", "context_length_exceeded")
@@ -210,7 +240,8 @@ class Engine:
         """The pool may be gone (a failed call consumed it): start from a fresh one (the prefix cache goes too)
         and send every running request back to the queue, to be recomputed like a preempted one."""
         for seq in sorted((s for s in self.running if s is not None), key=lambda s: s.order, reverse=True):
-            seq.row, seq.computed = None, 0
+            seq.row = None
+            seq.restart()
             self.waiting.appendleft(seq)
         self.running = [None] * self.max_batch
         self.allocators, self.pools = self._new_pool()
@@ -230,7 +261,7 @@ class Engine:
         """This step's rows, (request, tokens to feed): every decode row first (making room for its token, which
         may preempt the latest admitted), then prompt chunks in admission order within the budget."""
         running = sorted((s for s in self.running if s is not None), key=lambda s: s.order)
-        rows = [(s, 1) for s in running if s.decoding and s.row is not None and self._make_room(s, s.computed + 1)]
+        rows = [(s, 1) for s in running if s.decoding and s.row is not None and self._make_room(s, s.held + 1)]
         budget = self.prefill_budget
         for seq in running:
             if seq.row is not None and not seq.decoding and budget > 0:
@@ -249,7 +280,7 @@ class Engine:
         else:
             n_tokens, n_rows = min(t for t in shapes.tokens if t >= sum(n for _, n in rows)), self.max_batch
             widths = shapes.widths
-        need = max(-(-(s.computed + n + iters - 1) // self.page_size) for s, n in rows)
+        need = max(-(-(s.held + n + iters - 1) // self.page_size) for s, n in rows)
         return n_tokens, n_rows, min(w for w in widths if w >= need or w == self.pages_per_seq)
 
     def _shapes(self) -> _Shapes:
@@ -299,13 +330,17 @@ class Engine:
         self._totals["steps"] += 1
         self._totals["step_rows"] += len(rows)
         self._totals["step_tokens"] += sum(n for _, n in rows)
-        for r, (seq, n) in enumerate(rows):
+        for seq, n in rows:
             if seq.computed < seq.n_prompt:
                 self._totals["prefilled"] += min(n, seq.n_prompt - seq.computed)
             seq.computed += n
-            if self.prefix_caching:  # (one group then, of full tables)
+            if self.prefix_caching and not seq.dropped:  # (one group then, of full tables)
                 for page, key in zip(self._pages(seq)[0], prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
                     self.allocators[0].register(int(page), key)
+        if self.eviction:  # (iters is 1): before the outputs, which report the bytes held
+            self._cut([s for s, _ in rows if s.row is not None and self.eviction.due(
+                computed=s.computed, held=s.held, prefill_end=s.prefill_end, cut_before=s.compacted)])
+        for r, (seq, n) in enumerate(rows):
             for i in range(iters):
                 if i:  # the token emitted last was fed back in this call, unless its request ended
                     if seq.row is None:
@@ -316,6 +351,34 @@ class Engine:
                 outputs.append(self._emit(seq, int(tokens[i, r]), float(logprobs[i, r]),
                                           log_probs[i, r] if seq.request.distributions else None))
         return True
+
+    def _cut(self, seqs: list[_Sequence]) -> None:
+        """Evict down to the budget in one device call (`compact`), then give back the pages past it. A sequence
+        first takes private pages where it shares one (a cached prefix); one that cannot (no free page) is cut at
+        a later step."""
+        budget, keep_pages = self.eviction.budget, -(-self.eviction.budget // self.page_size)
+        allocator, n_rows, width = self.allocators[0], self.max_batch, self.pages_per_seq
+        src, dst = (np.full((n_rows, width), allocator.num_pages, np.int32) for _ in range(2))
+        rows, held = np.full(n_rows, self.max_batch, np.int32), np.zeros(n_rows, np.int32)
+        cut = []
+        for seq in seqs:
+            before = allocator.pages(seq.request.request_id)
+            try:
+                after = allocator.own(seq.request.request_id, keep_pages)
+            except OutOfPages:
+                continue
+            r = len(cut)
+            src[r, :len(before)], dst[r, :len(after)] = before, after
+            rows[r], held[r] = seq.row, seq.held
+            cut.append(seq)
+        if not cut:
+            return
+        self.pools = self.executables.run(compact, (0,), self.pools, rows, held, src, dst, policy=self.eviction)
+        for seq in cut:
+            allocator.truncate(seq.request.request_id, budget)
+            self._totals["evicted"] += seq.held - budget
+            seq.dropped += seq.held - budget
+            seq.compacted = True
 
     def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, iters: int) -> tuple:
         """The host arrays of one step: packed tokens, their metadata, the rows' sampling values, forced tokens
@@ -330,8 +393,10 @@ class Engine:
                 table[r, :len(pages)] = pages
             tokens[at:at + n] = seq.tokens[seq.computed:seq.computed + n]
             at += n
-        meta = StepMetadata.pack(tables, [s.computed for s, _ in rows], [n for _, n in rows], n_tokens=n_tokens,
-                                 max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[s.row for s, _ in rows])
+        meta = StepMetadata.pack(tables, [s.held for s, _ in rows], [n for _, n in rows], n_tokens=n_tokens,
+                                 max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[s.row for s, _ in rows],
+                                 starts=[s.computed for s, _ in rows], score_weights=None if not self.eviction else
+                                 np.concatenate([self.eviction.votes(s.computed, n, s.prefill_end) for s, n in rows]))
         sampling = [s.request.sampling for s, _ in rows]
         pad = n_rows - len(rows)  # idle rows: greedy
         seeds = np.asarray([p.seed for p in sampling] + [0] * pad, np.uint32)
@@ -394,7 +459,7 @@ class Engine:
         self._by_id.pop(seq.request.request_id, None)
         self._suspects.discard(seq)
         if seq.row is not None:
-            self._evict(seq)
+            self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
@@ -422,6 +487,7 @@ class Engine:
                 self.allocators[0].share(seq.request.request_id, shared, len(shared) * self.page_size)
             self._reserve(seq, length)
             seq.computed = seq.cached_tokens = len(shared) * self.page_size
+            seq.prefill_end = len(seq.tokens)
             if not seq.order:  # first admission (not a recompute after preemption)
                 self._totals["prompt"] += seq.n_prompt
                 self._totals["cached"] += seq.cached_tokens
@@ -437,8 +503,8 @@ class Engine:
                 return True
             except OutOfPages:
                 victim = max((s for s in self.running if s is not None), key=lambda s: s.order)
-                self._evict(victim)
-                victim.computed = 0
+                self._release(victim)
+                victim.restart()
                 self.waiting.appendleft(victim)
                 self._totals["preempted"] += 1
                 if victim is seq:
@@ -455,7 +521,7 @@ class Engine:
         for group, allocator in zip(self.groups, self.allocators):
             allocator.reserve(seq.request.request_id, min(length, self._group_pages(group, length) * self.page_size))
 
-    def _evict(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence) -> None:
         for allocator in self.allocators:
             if allocator.holds(seq.request.request_id):
                 allocator.release(seq.request.request_id)
@@ -495,13 +561,18 @@ class Engine:
         for n_tokens, n_rows, width in every:
             tables = [np.zeros((n_rows, g.ring or width), np.int32) for g in self.groups]
             meta = StepMetadata.pack(tables, [], [], n_tokens=n_tokens, max_q_len=self._max_q_len(n_tokens, n_rows),
-                                     sink_rows=[])
+                                     sink_rows=[], score_weights=np.zeros(0) if self.eviction else None)
             rows = np.zeros(n_rows, np.int32)
             _, _, _, self.pools = self.executables.run(
                 ragged_step, (1,), self.params, self.pools, np.zeros(n_tokens, np.int32), meta,
                 rows.astype(np.uint32), rows, rows.astype(np.float32), rows, np.ones(n_rows, np.float32),
                 np.full((1, n_rows), -1, np.int32), np.int32(1), cfg=self.cfg, groups=self.group_layers, iters=1,
                 distributions=False, mesh=self.mesh)
+        if self.eviction:  # held 0 everywhere: cuts nothing
+            idle = np.zeros(self.max_batch, np.int32)
+            tables = np.zeros((self.max_batch, self.pages_per_seq), np.int32)
+            self.pools = self.executables.run(compact, (0,), self.pools, idle + self.max_batch, idle, tables, tables,
+                                              policy=self.eviction)
 
     # --- metrics ------------------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -521,6 +592,7 @@ class Engine:
             "generation_tokens_total": self._totals["generated"], "preemptions_total": self._totals["preempted"],
             "step_failures_total": self._totals["step_failures"], "requests_failed_total": self._totals["failed"],
             "requests_timed_out_total": self._totals["timed_out"], "queue_full_total": self._totals["queue_full"],
+            "kv_tokens_evicted_total": self._totals["evicted"],
             "steps_total": steps, "mean_rows_per_step": self._totals["step_rows"] / steps if steps else 0.0,
             "mean_tokens_per_step": self._totals["step_tokens"] / steps if steps else 0.0,
             "tokens_per_s": (len(self._recent) - 1) / span if span > 0 else 0.0,

@@ -181,7 +181,7 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
         extra = {} if max_context is None else {"max_context": max_context}
         engine = Engine(llm, max_batch=max_batch, page_size=page_size, num_pages=num_pages, kv_dtype=kv_dtype,
                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, prefix_caching=prefix_caching,
-                        limits=limits, window_pages=window_pages, **extra)
+                        limits=limits, window_pages=window_pages, eviction=llm.eviction, **extra)
     if warmup and hasattr(engine, "warmup"):
         engine.warmup()
     start = engine.metrics()
@@ -370,7 +370,8 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
           max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, mesh: str | None = None,
           model_name: str | None = None, log_level: str = "info", limits: Limits | None = None,
           api_key: str | None = None, allowed_hosts: tuple[str, ...] | None = None,
-          timeout_keep_alive: int = 5, kv_rotate: bool = False, window_pages: bool = True) -> None:
+          timeout_keep_alive: int = 5, kv_rotate: bool = False, window_pages: bool = True,
+          kv_budget: int | None = None, eviction: str | None = None, eviction_window: int | None = None) -> None:
     """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command); `mesh` as in
     `jaxkv.load`. api_key defaults to $JAXKV_API_KEY; allowed_hosts to the loopback names when `host` is a
     loopback address (else any). A connection with no request under way for timeout_keep_alive s is closed."""
@@ -388,7 +389,8 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
     sock = _listen(host, port)  # before loading: a busy port fails at once
     try:
         llm = jaxkv.load(model, dtype=dtype, kv_dtype=kv_dtype, page_size=page_size,
-                         streaming_window=streaming_window, sinks=sinks, mesh=mesh, kv_rotate=kv_rotate)
+                         streaming_window=streaming_window, sinks=sinks, mesh=mesh, kv_rotate=kv_rotate,
+                         kv_budget=kv_budget, eviction=eviction, eviction_window=eviction_window)
         if model_name is None:
             model_name = model if not os.path.exists(os.path.expanduser(model)) else (
                 llm.config.name if llm.config.name != "custom" else os.path.basename(os.path.normpath(model)))

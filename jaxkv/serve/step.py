@@ -21,7 +21,7 @@ def ragged_step(params, pools, tokens, meta, seeds, steps, temperature, top_k, t
     tokens per row, each fed back. Returns (tokens [iters, R], their logprobs, each row's log-probabilities
     [iters, R, V] if `distributions` else None, pools)."""
     def one(pools, meta, tokens, steps, forced):
-        logits, kv = forward(cfg, params, tokens[None], PagedKV(pools, meta, groups),
+        logits, kv = forward(cfg, params, tokens[None], PagedKV(pools, meta, groups).new_votes(),
                              logits_at=meta.logits_index[None], passes=passes)
         logits = logits[0]
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds, steps)
