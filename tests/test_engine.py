@@ -70,12 +70,9 @@ def test_every_model_kind_serves_exact_greedy_tokens(kind, byte_tokenizer):
     engine = Engine(llm, max_batch=5, page_size=8, prefill_chunk=16, kv_dtype=kv_dtype)
     got = run(engine, [Request(p, max_tokens=n, request_id=str(i)) for i, (p, n) in enumerate(zip(prompts, budgets))])
     by_itself = kv_dtype is not None or cfg.streaming_window is not None  # the dense path has neither
-    # by itself: each prompt alone through the Python API, longest first so that its first engine holds them all
-    alone = LLM(cfg, byte_tokenizer, params, kv_dtype=kv_dtype, page_size=8)
-    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
-        prompt, budget = prompts[i], budgets[i]
-        if by_itself:
-            want = alone.generate_ids([prompt], budget, SamplingParams())[0].token_ids
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        if by_itself:  # alone on the same engine (its compiled steps), after the batch: the same tokens
+            want = tokens_of(run(engine, [Request(prompt, max_tokens=budget, request_id=f"alone {i}")])[f"alone {i}"])
         else:
             want = dense_greedy(cfg, params, prompt, budget, byte_tokenizer.eos_ids)
         assert tokens_of(got[str(i)]) == want, f"request {i}"
