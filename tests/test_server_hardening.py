@@ -155,6 +155,8 @@ def test_a_request_that_breaks_the_device_fails_alone_among_streams(served, monk
     bodies = [{"prompt": p, "max_tokens": 20, "temperature": t, "seed": s, "ignore_eos": True}
               for p, t, s in [("one", 0, 1), ("two two", 0.8, 2), ("three", 0.5, 3)]]
     want = [stream_text(served, b)[0] for b in bodies]
+    # four at once on two rows: on a loaded machine all four may wait before the first is admitted
+    monkeypatch.setattr(served.engine, "limits", dataclasses.replace(LIMITS, max_waiting=4))
     failing_device(served.engine, monkeypatch, poisoned, consume=True)
     bad = {"prompt": "bad", "max_tokens": 20, "temperature": 0, "seed": POISON_SEED, "ignore_eos": True}
     with ThreadPoolExecutor(4) as pool:
