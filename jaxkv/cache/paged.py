@@ -94,7 +94,7 @@ class PagePool:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV dtype name the pool was made with (int8, fp8 or a float dtype)."""
+        """The KV dtype name the pool was made with (int8, fp8, int4 or a float dtype)."""
         return next((name for name, (dtype, *_) in SCALED.items() if self.k_pages.dtype == dtype),
                     str(self.k_pages.dtype))
 

@@ -75,7 +75,6 @@ class _Sequence:
         self.computed = 0  # tokens whose K/V is in the cache (or was, before eviction dropped it)
         self.dropped = 0  # tokens evicted from the cache
         self.prefill_end = 0  # tokens fed as prompt chunks since admission: then decoding starts
-        self.compacted = False  # whether eviction cut it since admission
         self.row: int | None = None  # its place among the running requests (where its sink keys live)
         self.order = 0  # admission order: the latest admitted is preempted first
         self.cached_tokens = 0
@@ -90,7 +89,6 @@ class _Sequence:
     def restart(self) -> None:
         """Back to an empty cache (preempted, or its pool lost): recomputed from its tokens when admitted."""
         self.computed = self.dropped = 0
-        self.compacted = False
 
     @property
     def generated(self) -> int:
@@ -339,7 +337,7 @@ class Engine:
                     self.allocators[0].register(int(page), key)
         if self.eviction:  # (iters is 1): before the outputs, which report the bytes held
             self._cut([s for s, _ in rows if s.row is not None and self.eviction.due(
-                computed=s.computed, held=s.held, prefill_end=s.prefill_end, cut_before=s.compacted)])
+                computed=s.computed, held=s.held, prefill_end=s.prefill_end, cut_before=s.dropped > 0)])
         for r, (seq, n) in enumerate(rows):
             for i in range(iters):
                 if i:  # the token emitted last was fed back in this call, unless its request ended
@@ -378,7 +376,6 @@ class Engine:
             allocator.truncate(seq.request.request_id, budget)
             self._totals["evicted"] += seq.held - budget
             seq.dropped += seq.held - budget
-            seq.compacted = True
 
     def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, iters: int) -> tuple:
         """The host arrays of one step: packed tokens, their metadata, the rows' sampling values, forced tokens
