@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from jaxkv.cache.dense import kv_bytes_per_token
 from jaxkv.cache.eviction import Eviction, eviction_policy
-from jaxkv.cache.paged import KV_DTYPES
+from jaxkv.cache.quantize import KIVI, KIVI_PAGE, KIVI_RECENT, KV_DTYPES
 from jaxkv.checkpoints.registry import DEFAULT_MODEL, open_source, resolve
 from jaxkv.checkpoints.store import assemble_params, load_checkpoint
 from jaxkv.config import DTYPES, ModelConfig
@@ -60,11 +60,14 @@ class LLM:
     """A loaded model: config, tokenizer, params, and generation on an engine sized for the batch."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params, kv_dtype: str | None = None,
-                 page_size: int | None = None, mesh: str | Mesh | None = None, eviction: Eviction | None = None):
-        """kv_dtype: the KV pages' dtype (default the compute dtype; "int8", "fp8" and "int4" quantize). page_size:
-        tokens per KV page (default 16). mesh: a Mesh or a spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`):
+                 page_size: int | None = None, mesh: str | Mesh | None = None, eviction: Eviction | None = None,
+                 kv_recent: int | None = None):
+        """kv_dtype: the KV pages' dtype (default the compute dtype; "int8", "fp8", "int4", "kivi2" and "kivi4"
+        quantize). page_size: tokens per KV page (default 16; KIVI groups keys by pages of 32). mesh: a Mesh or a
+        spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`):
         parameters, caches and batches are sharded over it by the one rules table; None runs on one device.
-        eviction: a KV budget per sequence kept by H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`)."""
+        eviction: a KV budget per sequence kept by H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`).
+        kv_recent: KIVI's R, the last tokens of a sequence kept in float (a multiple of the page size; default 128)."""
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
@@ -72,9 +75,17 @@ class LLM:
         if self.kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         self.eviction = eviction
-        self.page_size = page_size or 16
+        self.page_size = page_size or (KIVI_PAGE if self.kv_dtype in KIVI else 16)
         if self.page_size & (self.page_size - 1):
             raise JaxkvError(f"page_size must be a power of two, got {self.page_size}")
+        kv_recent = KIVI_RECENT if kv_recent is None else kv_recent
+        if self.kv_dtype in KIVI and self.page_size != KIVI_PAGE:
+            raise JaxkvError(f"KV dtype {self.kv_dtype} groups keys per page of {KIVI_PAGE} tokens: page_size must be "
+                             f"{KIVI_PAGE}, got {self.page_size}")
+        if self.kv_dtype in KIVI and (kv_recent < 0 or kv_recent % self.page_size):
+            raise JaxkvError(f"kv_recent must be a multiple of the page size {self.page_size} (KIVI flushes whole "
+                             f"pages), got {kv_recent}")
+        self.kv_recent = kv_recent
         self.params = params if self.mesh is None else shard_params(params, config, self.mesh)
         self.executables = Executables(self.mesh)  # shared by the engines generate sizes
         self.stats = GenerationStats()
@@ -165,18 +176,19 @@ class LLM:
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
          page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4,
          mesh: str | Mesh | None = None, kv_rotate: bool = False, kv_budget: int | None = None,
-         eviction: str | None = None, eviction_window: int | None = None) -> LLM:
+         eviction: str | None = None, eviction_window: int | None = None, kv_recent: int | None = None) -> LLM:
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir, a GGUF file or a Hugging
     Face Hub id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
 
     dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
-    checkpoint's own. The KV cache lives in pages of page_size tokens (default 16); kv_dtype "int8", "fp8"
-    (e4m3) or "int4" quantizes it. streaming_window turns on StreamingLLM: the cache keeps `sinks` first tokens and the
+    checkpoint's own. The KV cache lives in pages of page_size tokens (default 16, KIVI 32); kv_dtype "int8",
+    "fp8" (e4m3), "int4", "kivi2" or "kivi4" (KIVI, `jaxkv.cache.kivi`) quantizes it. streaming_window turns on
+    StreamingLLM: the cache keeps `sinks` first tokens and the
     last `streaming_window`, so generation runs past the model's context in bounded memory. kv_rotate: keys and
     queries rotated by a Hadamard matrix before the KV is stored (less quantization error, same scores). mesh
     ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`). eviction "h2o" or "snapkv" keeps
     kv_budget tokens per sequence after its prompt: eviction_window recent ones (SnapKV: its observation window)
-    and the most attended others (`jaxkv.cache.eviction`).
+    and the most attended others (`jaxkv.cache.eviction`). kv_recent: the last tokens KIVI keeps in float (128).
     """
     policy = eviction_policy(eviction, kv_budget, eviction_window)  # bad values fail before the weights load
     if dtype is not None:
@@ -196,7 +208,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
         cfg = cfg.replace(streaming_window=streaming_window, streaming_sinks=sinks)
     if kv_rotate:
         cfg = cfg.replace(kv_rotate=True)
-    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh, eviction=policy)
+    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh, eviction=policy,
+               kv_recent=kv_recent)
 
 
 def _dtype_name(dtype) -> str:

@@ -10,7 +10,7 @@ import sys
 
 # As jaxkv.config.DTYPES, spelled here so that `jaxkv --help` does not import JAX.
 _DTYPES = ("float32", "bfloat16", "float16")
-_KV_DTYPES = _DTYPES + ("int8", "fp8", "int4")  # as jaxkv.cache.quantize.KV_DTYPES
+_KV_DTYPES = _DTYPES + ("int8", "fp8", "int4", "kivi2", "kivi4")  # as jaxkv.cache.quantize.KV_DTYPES
 _EVICTIONS = ("h2o", "snapkv")  # as jaxkv.cache.eviction.METHODS
 
 
@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _kv_arguments(args) -> dict:
     return dict(kv_rotate=args.kv_rotate, kv_budget=args.kv_budget, eviction=args.eviction,
-                eviction_window=args.eviction_window)
+                eviction_window=args.eviction_window, kv_recent=args.kv_recent)
 
 
 def _generate(args) -> None:
@@ -217,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
     gen.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
-                     help="KV cache dtype (default: the compute dtype; int8, fp8 (e4m3) and int4 quantize the pages)")
-    gen.add_argument("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 16)")
+                     help="KV cache dtype (default: the compute dtype; int8, fp8 (e4m3), int4 and KIVI 2/4-bit "
+                          "quantize the pages)")
+    gen.add_argument("--page-size", type=int, default=None,
+                     help="tokens per KV page, a power of two (default: 16; 32 for KIVI)")
     gen.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens, and generate past "
                           "the model's context in bounded memory")
@@ -243,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="compute and parameter dtype (default: the checkpoint's)")
     ppl.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
-                     help="KV cache dtype (default: the compute dtype; int8, fp8 (e4m3) and int4 quantize the pages)")
-    ppl.add_argument("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 16)")
+                     help="KV cache dtype (default: the compute dtype; int8, fp8 (e4m3), int4 and KIVI 2/4-bit "
+                          "quantize the pages)")
+    ppl.add_argument("--page-size", type=int, default=None,
+                     help="tokens per KV page, a power of two (default: 16; 32 for KIVI)")
     ppl.add_argument("--streaming-window", type=int, default=None, metavar="TOKENS",
                      help="StreamingLLM: keep only the sinks and this many recent tokens")
     ppl.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
@@ -260,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
-    srv.add_argument("--page-size", type=int, default=16, help="tokens per KV page, a power of two (default: 16)")
+    srv.add_argument("--page-size", type=int, default=None,
+                     help="tokens per KV page, a power of two (default: 16; 32 for KIVI)")
     srv.add_argument("--num-pages", type=int, default=None,
                      help="KV pages in the pool (default: enough for max-batch full contexts)")
     srv.add_argument("--prefill-chunk", type=int, default=64,
@@ -313,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--context", type=int, default=4096)
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
-                      help="KV cache dtype (default: the model's compute dtype; int8, fp8 and int4 count their scales)")
+                      help="KV cache dtype (default: the model's compute dtype; quantized ones count their scales)")
     plan.add_argument("--memory", default=None, metavar="BYTES", help="device memory, e.g. 24GiB: report the largest batch")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan)
@@ -340,6 +345,9 @@ def _kv_compression(parser) -> None:
     parser.add_argument("--eviction-window", type=int, default=None, metavar="TOKENS",
                         help="recent tokens always kept (SnapKV: its observation window; default: half the budget "
                              "for H2O, 32 for SnapKV)")
+    parser.add_argument("--kv-recent", type=int, default=None, metavar="TOKENS",
+                        help="KIVI (--kv-dtype kivi2|kivi4): the last tokens of a sequence kept in float, a multiple "
+                             "of the page size (default: 128)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache.dense import kv_bytes_per_token
+from jaxkv.cache.kivi import ring_pages
 from jaxkv.cache.paged import page_groups
+from jaxkv.cache.quantize import KIVI, KIVI_PAGE, KIVI_RECENT, KV_DTYPES
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.decoder import abstract_params
@@ -54,22 +56,28 @@ def layer_tokens(cfg: ModelConfig, context: int, page_size: int = 16, chunk: int
 
 def plan(cfg: ModelConfig, context: int, batch: int, kv_dtype=None, memory: int | None = None) -> dict:
     """The KV and weight budget of one model geometry (its kv_sources and window layers included): KV bytes per
-    token written, and per sequence held, where window layers keep only their ring of pages."""
+    token written, and per sequence held, where window layers keep only their ring of pages (KIVI: plus its float
+    pages for the recent tokens, `recent_bytes_per_sequence`)."""
     if context < 1 or batch < 1:
         raise JaxkvError(f"context and batch must be positive, got {context} and {batch}")
-    kv_dtype = jnp.dtype(kv_dtype or cfg.dtype)
+    kv_dtype = kv_dtype if isinstance(kv_dtype, str) else jnp.dtype(kv_dtype or cfg.dtype).name
+    if kv_dtype not in KV_DTYPES:
+        raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     per_token = kv_bytes_per_token(cfg, kv_dtype)
     per_layer_token = per_token // cfg.n_kv_layers
-    layers = layer_tokens(cfg, context)
+    layers = layer_tokens(cfg, context, KIVI_PAGE if kv_dtype in KIVI else 16)
     for row in layers:
         row["bytes"] = row["tokens_held"] * per_layer_token
-    per_sequence = sum(row["bytes"] for row in layers)
+    recent = 0 if kv_dtype not in KIVI else (2 * cfg.n_kv_layers * cfg.n_kv_heads * cfg.head_dim * KIVI_PAGE *
+                                             ring_pages(KIVI_RECENT, KIVI_PAGE) * jnp.dtype(cfg.dtype).itemsize)
+    per_sequence = sum(row["bytes"] for row in layers) + recent
     params = parameter_count(cfg)
     weight_bytes = params * jnp.dtype(cfg.param_dtype).itemsize
     out = {
         "kv_layers": cfg.n_kv_layers, "kv_sources": list(cfg.kv_sources), "window_layers": list(cfg.window_layers),
         "kv_bytes_per_token": per_token, "kv_bytes_per_sequence": per_sequence, "kv_bytes": per_sequence * batch,
-        "parameters": params, "weight_bytes": weight_bytes, "kv_dtype": kv_dtype.name, "per_kv_layer": layers,
+        "parameters": params, "weight_bytes": weight_bytes, "kv_dtype": kv_dtype, "per_kv_layer": layers,
+        "recent_bytes_per_sequence": recent,
     }
     if memory is not None:
         room = memory - weight_bytes

@@ -2,7 +2,8 @@
 
     python scripts/bench_kv_compression.py [--contexts 2048,4096] [--windows 2] [--score 256] \\
         [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,fp8-rot,int8,int8-rot,int4,int4-rot,\\
-        h2o-10%,h2o-20%,h2o-50%,snapkv-10%,snapkv-20%,snapkv-50%] [--out docs/results/kv_compression.md] [--keep]
+        kivi4,kivi4-rot,kivi2,kivi2-rot,h2o-10%,h2o-20%,h2o-50%,snapkv-10%,snapkv-20%,snapkv-50%] \\
+        [--out docs/results/kv_compression.md] [--keep]
 
 Every configuration runs through the serving runtime (`jaxkv.eval.perplexity`): each window of `context` tokens is
 one request whose first context - score tokens are prefilled in chunks and whose last `score` tokens are fed one per
@@ -45,7 +46,8 @@ GIB = 2**30
 # name -> (KV dtype of the pages, keys and queries rotated by a Hadamard matrix before the KV is stored)
 CONFIGS = {"float32": ("float32", False), "bfloat16": ("bfloat16", False), "fp8": ("fp8", False),
            "fp8-rot": ("fp8", True), "int8": ("int8", False), "int8-rot": ("int8", True), "int4": ("int4", False),
-           "int4-rot": ("int4", True)}
+           "int4-rot": ("int4", True), "kivi4": ("kivi4", False), "kivi4-rot": ("kivi4", True),
+           "kivi2": ("kivi2", False), "kivi2-rot": ("kivi2", True)}
 # name -> (eviction method, KV budget as a fraction of the context); float32 KV
 EVICTIONS = {f"{method}-{percent}%": (method, percent / 100)
              for method in ("h2o", "snapkv") for percent in (10, 20, 50)}
@@ -61,14 +63,16 @@ CLAIMS = [
 ]
 
 
-def model_for(base: LLM, name: str, context: int) -> LLM:
-    """The configuration `name` of the base model; an eviction budget is a fraction of `context`."""
+def model_for(base: LLM, name: str, context: int, kv_recent: int = 128) -> LLM:
+    """The configuration `name` of the base model; an eviction budget is a fraction of `context`; KIVI keeps the
+    last kv_recent tokens in float."""
     if name in EVICTIONS:
         method, fraction = EVICTIONS[name]
         return LLM(base.config, base.tokenizer, base.params, kv_dtype="float32",
                    eviction=eviction_policy(method, int(fraction * context)))
     kv_dtype, rotate = CONFIGS[name]
-    return LLM(base.config.replace(kv_rotate=rotate), base.tokenizer, base.params, kv_dtype=kv_dtype)
+    return LLM(base.config.replace(kv_rotate=rotate), base.tokenizer, base.params, kv_dtype=kv_dtype,
+               kv_recent=kv_recent)
 
 
 def needle_trials(llm: LLM, filler: list[int], context: int, trials: int, seed: int) -> int:
@@ -131,7 +135,10 @@ def write_outputs(args, base, names, rows: list[dict], needles: list[dict], bf16
     rows = sorted(rows, key=lambda r: (r["context"], names.index(r["config"])))
     lines = [f"# KV compression on {base.config.name}: quality against memory", "",
              f"Command: `python scripts/bench_kv_compression.py --contexts {args.contexts} --windows {args.windows} "
-             f"--score {args.score} --needle {args.needle} --configs {args.configs}{' --keep' * args.keep}`"
+             f"--score {args.score} --needle {shlex.quote(args.needle)} --configs {args.configs}"
+             f"{' --keep' * args.keep}"
+             f"{f' --model {args.model}' * (args.model != 'smollm2-135m')}"
+             f"{f' --kv-recent {args.kv_recent}' * (args.kv_recent != 128)}`"
              + (" (the rows of earlier runs kept: each one's command is in the JSON beside this file)" * args.keep),
              "",
              f"Held-out Shakespeare ({', '.join(d.name for d in shakespeare_split().validation)}), float32 weights. "
@@ -169,6 +176,7 @@ def main() -> None:
     parser.add_argument("--needle-trials", type=int, default=3)
     parser.add_argument("--configs", default=",".join([*CONFIGS, *EVICTIONS]))
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "kv_compression.md"))
+    parser.add_argument("--kv-recent", type=int, default=128, help="KIVI: the last tokens kept in float")
     parser.add_argument("--keep", action="store_true",
                         help="keep the results in --out's JSON that this run does not redo")
     args = parser.parse_args()
@@ -192,7 +200,8 @@ def main() -> None:
         reference = LLM(base.config, base.tokenizer, base.params, kv_dtype="float32")
         for name in names:
             start = time.perf_counter()
-            result = perplexity(model_for(base, name, context), ids, context=context, prefill=context - args.score,
+            llm = model_for(base, name, context, args.kv_recent)
+            result = perplexity(llm, ids, context=context, prefill=context - args.score,
                                 batch=args.windows, reference=reference, max_windows=args.windows)
             row = {"config": name, **result.as_dict(), "seconds": round(time.perf_counter() - start, 1),
                    "command": command}
@@ -201,7 +210,8 @@ def main() -> None:
             write_outputs(args, base, names, rows, needles, bf16)
     for context in needle_contexts:
         for name in names:
-            passed = needle_trials(model_for(base, name, context), ids, context, args.needle_trials, seed=context)
+            passed = needle_trials(model_for(base, name, context, args.kv_recent), ids, context, args.needle_trials,
+                                   seed=context)
             needles.append({"config": name, "context": context, "passed": passed, "trials": args.needle_trials,
                             "command": command})
             print(json.dumps(needles[-1]), flush=True)

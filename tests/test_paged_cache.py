@@ -188,6 +188,44 @@ def test_fp8_absmax_quantization_error_bound():
 
 
 # --- the model on a paged cache ---------------------------------------------------------------
+def scattered_tables(rng, num_pages: int, page_size: int, tokens: int, width: int) -> np.ndarray:
+    """Block tables [2, width] of two sequences of `tokens` tokens whose pages are scattered through the pool."""
+    allocator = PageAllocator(num_pages=num_pages, page_size=page_size)
+    allocator._free = list(rng.permutation(num_pages))
+    for seq in (0, 1):
+        allocator.reserve(seq, tokens)
+    return allocator.block_table([0, 1], width)
+
+
+def dense_logits(cfg, params, tokens: np.ndarray, prompt: list[int], steps: int) -> np.ndarray:
+    """[steps + 1, rows, vocab] on a dense cache: the logits of each row's last prompt token, then of its next
+    `steps` tokens fed one at a time (each row continues from its own length)."""
+    from jaxkv.cache.dense import KVCache
+    from jaxkv.model.decoder import forward
+
+    dense = jax.jit(forward, static_argnums=0)
+    rows = np.arange(len(prompt))
+    first, cache = dense(cfg, params, jnp.asarray(tokens[:, :max(prompt)]),
+                         KVCache.init(cfg, len(prompt), tokens.shape[1]), jnp.asarray(prompt))
+    want = [np.asarray(first)[rows, np.asarray(prompt) - 1]]
+    for t in range(steps):
+        out, cache = dense(cfg, params, jnp.asarray(tokens[rows, np.asarray(prompt) + t][:, None]), cache)
+        want.append(np.asarray(out[:, 0]))
+    return np.stack(want)
+
+
+def paged_forward(cfg, params):
+    """The model on one page pool, jitted: (tokens, pool, meta) -> (each row's last logits, the pool), donated."""
+    from jaxkv.model.decoder import forward
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def step(tokens, pool, meta):
+        logits, kv = forward(cfg, params, tokens[None], PagedKV.whole(pool, meta), logits_at=meta.logits_index[None])
+        return logits[0], kv.pools[0]
+
+    return step
+
+
 @pytest.mark.parametrize("sources, windowed, head_dim", [
     ((0, 1, 2, 3), (), 8), (cla(4, 2), (), 8), (lckv(4, 2), (), 8), ((0, 1, 2, 3), (1, 3), 8), (lckv(4, 2), (1, 3), 8),
     (cla(4, 2), (), 64)], ids=["standard", "cla2", "lckv2", "window", "lckv2-window", "cla2-int4"])
@@ -195,31 +233,16 @@ def test_model_on_paged_cache_equals_dense(sources, windowed, head_dim):
     """Ragged prompts prefilled in one step, then steps of one token per row: the logits of the rows' last
     tokens through scattered pages equal the dense cache's (int8, fp8, bfloat16, int4 where head_dim allows it:
     close)."""
-    from jaxkv.cache.dense import KVCache
-    from jaxkv.model.decoder import forward, init_params
+    from jaxkv.model.decoder import init_params
 
     cfg = _cfg(sources, head_dim).replace(upward_passes_no_grad=12, window_layers=windowed, sliding_window=3)
     params = init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
     tokens = np.asarray(rng.integers(0, 32, size=(2, 14)), np.int32)
     prompt = [10, 7]
-    allocator = PageAllocator(num_pages=16, page_size=4)
-    allocator._free = list(rng.permutation(16))
-    for seq in (0, 1):
-        allocator.reserve(seq, 16)
-    tables = allocator.block_table([0, 1], 4)
-    dense_step = jax.jit(forward, static_argnums=0)
-    first, cache = dense_step(cfg, params, jnp.asarray(tokens[:, :10]), KVCache.init(cfg, 2, 16), jnp.asarray(prompt))
-    want = [np.asarray(first)[np.arange(2), np.asarray(prompt) - 1]]
-    for t in range(3):  # each row continues from its own length
-        out, cache = dense_step(cfg, params, jnp.asarray(tokens[np.arange(2), np.asarray(prompt) + t][:, None]), cache)
-        want.append(np.asarray(out[:, 0]))
-    want = np.stack(want)
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def paged_step(tokens, pool, meta):
-        logits, kv = forward(cfg, params, tokens[None], PagedKV.whole(pool, meta), logits_at=meta.logits_index[None])
-        return logits[0], kv.pools[0]
+    tables = scattered_tables(rng, 16, 4, 16, 4)
+    want = dense_logits(cfg, params, tokens, prompt, 3)
+    paged_step = paged_forward(cfg, params)
 
     # bfloat16 pages under float32 compute: q in bf16
     for kv_dtype in ("float32", "int8", "fp8", "bfloat16") if head_dim < 64 else ("float32", "int4"):

@@ -562,7 +562,7 @@ def test_serve_command_line():
         (MODEL, "127.0.0.1", 9000, 2, 32, 64, "int8", 128, 2, True, 1024)
     defaults = build_parser().parse_args(["serve"])
     assert (defaults.port, defaults.max_batch, defaults.page_size, defaults.num_pages, defaults.no_prefix_caching,
-            defaults.max_context) == (8000, 8, 16, None, False, None)
+            defaults.max_context) == (8000, 8, None, None, False, None)  # page size: jaxkv.load's (16, KIVI 32)
 
 
 def test_serve_fails_in_one_line_on_a_busy_port():

@@ -11,7 +11,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from jaxkv.cache.quantize import vector_bytes
+from jaxkv.cache.quantize import kv_vector_bytes
 from jaxkv.config import ModelConfig
 from jaxkv.model.attention import cached_attention
 from jaxkv.parallel.logical import constrain
@@ -89,8 +89,9 @@ class KVCache:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
-    """2 (K and V) x KV layers x kv_heads x the bytes of a (token, head) vector, quantized pools' scales included."""
-    return 2 * cfg.n_kv_layers * cfg.n_kv_heads * vector_bytes(_kv_dtype_name(dtype or cfg.dtype), cfg.head_dim)
+    """KV layers x kv_heads x the bytes of a (token, head)'s K and V, quantized pools' scales included (not KIVI's
+    recent float pages, a fixed cost per sequence: `jaxkv.cache.kivi`)."""
+    return cfg.n_kv_layers * cfg.n_kv_heads * kv_vector_bytes(_kv_dtype_name(dtype or cfg.dtype), cfg.head_dim)
 
 
 def _kv_dtype_name(dtype) -> str:

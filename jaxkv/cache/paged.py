@@ -26,11 +26,13 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from jaxkv.cache.eviction import add_attention_scores
-from jaxkv.cache.quantize import KV_DTYPES, SCALED, quantize, storage_dtype, storage_shape
+from jaxkv.cache.kivi import Residual, ring_pages
+from jaxkv.cache.quantize import (KIVI, KIVI_PAGE, KIVI_RECENT, KV_DTYPES, SCALED, quantize, quantize_kivi,
+                                  storage_dtype, storage_shape)
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.rope import apply_rope, inverse_frequencies
-from pallas_kernels.paged_attention.reference import table_column
+from pallas_kernels.paged_attention.reference import KIVI_GROUP, table_column
 from pallas_kernels.ragged_paged_attention import PoolLayer, RaggedMetadata, ragged_paged_attention
 
 __all__ = ["KV_DTYPES", "PageGroup", "PagePool", "PagedKV", "StepMetadata", "page_groups", "streaming_pages"]
@@ -47,6 +49,10 @@ class PagePool:
     # token eviction (`jaxkv.cache.eviction`): float32 [n_kv_layers, kv_heads, max_seqs, slots], the attention
     # each held token of a sequence has received from scoring queries, per sequence row and slot
     scores: jax.Array | None = None
+    # KIVI (`jaxkv.cache.kivi`): each sequence's ring of float pages [n_kv_layers, kv_heads, max_seqs x ring + 1,
+    # page_size, head_dim] for its tokens not yet flushed (the last page is scratch)
+    k_recent: jax.Array | None = None
+    v_recent: jax.Array | None = None
 
     # logical axes (`jaxkv.parallel.rules`): KV heads may split over "model"; pages are one address space
     LOGICAL_AXES: ClassVar[dict[str, PartitionSpec]] = {
@@ -56,28 +62,42 @@ class PagePool:
         "v_scales": PartitionSpec("layers", "kv_heads", "pages", "page_offset"),
         "sink_keys": PartitionSpec("layers", "seqs", "sinks", "kv_heads", "head_dim"),
         "scores": PartitionSpec("layers", "kv_heads", "seqs", None),
+        "k_recent": PartitionSpec("layers", "kv_heads", "pages", "page_offset", "head_dim"),
+        "v_recent": PartitionSpec("layers", "kv_heads", "pages", "page_offset", "head_dim"),
     }
 
     @classmethod
     def init(cls, cfg: ModelConfig, num_pages: int, page_size: int, max_seqs: int = 1,
-             kv_dtype: str | None = None, n_layers: int | None = None, score_slots: int = 0) -> PagePool:
+             kv_dtype: str | None = None, n_layers: int | None = None, score_slots: int = 0,
+             recent: int = KIVI_RECENT) -> PagePool:
         """num_pages pages for sequences (plus the scratch page) of n_layers KV layers (default all of cfg's);
         max_seqs sequences may keep sink keys, and with score_slots the attention each of their first score_slots
-        tokens received (token eviction)."""
+        tokens received (token eviction). KIVI dtypes keep each sequence's `recent` last tokens in float."""
         kv_dtype = kv_dtype or cfg.dtype
         if kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         n_layers = cfg.n_kv_layers if n_layers is None else n_layers
-        values, per_scale = storage_shape(kv_dtype, cfg.head_dim)
         shape = (n_layers, cfg.n_kv_heads, num_pages + 1, page_size)
-        scales = (None, None) if per_scale is None else \
-            (jnp.zeros(shape + per_scale, jnp.float32), jnp.zeros(shape + per_scale, jnp.float32))
-        shape += values
         sinks = cfg.attention_sinks
         sink_keys = jnp.zeros((n_layers, max_seqs, sinks, cfg.n_kv_heads, cfg.head_dim)) if sinks else None
+        scores = jnp.zeros((n_layers, cfg.n_kv_heads, max_seqs, score_slots)) if score_slots else None
+        if kv_dtype in KIVI:
+            if page_size != KIVI_PAGE or recent % page_size or recent < 0:
+                raise JaxkvError(f"KV dtype {kv_dtype} groups keys over pages of {KIVI_PAGE} tokens and keeps a "
+                                 f"multiple of them recent: page_size {page_size}, recent {recent}")
+            codes = shape + (cfg.head_dim * KIVI[kv_dtype] // 8,)
+            ring = (n_layers, cfg.n_kv_heads, max_seqs * ring_pages(recent, page_size) + 1, page_size, cfg.head_dim)
+            return cls(jnp.zeros(codes, jnp.uint8), jnp.zeros(codes, jnp.uint8),
+                       jnp.zeros(shape[:3] + (2, cfg.head_dim), jnp.bfloat16),
+                       jnp.zeros(shape + (2, cfg.head_dim // KIVI_GROUP), jnp.bfloat16), sink_keys=sink_keys,
+                       sinks=sinks, scores=scores, k_recent=jnp.zeros(ring, cfg.dtype),
+                       v_recent=jnp.zeros(ring, cfg.dtype))
+        values, per_scale = storage_shape(kv_dtype, cfg.head_dim)
+        scales = (None, None) if per_scale is None else \
+            (jnp.zeros(shape + per_scale, jnp.float32), jnp.zeros(shape + per_scale, jnp.float32))
         dtype = storage_dtype(kv_dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), *scales, sink_keys=sink_keys, sinks=sinks,
-                   scores=jnp.zeros((n_layers, cfg.n_kv_heads, max_seqs, score_slots)) if score_slots else None)
+        return cls(jnp.zeros(shape + values, dtype), jnp.zeros(shape + values, dtype), *scales, sink_keys=sink_keys,
+                   sinks=sinks, scores=scores)
 
     @property
     def page_size(self) -> int:
@@ -94,14 +114,18 @@ class PagePool:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV dtype name the pool was made with (int8, fp8, int4 or a float dtype)."""
+        """The KV dtype name the pool was made with (int8, fp8, int4, kivi2, kivi4 or a float dtype)."""
+        if self.k_recent is not None:
+            bits = 8 * self.k_pages.shape[-1] // self.k_recent.shape[-1]
+            return next(name for name, b in KIVI.items() if b == bits)
         return next((name for name, (dtype, *_) in SCALED.items() if self.k_pages.dtype == dtype),
                     str(self.k_pages.dtype))
 
     def layer(self, index: int) -> PoolLayer:
         """The pages of the pool's index-th layer."""
         pick = (lambda a: None if a is None else a[index])
-        return PoolLayer(self.k_pages[index], self.v_pages[index], pick(self.k_scales), pick(self.v_scales))
+        return PoolLayer(self.k_pages[index], self.v_pages[index], pick(self.k_scales), pick(self.v_scales),
+                         pick(self.k_recent), pick(self.v_recent))
 
     def put(self, index: int, pages: jax.Array, offsets: jax.Array, **new: jax.Array) -> PagePool:
         """Store `new` (k= and/or v=, [N, kv_heads, head_dim]) at (pages, offsets) [N] of the pool's index-th
@@ -116,6 +140,39 @@ class PagePool:
                 updates[f"{name}_scales"] = getattr(self, f"{name}_scales").at[at].set(x_scale, mode="drop")
             pool = getattr(self, f"{name}_pages")
             updates[f"{name}_pages"] = pool.at[at].set(x.astype(pool.dtype), mode="drop")
+        return self.replace(**updates)
+
+    def write_kivi(self, index: int, k: jax.Array, v: jax.Array, meta: RaggedMetadata, token_rows: jax.Array,
+                   slots: jax.Array, flushes: jax.Array) -> PagePool:
+        """KIVI: a step's packed k, v [T, kv_heads, head_dim] (rows `token_rows`, at `slots`) into the index-th
+        layer. First the step's flushes (`jaxkv.cache.kivi.Residual.plan`): each page's tokens, from its ring page
+        (those cached before the step) or the step's own, quantized into its quantized page; then every new token
+        past its row's flushed ones into its ring page, through the table (`meta`: after the step)."""
+        n_rows, page_size = meta.kv_lens.shape[0], self.page_size
+        row, page, quantized, ring = (flushes[:, i] for i in range(4))
+        q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+        slot = page[:, None] * page_size + jnp.arange(page_size)[None, :]  # [F, S]
+        cached = jnp.take(meta.kv_lens - q_lens, row, mode="clip")[:, None]
+        new = jnp.clip(jnp.take(meta.cu_q_lens[:n_rows], row, mode="clip")[:, None] + slot - cached, 0, k.shape[0] - 1)
+        old = (slot < cached)[None, :, :, None]
+        bits = 8 * self.k_pages.shape[-1] // k.shape[-1]
+        updates = {}
+        for name, x in (("k", k), ("v", v)):
+            recent = getattr(self, f"{name}_recent")
+            tokens = jnp.where(old, jnp.take(recent[index], ring, axis=1, mode="clip").astype(jnp.float32),
+                               jnp.moveaxis(x[new], 2, 0).astype(jnp.float32))  # [K, F, S, Dh]
+            codes, pairs = quantize_kivi(tokens, bits, keys=name == "k")
+            updates[f"{name}_pages"] = getattr(self, f"{name}_pages").at[index, :, quantized].set(
+                jnp.moveaxis(codes, 0, 1), mode="drop")
+            updates[f"{name}_scales"] = getattr(self, f"{name}_scales").at[index, :, quantized].set(
+                jnp.moveaxis(pairs, 0, 1), mode="drop")
+            real = jnp.arange(slots.shape[0]) < meta.cu_q_lens[-1]
+            keep = real & (slots >= meta.flushed[token_rows])
+            column = jnp.clip(slots // page_size, 0, meta.block_tables.shape[1] - 1)
+            target = jnp.where(keep, meta.block_tables[token_rows, column], recent.shape[2])  # else dropped
+            heads = jnp.arange(recent.shape[1])[:, None]
+            updates[f"{name}_recent"] = recent.at[index, heads, target[None], (slots % page_size)[None]].set(
+                jnp.moveaxis(x, 1, 0).astype(recent.dtype), mode="drop")
         return self.replace(**updates)
 
 
@@ -164,7 +221,8 @@ class StepMetadata:
     before it (`jaxkv.cache.eviction`: the KV lengths count slots); token_rows int32 [T]: its row (padding tokens:
     any, they are dropped); logits_index int32 [R]: each row's last token, whose logits are sampled; sink_rows
     int32 [R]: the row's sequence's place in the pool (its sink keys and eviction scores); score_weights float32
-    [T] or None: how much each token's attention adds to the scores of the tokens it sees (pools that keep them)."""
+    [T] or None: how much each token's attention adds to the scores of the tokens it sees (pools that keep them);
+    flushes int32 [F, 4] or None: the pages KIVI pools quantize in this step (`jaxkv.cache.kivi.Residual.plan`)."""
 
     attention: tuple[RaggedMetadata, ...]
     positions: jax.Array
@@ -173,6 +231,7 @@ class StepMetadata:
     sink_rows: jax.Array
     slots: jax.Array
     score_weights: jax.Array | None = None
+    flushes: jax.Array | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -191,12 +250,14 @@ class StepMetadata:
 
     @classmethod
     def pack(cls, block_tables, cached, n_new, *, n_tokens: int | None = None, max_q_len: int | None = None,
-             sink_rows=None, starts=None, score_weights=None) -> StepMetadata:
+             sink_rows=None, starts=None, score_weights=None, residual: Residual | None = None,
+             flushed=None) -> StepMetadata:
         """Host metadata of rows whose n_new[r] tokens follow their cached[r] ones, packed in row order.
         block_tables: per page group, int32 [R, W_g] (rows past len(cached) are idle); n_tokens pads the packed
         tokens (default: exact); max_q_len defaults to the longest chunk; sink_rows (default 0..) index the pool's
         sink keys. starts: each row's first new position when it is not cached[r] (a row that evicted tokens
-        holds fewer than its position); score_weights: per packed token (`StepMetadata`)."""
+        holds fewer than its position); score_weights: per packed token (`StepMetadata`). residual (KIVI pools,
+        one group of full tables): each row's tokens in quantized pages before the step are flushed[r]."""
         tables = [np.asarray(t, np.int32) for t in block_tables]
         n_rows = tables[0].shape[0]
         cached, n_new = np.asarray(cached, np.int32), np.asarray(n_new, np.int32)
@@ -221,8 +282,13 @@ class StepMetadata:
         if score_weights is not None:
             weights = np.zeros(n_tokens, np.float32)
             weights[:total] = np.asarray(score_weights, np.float32)[:total]
-        return cls(tuple(RaggedMetadata(cu_q_lens, kv_lens, t, max_q_len) for t in tables), positions, token_rows,
-                   logits_index, sinks, slots, weights)
+        if residual is None:
+            return cls(tuple(RaggedMetadata(cu_q_lens, kv_lens, t, max_q_len) for t in tables), positions,
+                       token_rows, logits_index, sinks, slots, weights)
+        flushed = np.zeros(len(n_new), np.int32) if flushed is None else flushed
+        table, flushed, flushes = residual.plan(tables[0], sinks, cached, n_new, flushed, n_tokens)
+        return cls((RaggedMetadata(cu_q_lens, kv_lens, table, max_q_len, flushed),), positions, token_rows,
+                   logits_index, sinks, slots, weights, flushes)
 
 
 @struct.dataclass
@@ -260,7 +326,10 @@ class PagedKV:
             sink = jnp.where(real & (positions < pool.sinks), positions, pool.sinks)  # others out of range: dropped
             pool = pool.replace(sink_keys=pool.sink_keys.at[index, meta.sink_rows[meta.token_rows], sink].set(
                 k[0].astype(jnp.float32), mode="drop"))
-        pool = pool.put(index, pages, slots % pool.page_size, k=k[0], v=v[0])
+        if pool.k_recent is not None:  # KIVI
+            pool = pool.write_kivi(index, k[0], v[0], meta.attention[group], meta.token_rows, slots, meta.flushes)
+        else:
+            pool = pool.put(index, pages, slots % pool.page_size, k=k[0], v=v[0])
         return self.replace(pools=self.pools[:group] + (pool,) + self.pools[group + 1:])
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,

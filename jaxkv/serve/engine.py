@@ -25,6 +25,9 @@ With token eviction (`jaxkv.cache.eviction`: H2O, SnapKV) a sequence holds at mo
 after its prompt: once a step leaves it with more, one more device call (`compact`) keeps the best-scored ones in
 its first slots and the allocator takes its pages past the budget back. It first moves off pages it shares (a
 cached prefix), which stay in the prefix cache for others.
+
+With a KIVI KV dtype (`jaxkv.cache.kivi`) a sequence's last tokens stay in float pages of its own until a step
+flushes them into quantized pages; only flushed pages enter the prefix cache.
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ import jax
 import numpy as np
 
 from jaxkv.cache.eviction import Eviction, compact
+from jaxkv.cache.kivi import Residual, flushed_after
 from jaxkv.cache.pages import OutOfPages, PageAllocator, prefix_hashes
 from jaxkv.cache.paged import PageGroup, PagePool, StepMetadata, page_groups, streaming_pages
+from jaxkv.cache.quantize import KIVI
 from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
-from jaxkv.generate.detokenize import TextStream
 from jaxkv.parallel.rules import cache_shardings
 from jaxkv.serve.compiled import Executables, powers_of_two
 from jaxkv.serve.requests import Limits, Request, RequestOutput, validate
+from jaxkv.serve.sequence import EngineSequence
 from jaxkv.serve.step import ragged_step
 
 __all__ = ["Engine", "EngineStepError", "Limits", "Request", "RequestOutput"]
@@ -65,46 +70,6 @@ class _Shapes(NamedTuple):
     widths: list[int]
 
 
-class _Sequence:
-    """A request inside the engine: its tokens (prompt, then generated) and how many are in the cache."""
-
-    def __init__(self, request: Request, decode, deadline: float):
-        self.request = request
-        self.tokens = list(request.prompt_ids)
-        self.n_prompt = len(self.tokens)
-        self.computed = 0  # tokens whose K/V is in the cache (or was, before eviction dropped it)
-        self.dropped = 0  # tokens evicted from the cache
-        self.prefill_end = 0  # tokens fed as prompt chunks since admission: then decoding starts
-        self.row: int | None = None  # its place among the running requests (where its sink keys live)
-        self.order = 0  # admission order: the latest admitted is preempted first
-        self.cached_tokens = 0
-        self.deadline = deadline  # time.monotonic() by which it must finish
-        self.text = TextStream(decode, request.stop)
-
-    @property
-    def held(self) -> int:
-        """Tokens in the cache: the slots of its pages in use."""
-        return self.computed - self.dropped
-
-    def restart(self) -> None:
-        """Back to an empty cache (preempted, or its pool lost): recomputed from its tokens when admitted."""
-        self.computed = self.dropped = 0
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.n_prompt
-
-    @property
-    def decoding(self) -> bool:
-        """All its tokens but the last sampled one are in the cache: its next step is a decode row."""
-        return self.computed == len(self.tokens) - 1 and self.generated > 0
-
-    def output(self, token_ids, logprobs, text: str, reason: str | None, error=None) -> RequestOutput:
-        return RequestOutput(self.request.request_id, text, list(token_ids),
-                             logprobs if self.request.logprobs else None, reason is not None, reason,
-                             self.n_prompt, self.generated, self.cached_tokens, error)
-
-
 class Engine:
     """Serves many requests on one model; single-threaded: one thread calls add, abort and step."""
 
@@ -122,8 +87,8 @@ class Engine:
         what one request may cost. decode_iters: tokens per row in a call that holds only decode rows (when
         nothing waits). `executables` may be shared between engines of one model. window_pages=False gives window
         layers full tables too (their prefixes can then be cached). eviction: a token budget per sequence, kept by
-        H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`); not with sliding windows or StreamingLLM, and
-        decode_iters is then 1 (a decode step may evict)."""
+        H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`). Eviction and KIVI dtypes are not for sliding
+        windows or StreamingLLM, nor for each other, and make decode_iters 1 (a decode step may evict or flush)."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -137,12 +102,18 @@ class Engine:
         self.cfg, self.params, self.tokenizer = cfg, llm.params, llm.tokenizer
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
         self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
-        self.prefill_budget, self.decode_iters = prefill_budget, 1 if eviction else decode_iters
+        kv_dtype = kv_dtype or cfg.dtype
+        self.residual = Residual(llm.kv_recent, page_size) if kv_dtype in KIVI else None
+        self.prefill_budget = prefill_budget
+        self.decode_iters = 1 if eviction or self.residual else decode_iters
         self.streaming = cfg.streaming_window is not None
         self.eviction = eviction
-        if eviction and (self.streaming or any(cfg.window(layer) is not None for layer in range(cfg.n_layers))):
-            raise JaxkvError("token eviction needs every layer to attend to the whole sequence: not with StreamingLLM "
+        what = "token eviction" if eviction else f"KV dtype {kv_dtype}" if self.residual else None
+        if what and (self.streaming or any(cfg.window(layer) is not None for layer in range(cfg.n_layers))):
+            raise JaxkvError(f"{what} needs every layer to attend to the whole sequence: not with StreamingLLM "
                              "or sliding-window layers")
+        if eviction and self.residual:
+            raise JaxkvError(f"token eviction does not compose with KV dtype {kv_dtype} yet: use int8, fp8 or int4")
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.groups = page_groups(cfg, page_size, max(prefill_chunk, decode_iters), self.pages_per_seq)
@@ -157,7 +128,7 @@ class Engine:
         inits = []
         for group, n in zip(self.groups, group_pages):
             init = functools.partial(PagePool.init, cfg, n, page_size, max_batch, kv_dtype, len(group.kv_layers),
-                                     self.pages_per_seq * page_size if eviction else 0)
+                                     self.pages_per_seq * page_size if eviction else 0, llm.kv_recent)
             if llm.mesh is not None:  # built in place, each device allocating only its shard of the pool
                 init = jax.jit(init, out_shardings=cache_shardings(jax.eval_shape(init), llm.mesh))
             inits.append(init)
@@ -166,18 +137,21 @@ class Engine:
         # what one page costs in each group: every array with a pages axis (values and scales), per page
         self._page_bytes = [sum(x.nbytes // x.shape[2] for x in (p.k_pages, p.v_pages, p.k_scales, p.v_scales)
                                 if x is not None) for p in self.pools]
+        # KIVI: a running sequence's ring of float pages (the pool's last is scratch)
+        self._ring_bytes = 0 if not self.residual else \
+            self.residual.ring * sum(x.nbytes // x.shape[2] for x in (self.pools[0].k_recent, self.pools[0].v_recent))
         self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
         self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
         self.executables = executables or Executables(llm.mesh)
-        self.waiting: collections.deque[_Sequence] = collections.deque()
-        self.running: list[_Sequence | None] = [None] * max_batch  # by row
-        self._by_id: dict[str, _Sequence] = {}
+        self.waiting: collections.deque[EngineSequence] = collections.deque()
+        self.running: list[EngineSequence | None] = [None] * max_batch  # by row
+        self._by_id: dict[str, EngineSequence] = {}
         self._undelivered: list[RequestOutput] = []
         self._admissions = itertools.count(1)
         self._totals = collections.Counter()
         self._recent: collections.deque[float] = collections.deque()  # when recent tokens came, for tokens/s
         self.limits = limits or Limits()
-        self._suspects: set[_Sequence] = set()  # were in a failed device call: run alone until one passes
+        self._suspects: set[EngineSequence] = set()  # were in a failed device call: run alone until one passes
 
     # --- requests -----------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -204,7 +178,7 @@ class Engine:
             self._totals["queue_full"] += 1
             raise QueueFull(f"the server's queue is full ({len(self.waiting)} requests waiting); try again shortly")
         timeout = self.limits.request_timeout_s
-        seq = _Sequence(request, self.tokenizer.decode, time.monotonic() + timeout if timeout else float("inf"))
+        seq = EngineSequence(request, self.tokenizer.decode, time.monotonic() + timeout if timeout else float("inf"))
         self._by_id[request.request_id] = seq
         self.waiting.append(seq)
 
@@ -255,7 +229,7 @@ class Engine:
             if seq in self._suspects and seq.row is not None and self._run([(seq, n)], outputs):
                 self._suspects.discard(seq)
 
-    def _schedule(self) -> list[tuple[_Sequence, int]]:
+    def _schedule(self) -> list[tuple[EngineSequence, int]]:
         """This step's rows, (request, tokens to feed): every decode row first (making room for its token, which
         may preempt the latest admitted), then prompt chunks in admission order within the budget."""
         running = sorted((s for s in self.running if s is not None), key=lambda s: s.order)
@@ -268,7 +242,7 @@ class Engine:
                 budget -= n
         return [(s, n) for s, n in rows if s.row is not None]  # (a preempted one: not)
 
-    def _shape(self, rows: list[tuple[_Sequence, int]], iters: int) -> tuple[int, int, int]:
+    def _shape(self, rows: list[tuple[EngineSequence, int]], iters: int) -> tuple[int, int, int]:
         """(tokens T, rows R, table width W) of a step: decode-only steps in row buckets (T == R), others in token
         buckets with every row; W the narrowest width bucket holding every position written."""
         shapes = self._shapes()
@@ -297,7 +271,7 @@ class Engine:
         quarters = sorted({max(1, per_seq * i // 4) for i in range(1, 5)})
         return _Shapes(rows, quarters, tokens, sorted({max(1, per_seq // 2), per_seq}))
 
-    def _iterations(self, rows: list[tuple[_Sequence, int]]) -> int:
+    def _iterations(self, rows: list[tuple[EngineSequence, int]]) -> int:
         """decode_iters when the step is decode rows only, nothing waits, every row has pages for that many
         tokens (reserved now; past a request's end they are wasted, not wrong) and no suspect is among them."""
         iters = self.decode_iters
@@ -314,7 +288,7 @@ class Engine:
             return 1
         return iters
 
-    def _run(self, rows: list[tuple[_Sequence, int]], outputs: list[RequestOutput]) -> bool:
+    def _run(self, rows: list[tuple[EngineSequence, int]], outputs: list[RequestOutput]) -> bool:
         """One device call for `rows`; emits the tokens sampled for the rows whose tokens are all in the cache.
         False if the call failed."""
         iters = self._iterations(rows)
@@ -332,8 +306,11 @@ class Engine:
             if seq.computed < seq.n_prompt:
                 self._totals["prefilled"] += min(n, seq.n_prompt - seq.computed)
             seq.computed += n
+            if self.residual:
+                seq.flushed = flushed_after(seq.flushed, seq.held, self.residual.recent, self.page_size)
             if self.prefix_caching and not seq.dropped:  # (one group then, of full tables)
-                for page, key in zip(self._pages(seq)[0], prefix_hashes(seq.tokens[:seq.computed], self.page_size)):
+                cached = seq.tokens[:seq.flushed if self.residual else seq.computed]
+                for page, key in zip(self._pages(seq)[0], prefix_hashes(cached, self.page_size)):
                     self.allocators[0].register(int(page), key)
         if self.eviction:  # (iters is 1): before the outputs, which report the bytes held
             self._cut([s for s, _ in rows if s.row is not None and self.eviction.due(
@@ -350,7 +327,7 @@ class Engine:
                                           log_probs[i, r] if seq.request.distributions else None))
         return True
 
-    def _cut(self, seqs: list[_Sequence]) -> None:
+    def _cut(self, seqs: list[EngineSequence]) -> None:
         """Evict down to the budget in one device call (`compact`), then give back the pages past it. A sequence
         first takes private pages where it shares one (a cached prefix); one that cannot (no free page) is cut at
         a later step."""
@@ -393,7 +370,8 @@ class Engine:
         meta = StepMetadata.pack(tables, [s.held for s, _ in rows], [n for _, n in rows], n_tokens=n_tokens,
                                  max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[s.row for s, _ in rows],
                                  starts=[s.computed for s, _ in rows], score_weights=None if not self.eviction else
-                                 np.concatenate([self.eviction.votes(s.computed, n, s.prefill_end) for s, n in rows]))
+                                 np.concatenate([self.eviction.votes(s.computed, n, s.prefill_end) for s, n in rows]),
+                                 residual=self.residual, flushed=[s.flushed for s, _ in rows])
         sampling = [s.request.sampling for s, _ in rows]
         pad = n_rows - len(rows)  # idle rows: greedy
         seeds = np.asarray([p.seed for p in sampling] + [0] * pad, np.uint32)
@@ -414,7 +392,7 @@ class Engine:
         """Static per shape: 1 for decode-only shapes (T == R), else the longest chunk a row may have."""
         return 1 if n_tokens == n_rows else self.prefill_chunk
 
-    def _device(self, seqs: list[_Sequence], outputs: list[RequestOutput], iters: int, distributions: bool,
+    def _device(self, seqs: list[EngineSequence], outputs: list[RequestOutput], iters: int, distributions: bool,
                 args) -> tuple | None:
         """The step for seqs (args() builds the host arrays), its results on the host; None if anything failed.
         Then seqs become suspects, to be retried alone; a suspect that fails again, alone, ends with the error."""
@@ -446,12 +424,12 @@ class Engine:
         except Exception:  # noqa: BLE001 - an asynchronous failure surfaces here
             return False
 
-    def _fail(self, seq: _Sequence, error: Exception) -> RequestOutput:
+    def _fail(self, seq: EngineSequence, error: Exception) -> RequestOutput:
         """End seq with an error (its pages are freed now); the output tells its client why."""
         self._end(seq)
         return seq.output([], [], "", "error", error)
 
-    def _end(self, seq: _Sequence) -> None:
+    def _end(self, seq: EngineSequence) -> None:
         """Forget a finished, aborted or failed request and free its row and pages (or its place in the queue)."""
         self._by_id.pop(seq.request.request_id, None)
         self._suspects.discard(seq)
@@ -483,7 +461,7 @@ class Engine:
             if shared:
                 self.allocators[0].share(seq.request.request_id, shared, len(shared) * self.page_size)
             self._reserve(seq, length)
-            seq.computed = seq.cached_tokens = len(shared) * self.page_size
+            seq.computed = seq.cached_tokens = seq.flushed = len(shared) * self.page_size
             seq.prefill_end = len(seq.tokens)
             if not seq.order:  # first admission (not a recompute after preemption)
                 self._totals["prompt"] += seq.n_prompt
@@ -491,7 +469,7 @@ class Engine:
             seq.row, seq.order = self.running.index(None), next(self._admissions)
             self.running[seq.row] = seq
 
-    def _make_room(self, seq: _Sequence, length: int) -> bool:
+    def _make_room(self, seq: EngineSequence, length: int) -> bool:
         """Pages for seq to hold `length` tokens, preempting the latest admitted requests if needed; False if seq
         itself was."""
         while not self.streaming:
@@ -513,22 +491,22 @@ class Engine:
         pages = -(-length // self.page_size)
         return pages if group.ring is None else min(pages, group.ring)
 
-    def _reserve(self, seq: _Sequence, length: int) -> None:
+    def _reserve(self, seq: EngineSequence, length: int) -> None:
         """Pages for seq to hold `length` tokens in every group (OutOfPages if a group has too few)."""
         for group, allocator in zip(self.groups, self.allocators):
             allocator.reserve(seq.request.request_id, min(length, self._group_pages(group, length) * self.page_size))
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: EngineSequence) -> None:
         for allocator in self.allocators:
             if allocator.holds(seq.request.request_id):
                 allocator.release(seq.request.request_id)
         self.running[seq.row], seq.row = None, None
 
-    def _pages(self, seq: _Sequence) -> list[list[int]]:
+    def _pages(self, seq: EngineSequence) -> list[list[int]]:
         """seq's pages in every group."""
         return [allocator.pages(seq.request.request_id) for allocator in self.allocators]
 
-    def _emit(self, seq: _Sequence, token: int, logprob: float, log_probs: np.ndarray | None) -> RequestOutput:
+    def _emit(self, seq: EngineSequence, token: int, logprob: float, log_probs: np.ndarray | None) -> RequestOutput:
         """Append a sampled (or forced) token; finish the request on EOS, a stop string or its budget."""
         seq.tokens.append(token)
         self._totals["generated"] += 1
@@ -545,9 +523,11 @@ class Engine:
         return out
 
     def kv_bytes_held(self, request_id: str) -> int:
-        """Bytes of KV pages (with their scales) that a request holds now, over every page group."""
-        return sum(len(a.pages(request_id)) * page_bytes for a, page_bytes in zip(self.allocators, self._page_bytes)
-                   if a.holds(request_id))
+        """Bytes of KV pages (with their scales) that a request holds now, over every page group, and its ring of
+        float pages (KIVI) while it runs."""
+        holders = [(a, page_bytes) for a, page_bytes in zip(self.allocators, self._page_bytes) if a.holds(request_id)]
+        return sum(len(a.pages(request_id)) * page_bytes for a, page_bytes in holders) + \
+            (self._ring_bytes if holders else 0)
 
     # --- compilation --------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -558,7 +538,8 @@ class Engine:
         for n_tokens, n_rows, width in every:
             tables = [np.zeros((n_rows, g.ring or width), np.int32) for g in self.groups]
             meta = StepMetadata.pack(tables, [], [], n_tokens=n_tokens, max_q_len=self._max_q_len(n_tokens, n_rows),
-                                     sink_rows=[], score_weights=np.zeros(0) if self.eviction else None)
+                                     sink_rows=[], score_weights=np.zeros(0) if self.eviction else None,
+                                     residual=self.residual)
             rows = np.zeros(n_rows, np.int32)
             _, _, _, self.pools = self.executables.run(
                 ragged_step, (1,), self.params, self.pools, np.zeros(n_tokens, np.int32), meta,

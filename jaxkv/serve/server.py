@@ -160,7 +160,7 @@ class _Server:
                                  background=BackgroundTask(stream.abort))
 
 
-def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_size: int = 16,
+def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_size: int | None = None,
                num_pages: int | None = None, kv_dtype: str | None = None, prefill_chunk: int = 64,
                prefill_budget: int | None = None, prefix_caching: bool = True, max_context: int | None = None,
                limits: Limits | None = None, api_key: str | None = None,
@@ -172,14 +172,16 @@ def create_app(llm, *, model_name: str | None = None, max_batch: int = 8, page_s
     completion below the model's context), compiles it ahead of the first request when `warmup`, and
     runs it on a background thread that stops with the app. `limits` bounds each request's cost;
     `api_key` (if set) is required on /v1; `allowed_hosts` (None: any) are the Host names answered.
-    window_pages=False gives window layers full tables, and so the prefix cache (see `Engine`).
+    window_pages=False gives window layers full tables, and so the prefix cache (see `Engine`). page_size and
+    kv_dtype default to the llm's.
     """
     limits = limits or Limits()
     if engine is None:
         from jaxkv.serve.engine import Engine
 
         extra = {} if max_context is None else {"max_context": max_context}
-        engine = Engine(llm, max_batch=max_batch, page_size=page_size, num_pages=num_pages, kv_dtype=kv_dtype,
+        engine = Engine(llm, max_batch=max_batch, page_size=page_size or llm.page_size, num_pages=num_pages,
+                        kv_dtype=kv_dtype or llm.kv_dtype,
                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, prefix_caching=prefix_caching,
                         limits=limits, window_pages=window_pages, eviction=llm.eviction, **extra)
     if warmup and hasattr(engine, "warmup"):
@@ -365,13 +367,14 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, *, dtype: str | None = None,
-          kv_dtype: str | None = None, page_size: int = 16, num_pages: int | None = None, max_batch: int = 8,
+          kv_dtype: str | None = None, page_size: int | None = None, num_pages: int | None = None, max_batch: int = 8,
           prefill_chunk: int = 64, prefill_budget: int | None = None, prefix_caching: bool = True,
           max_context: int | None = None, streaming_window: int | None = None, sinks: int = 4, mesh: str | None = None,
           model_name: str | None = None, log_level: str = "info", limits: Limits | None = None,
           api_key: str | None = None, allowed_hosts: tuple[str, ...] | None = None,
           timeout_keep_alive: int = 5, kv_rotate: bool = False, window_pages: bool = True,
-          kv_budget: int | None = None, eviction: str | None = None, eviction_window: int | None = None) -> None:
+          kv_budget: int | None = None, eviction: str | None = None, eviction_window: int | None = None,
+          kv_recent: int | None = None) -> None:
     """Load `model` and serve it over HTTP until interrupted (the `jaxkv serve` command); `mesh` as in
     `jaxkv.load`. api_key defaults to $JAXKV_API_KEY; allowed_hosts to the loopback names when `host` is a
     loopback address (else any). A connection with no request under way for timeout_keep_alive s is closed."""
@@ -390,12 +393,12 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
     try:
         llm = jaxkv.load(model, dtype=dtype, kv_dtype=kv_dtype, page_size=page_size,
                          streaming_window=streaming_window, sinks=sinks, mesh=mesh, kv_rotate=kv_rotate,
-                         kv_budget=kv_budget, eviction=eviction, eviction_window=eviction_window)
+                         kv_budget=kv_budget, eviction=eviction, eviction_window=eviction_window, kv_recent=kv_recent)
         if model_name is None:
             model_name = model if not os.path.exists(os.path.expanduser(model)) else (
                 llm.config.name if llm.config.name != "custom" else os.path.basename(os.path.normpath(model)))
-        app = create_app(llm, model_name=model_name, max_batch=max_batch, page_size=page_size, num_pages=num_pages,
-                         kv_dtype=kv_dtype, prefill_chunk=prefill_chunk, prefill_budget=prefill_budget,
+        app = create_app(llm, model_name=model_name, max_batch=max_batch, num_pages=num_pages,
+                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget,
                          prefix_caching=prefix_caching, max_context=max_context, limits=limits, api_key=api_key,
                          allowed_hosts=allowed_hosts, window_pages=window_pages)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http=IdleTimeoutH11,

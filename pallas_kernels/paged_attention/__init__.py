@@ -14,7 +14,8 @@ from pallas_kernels.paged_attention import gpu, reference, tpu
 from pallas_kernels.sharded import per_shard
 
 # quantized pages: values x a float32 scale per (token, head), or for int4 (two values a uint8) per (token, head,
-# group of reference.INT4_GROUP channels)
+# group of reference.INT4_GROUP channels); KIVI pages (uint8 codes) carry bfloat16 (scale, minimum) pairs instead,
+# keys per (page, head, channel), values per (token, head, group of reference.KIVI_GROUP channels)
 SCALED_DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.uint8)
 
 # jax.default_backend() name -> kernel; "auto" uses the one for the current platform, else the reference.
@@ -28,7 +29,10 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
 
     q [B, H, Dh]; k_pages, v_pages [K, N, S, Dh] (one pool per KV layer); block_tables int32 [B, P];
     lengths int32 [B]: the query is token lengths-1 and sees positions 0..lengths-1 (length 0: zeros).
-    k_scales, v_scales float32 [K, N, S] dequantize int8 pages (value = int8 * scale per token and head).
+    k_scales, v_scales dequantize quantized pages: float32 [K, N, S] int8/fp8 ones (value = int8 * scale per token
+    and head), [K, N, S, Dh / 32] int4 ones; bfloat16 (scale, minimum) pairs KIVI ones (keys [K, N, 2, Dh] per page
+    and channel, values [K, N, S, 2, Dh / 32]: `reference.dequantize`), all of whose positions are quantized here
+    (the ragged entry also reads KIVI's float recent pages).
     scale multiplies the logits (default 1/sqrt(Dh)); softcap then caps them (Gemma 2). With a window, only the
     first `sinks` and the last `window` positions are visible. Query head h reads KV head h // (H // K); softmax
     is float32.
@@ -79,8 +83,20 @@ def validate_pages(check, q, k_pages, v_pages, block_tables, lengths, k_scales, 
           f"block_tables and lengths must be int32, got {block_tables.dtype} and {lengths.dtype}")
     n_heads, head_dim = q.shape[-2:]
     n_kv, n_pages, page_size, kv_head_dim = k_pages.shape
-    int4 = k_pages.dtype == jnp.uint8
-    if int4:
+    kivi = reference.is_kivi(k_scales)
+    int4 = k_pages.dtype == jnp.uint8 and not kivi
+    if kivi:
+        check(kv_head_dim * 8 in (2 * head_dim, 4 * head_dim) and head_dim % reference.KIVI_GROUP == 0,
+              f"KIVI (uint8) pages hold head_dim / 4 (2 bits) or / 2 (4 bits) bytes a vector, head_dim a multiple of "
+              f"{reference.KIVI_GROUP}: q head_dim {head_dim}, pages {kv_head_dim}")
+        check(window is None, "KIVI pages do not take a window")
+        for name, scales, want in (("k_scales", k_scales, (n_kv, n_pages, 2, head_dim)),
+                                   ("v_scales", v_scales, (n_kv, n_pages, page_size, 2,
+                                                           head_dim // reference.KIVI_GROUP))):
+            check(scales is not None and scales.shape == want and scales.dtype == jnp.bfloat16,
+                  f"KIVI {name} must be bfloat16 (scale, minimum) pairs {want}, got "
+                  f"{None if scales is None else (scales.dtype, scales.shape)}")
+    elif int4:
         check(head_dim % (2 * reference.INT4_GROUP) == 0 and kv_head_dim * 2 == head_dim,
               f"int4 (uint8) pages hold head_dim / 2 bytes a vector, head_dim a multiple of {2 * reference.INT4_GROUP}:"
               f" q head_dim {head_dim}, pages {kv_head_dim}")
@@ -88,15 +104,15 @@ def validate_pages(check, q, k_pages, v_pages, block_tables, lengths, k_scales, 
         check(kv_head_dim == head_dim, f"head_dim differs: q {head_dim}, k/v pages {kv_head_dim}")
     check(n_kv > 0 and n_heads % n_kv == 0, f"q_heads {n_heads} is not a multiple of kv_heads {n_kv}")
     check(jnp.issubdtype(q.dtype, jnp.floating), f"q must be a float array, got {q.dtype}")
-    if k_pages.dtype in SCALED_DTYPES:
+    if k_pages.dtype in SCALED_DTYPES and not kivi:
         for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
             check(scales is not None, f"{k_pages.dtype} pages need {name}")
             want = (n_kv, n_pages, page_size) + ((head_dim // reference.INT4_GROUP,) if int4 else ())
             check(scales.shape == want and scales.dtype == jnp.float32,
                   f"{name} must be float32 {want}, got {scales.dtype} {scales.shape}")
-    else:
+    elif not kivi:
         check(k_scales is None and v_scales is None,
-              f"k_scales/v_scales are for int8, float8_e4m3fn and int4 (uint8) pages, not {k_pages.dtype}")
+              f"k_scales/v_scales are for int8, float8_e4m3fn, int4 and KIVI (uint8) pages, not {k_pages.dtype}")
         check(k_pages.dtype == q.dtype, f"k/v pages dtype {k_pages.dtype} != q dtype {q.dtype} (or quantize them)")
     check(sinks >= 0, f"sinks must be >= 0, got {sinks}")
     check(window is None or window >= 0, f"window must be None or >= 0, got {window}")

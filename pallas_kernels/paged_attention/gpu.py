@@ -10,22 +10,25 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.errors import KernelInputError
-from pallas_kernels.paged_attention.reference import (INT4_GROUP, MASKED, soft_cap, table_column, visible,
-                                                       visible_pages)
+from pallas_kernels.paged_attention.reference import (INT4_GROUP, KIVI_GROUP, MASKED, is_kivi, soft_cap, table_column,
+                                                       visible, visible_pages)
 
 _BLOCK_TOKENS = 32  # tokens per loop step: Triton's dot wants every dimension >= 16
 _MAX_SPLITS = 8  # split-K programs per (sequence, KV head), so short batches still fill the GPU
 
 
 def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, sinks, window, pages_per_block,
-            n_splits, quantized):
+            n_splits, quantized, ring):
     """One (sequence, KV head, split): loop over this split's share of the pages the query can see.
 
     The visible pages are numbered 0..n_visible-1 ("logical" pages: the sink pages, then the window's
-    pages), so masked-out middles of long sequences are never loaded.
+    pages), so masked-out middles of long sequences are never loaded. With KIVI's recent pages (`ring`: the
+    row's flushed count and the float pages k/v_recent) the split's pages before flushed // page_size come from
+    the pool and the rest from k/v_recent, in two loops: each page is loaded once, from where it lives.
     """
-    k_scales_ref, v_scales_ref, acc_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
-    n_pages, page_size, _ = k_ref.shape  # int4 pages hold head_dim / 2 bytes a vector
+    k_scales_ref, v_scales_ref, *refs = refs if quantized else (None, None, *refs)
+    flushed_ref, k_recent_ref, v_recent_ref, acc_ref, m_ref, l_ref = refs if ring else (None, None, None, *refs)
+    page_size = k_ref.shape[1]
     head_dim = q_ref.shape[-1]
     pages_per_seq = tables_ref.shape[0]
     block_k = pages_per_block * page_size
@@ -40,23 +43,32 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap,
     q = q_ref[...]
     compute_dtype = q.dtype if quantized else k_ref.dtype
 
-    def body(i, carry):
-        logical = start + i * pages_per_block + jnp.arange(pages_per_block)
-        seen = jnp.minimum(logical, n_visible - 1)  # the tail of the last block re-reads a visible page, masked
-        page = jnp.where(seen < n_sink, seen, seen - n_sink + window_first)  # position // page_size
-        column = table_column(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
-        pages = jnp.clip(tables_ref[column], 0, n_pages - 1)  # never read outside the pool, whatever the table holds
-        positions = (page[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
-        in_split = jnp.broadcast_to((logical < stop)[:, None], (pages_per_block, page_size)).reshape(block_k)
-        keep = (visible(positions, length, sinks, window) & in_split)[None, :]
-        return attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, scale=scale,
-                            softcap=softcap, compute_dtype=compute_dtype)
+    def attend(carry, lo, hi, pool):
+        """The online softmax over the logical pages lo..hi-1, read from pool = (k, v, k_scales, v_scales) refs."""
+        def body(i, carry):
+            logical = lo + i * pages_per_block + jnp.arange(pages_per_block)
+            seen = jnp.minimum(logical, n_visible - 1)  # the tail of the last block re-reads a visible page, masked
+            page = jnp.where(seen < n_sink, seen, seen - n_sink + window_first)  # position // page_size
+            column = table_column(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
+            pages = jnp.clip(tables_ref[column], 0, pool[0].shape[0] - 1)  # never outside the pool, whatever the table
+            positions = (page[:, None] * page_size + jnp.arange(page_size)[None, :]).reshape(block_k)
+            in_split = jnp.broadcast_to((logical < hi)[:, None], (pages_per_block, page_size)).reshape(block_k)
+            keep = (visible(positions, length, sinks, window) & in_split)[None, :]
+            return attend_pages(carry, q, *pool, pages, keep, scale=scale, softcap=softcap,
+                                compute_dtype=compute_dtype)
+
+        return jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(hi - lo, 0), pages_per_block), body, carry)
 
     group = q.shape[0]
     init = (jnp.zeros((group, head_dim), jnp.float32), jnp.full((group,), MASKED, jnp.float32),
             jnp.zeros((group,), jnp.float32))
-    n_blocks = pl.cdiv(jnp.maximum(stop - start, 0), pages_per_block)
-    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    pool = (k_ref, v_ref, k_scales_ref, v_scales_ref)
+    if ring:  # KIVI has no window, so logical pages are pages; a block is one page (pages_per_block 1)
+        first_recent = jnp.clip(flushed_ref[0] // page_size, start, stop)
+        carry = attend(init, start, first_recent, pool)
+        acc, m, l = attend(carry, first_recent, stop, (k_recent_ref, v_recent_ref, None, None))
+    else:
+        acc, m, l = attend(init, start, stop, pool)
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
@@ -66,13 +78,13 @@ def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep
                  used=None):
     """One online-softmax step of the rows q [R, Dh] over the pool pages `pages` (block_k tokens together):
     carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8/fp8 scales
-    (refs or None) apply to the logits and to p, int4 pages are dequantized as they load. `used` [block_k], when
-    given, zeroes V (and its scales) where no row looks, so stale or NaN places of a loaded page cannot reach the
-    output through 0 * NaN."""
+    (refs or None) apply to the logits and to p, int4 and KIVI pages are dequantized as they load. `used`
+    [block_k], when given, zeroes V (and its scales) where no row looks, so stale or NaN places of a loaded page
+    cannot reach the output through 0 * NaN."""
     acc, m, l = carry
     block_k, head_dim = keep.shape[-1], q.shape[-1]
-    per_token = k_scales_ref is not None and k_ref.dtype != jnp.uint8  # int4: _load_tokens applies its scales
-    k = _load_tokens(k_ref, k_scales_ref, pages, block_k, head_dim).astype(compute_dtype)
+    per_token = k_scales_ref is not None and k_ref.dtype != jnp.uint8  # int4, KIVI: _load_tokens applies scales
+    k = _load_tokens(k_ref, k_scales_ref, pages, block_k, head_dim, keys=True).astype(compute_dtype)
     logits = plgpu.dot(q, k, trans_b=True)  # [R, block_k] float32
     if per_token:
         logits *= k_scales_ref[pages].reshape(1, block_k)
@@ -90,25 +102,56 @@ def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep
     return alpha[:, None] * acc + plgpu.dot(p.astype(compute_dtype), v), m_next, l_next
 
 
-def _load_tokens(ref, scales_ref, pages, block_k, head_dim):
+def _load_tokens(ref, scales_ref, pages, block_k, head_dim, *, keys=False):
     """The block_k tokens [block_k, Dh] of the pool pages `pages`: float, int8 and fp8 pages as stored (their
-    per-token scales apply to the logits and to p); int4 pages (uint8 [..., Dh / 2]: byte i holds channel i in
-    its low nibble, channel Dh / 2 + i in its high one, 4-bit two's complement) dequantized in float32 with their
-    scales [..., Dh / INT4_GROUP], as reference.dequantize. Triton concatenates only [..., 1] pieces: the two
-    halves are joined as [block_k, Dh / 2, 2], then transposed so that a reshape puts the low nibbles first."""
+    per-token scales apply to the logits and to p); uint8 pages dequantized in float32 as reference.dequantize:
+    int4 ([..., Dh / 2]: byte i holds channel i in its low nibble, channel Dh / 2 + i in its high one, 4-bit two's
+    complement) times their scales [..., Dh / INT4_GROUP]; KIVI codes (reference.unpack_bits) times a scale plus a
+    minimum, keys' (`keys`) per page and channel ([N, 2, Dh]: a page's tokens share them), values' per token and
+    KIVI_GROUP channels ([N, S, 2, Dh / KIVI_GROUP])."""
     if ref.dtype != jnp.uint8:
         return ref[pages].reshape(block_k, head_dim)
-    b = ref[pages].reshape(block_k, head_dim // 2).astype(jnp.int32)
-    values = jnp.stack([((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8], axis=-1)
-    values = values.transpose(0, 2, 1).reshape(block_k, head_dim).astype(jnp.float32)
-    groups = head_dim // INT4_GROUP
-    scales = jnp.broadcast_to(scales_ref[pages].reshape(block_k, groups, 1), (block_k, groups, INT4_GROUP))
-    return values * scales.reshape(block_k, head_dim)
+    b = ref[pages].reshape(block_k, ref.shape[-1]).astype(jnp.int32)
+    if not is_kivi(scales_ref):
+        values = _channels([((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8], block_k, head_dim)
+        return values * _grouped(scales_ref[pages], INT4_GROUP, block_k, head_dim)
+    bits = 8 * ref.shape[-1] // head_dim
+    codes = _channels([(b >> (j * bits)) & ((1 << bits) - 1) for j in range(8 // bits)], block_k, head_dim)
+    if keys:
+        per_page = (pages.shape[0], ref.shape[1], head_dim)
+        scale, minimum = (jnp.broadcast_to(scales_ref[pages, i].astype(jnp.float32)[:, None, :], per_page)
+                          .reshape(block_k, head_dim) for i in (0, 1))
+    else:
+        scale, minimum = (_grouped(scales_ref[pages, :, i].astype(jnp.float32), KIVI_GROUP, block_k, head_dim)
+                          for i in (0, 1))
+    return codes * scale + minimum
+
+
+def _channels(pieces, block_k, head_dim):
+    """Float32 tokens [block_k, Dh] from the pieces [block_k, n] that hold their channels j n .. (j + 1) n - 1
+    (j = 0, 1, ...: a power of two of them). Triton stacks only two pieces at once: pieces j and j + half are
+    stacked until one [block_k, n, 2, ...] is left, whose transpose puts j first, so that a reshape orders them."""
+    while len(pieces) > 1:
+        half = len(pieces) // 2
+        pieces = [jnp.stack([pieces[j], pieces[j + half]], axis=-1) for j in range(half)]
+    values = pieces[0]
+    return values.transpose(0, *range(2, values.ndim), 1).reshape(block_k, head_dim).astype(jnp.float32)
+
+
+def _grouped(scales, group, block_k, head_dim):
+    """Per-token scales [..., Dh / group] (block_k tokens) spread over their groups of `group` channels."""
+    groups = head_dim // group
+    return jnp.broadcast_to(scales.reshape(block_k, groups, 1), (block_k, groups, group)).reshape(block_k, head_dim)
+
+
+def kv_head_spec(x):
+    """x [K, ...] for grids whose second axis is the KV head (this kernel's, paged_prefill's): that head's x whole."""
+    return pl.BlockSpec((None, *x.shape[1:]), lambda *grid: (grid[1],) + (0,) * (x.ndim - 1))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "sinks", "window", "interpret"))
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, softcap, sinks, window,
-                    interpret):
+                    interpret, recent=None):
     """The Triton kernel over (sequence, KV head, split), then the partial (acc, max, sum) of splits combined."""
     batch, n_heads, head_dim = q.shape
     n_kv, n_pages, page_size, _ = k_pages.shape
@@ -118,12 +161,15 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
             raise KernelInputError(f"paged_attention: the gpu backend needs a power-of-two {name}, got {size}")
     group = n_heads // n_kv
     padded_group = max(16, pl.next_power_of_2(group))  # Triton's dot and loads want powers of two >= 16
-    pages_per_block = max(1, _BLOCK_TOKENS // page_size)
+    kivi = is_kivi(k_scales)
+    if kivi and page_size < 16:
+        raise KernelInputError(f"paged_attention: the gpu backend needs KIVI pages of >= 16 tokens, got {page_size}")
+    pages_per_block = 1 if kivi else max(1, _BLOCK_TOKENS // page_size)  # KIVI: no block straddles `flushed`
     n_splits = min(_MAX_SPLITS, pl.cdiv(pages_per_seq, pages_per_block))
     quantized = k_scales is not None
 
     qg = jnp.pad(q.reshape(batch, n_kv, group, head_dim), ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
-    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))  # int4: Dh / 2 bytes
+    pool_spec = kv_head_spec(k_pages)  # int4: Dh / 2 bytes a vector, KIVI Dh x bits / 8
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, s: (b,)),
         pl.BlockSpec((None, pages_per_seq), lambda b, h, s: (b, 0)),
@@ -131,13 +177,16 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
         pool_spec, pool_spec,
     ]
     args = [lengths, block_tables, qg, k_pages, v_pages]
-    if quantized:  # int8/fp8 [K, N, S], int4 [K, N, S, Dh / 32]: a KV head's scales whole
-        scales_spec = pl.BlockSpec((None, *k_scales.shape[1:]), lambda b, h, s: (h,) + (0,) * (k_scales.ndim - 1))
-        in_specs += [scales_spec, scales_spec]
+    if quantized:  # int8/fp8 [K, N, S], int4 [K, N, S, Dh / 32], KIVI k [K, N, 2, Dh], v [K, N, S, 2, Dh / 32]
+        in_specs += [kv_head_spec(k_scales), kv_head_spec(v_scales)]
         args += [k_scales, v_scales]
+    if recent is not None:
+        in_specs += [pl.BlockSpec((1,), lambda b, h, s: (b,)), kv_head_spec(recent.k), kv_head_spec(recent.v)]
+        args += [recent.flushed, recent.k, recent.v]
     partial_shape = (batch, n_kv, n_splits, padded_group)
     kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,
-                               pages_per_block=pages_per_block, n_splits=n_splits, quantized=quantized)
+                               pages_per_block=pages_per_block, n_splits=n_splits, quantized=quantized,
+                               ring=recent is not None)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(batch, n_kv, n_splits),

@@ -3,6 +3,8 @@ and the page arithmetic they share (ring columns, visible positions and pages, q
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -57,11 +59,46 @@ def unpack_int4(packed: jax.Array) -> jax.Array:
     return jnp.concatenate([((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8], axis=-1)
 
 
-def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
+KIVI_GROUP = 32  # channels per scale of KIVI values
+
+
+class Recent(NamedTuple):
+    """KIVI's full-precision residual: a row's positions from flushed[row] on are read from the float pages
+    k, v [K, M, S, Dh] that its block-table columns name from flushed[row] // S on (not from the quantized pool)."""
+
+    k: jax.Array
+    v: jax.Array
+    flushed: jax.Array  # int32 [B]: tokens of each row held in quantized pages, a multiple of the page size
+
+
+def is_kivi(scales: jax.Array | None) -> bool:
+    """KIVI pages carry bfloat16 (scale, minimum) pairs; the other quantized dtypes float32 scales."""
+    return scales is not None and scales.dtype == jnp.bfloat16
+
+
+def unpack_bits(packed: jax.Array, bits: int) -> jax.Array:
+    """Unsigned codes int32 [..., n x 8 / bits] from bytes uint8 [..., n]: byte i holds channel i + j n at bits
+    j bits .. (j + 1) bits - 1, j = 0 .. 8 / bits - 1 (2 bits: four channels a quarter of the vector apart)."""
+    b = packed.astype(jnp.int32)
+    return jnp.concatenate([(b >> (j * bits)) & ((1 << bits) - 1) for j in range(8 // bits)], axis=-1)
+
+
+def dequantize(pages: jax.Array, scales: jax.Array | None, dtype, *, keys: bool = False) -> jax.Array:
     """Quantized pages times their scales: int8 and fp8 one per (token, head), int4 (uint8 bytes, two values each)
-    one per (token, head, INT4_GROUP channels); float pages pass through cast to `dtype`."""
+    one per (token, head, INT4_GROUP channels); float pages pass through cast to `dtype`. KIVI pages (uint8 codes,
+    bfloat16 scales [..., 2, n]: scale then minimum, value = code x scale + minimum) hold keys per channel of a
+    page (`keys`: pages [..., S, b], scales [..., 2, Dh]) and values per token in KIVI_GROUP channels (scales
+    [..., S, 2, Dh / KIVI_GROUP])."""
     if scales is None:
         return pages.astype(dtype)
+    if is_kivi(scales):
+        scales = scales.astype(jnp.float32)
+        head_dim = scales.shape[-1] if keys else scales.shape[-1] * KIVI_GROUP
+        codes = unpack_bits(pages, 8 * pages.shape[-1] // head_dim).astype(jnp.float32)
+        if keys:  # [..., S, Dh] against one (scale, minimum) per page and channel
+            return (codes * scales[..., 0:1, :] + scales[..., 1:2, :]).astype(dtype)
+        grouped = codes.reshape(*codes.shape[:-1], -1, KIVI_GROUP)
+        return (grouped * scales[..., 0, :, None] + scales[..., 1, :, None]).reshape(codes.shape).astype(dtype)
     if pages.dtype == jnp.uint8:
         values = unpack_int4(pages).astype(jnp.float32)
         grouped = values.reshape(*values.shape[:-1], -1, INT4_GROUP) * scales[..., None]
@@ -69,16 +106,22 @@ def dequantize(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
     return (pages.astype(jnp.float32) * scales[..., None]).astype(dtype)
 
 
-def gather_tokens(pages, scales, block_tables, positions, sinks, window):
+def gather_tokens(pages, scales, block_tables, positions, sinks, window, *, keys=False, recent=None, flushed=None):
     """K or V [K, B, C, Dh] float32 at `positions` [B, C] (from `candidate_positions`) of each sequence,
     read through its block table: whole pages in table order without a window (a gather of page rows,
-    which XLA's CPU backend does far faster than one of [S, Dh] blocks)."""
+    which XLA's CPU backend does far faster than one of [S, Dh] blocks). recent [K, M, S, Dh] with flushed [B]:
+    KIVI's float pages, which hold each row's positions from flushed on (keys: the pages are KIVI keys)."""
     n_kv, num_pages, page_size, stored = pages.shape
     if window is None:
         rows = jnp.take(pages.reshape(n_kv, num_pages, -1), block_tables, axis=1, mode="clip")
         row_scales = None if scales is None else jnp.take(scales, block_tables, axis=1, mode="clip")
-        dense = dequantize(rows.reshape(*rows.shape[:3], page_size, stored), row_scales, jnp.float32)
-        return dense.reshape(*dense.shape[:2], -1, dense.shape[-1])
+        dense = dequantize(rows.reshape(*rows.shape[:3], page_size, stored), row_scales, jnp.float32, keys=keys)
+        dense = dense.reshape(*dense.shape[:2], -1, dense.shape[-1])
+        if recent is None:
+            return dense
+        ring = jnp.take(recent.reshape(n_kv, recent.shape[1], -1), block_tables, axis=1, mode="clip")
+        ring = ring.reshape(dense.shape).astype(jnp.float32)
+        return jnp.where((positions < flushed[:, None])[None, :, :, None], dense, ring)
     column = table_column(jnp.maximum(positions, 0) // page_size, block_tables.shape[1], sinks, page_size)
     page = jnp.take_along_axis(block_tables, column, axis=1)
     offset = jnp.maximum(positions, 0) % page_size
@@ -86,7 +129,7 @@ def gather_tokens(pages, scales, block_tables, positions, sinks, window):
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_scales, scale, softcap, sinks,
-                    window):
+                    window, recent: Recent | None = None):
     """q [B, H, Dh] over the pages block_tables [B, P] names in k/v_pages [K, N, S, Dh]; see the package docstring.
     Both products keep the gathered K/V as the row operand, in the layout it is gathered in: on CPU, where
     this path runs for real, that is several times faster than contracting both operands' minor axes."""
@@ -94,8 +137,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales, v_s
     head_dim = q.shape[-1]
     batch, pages_per_seq = block_tables.shape
     positions = candidate_positions(lengths, pages_per_seq, page_size, sinks, window)
-    k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks, window)
-    v = gather_tokens(v_pages, v_scales, block_tables, positions, sinks, window)
+    ring = {} if recent is None else dict(flushed=recent.flushed)
+    k = gather_tokens(k_pages, k_scales, block_tables, positions, sinks, window, keys=True,
+                      recent=None if recent is None else recent.k, **ring)
+    v = gather_tokens(v_pages, v_scales, block_tables, positions, sinks, window,
+                      recent=None if recent is None else recent.v, **ring)
     qg = q.astype(jnp.float32).reshape(batch, n_kv, -1, head_dim).transpose(1, 0, 3, 2)  # [K, B, Dh, G]
     logits = soft_cap(jnp.matmul(k, qg) * scale, softcap)  # [K, B, C, G]
     keep = visible(positions, lengths[:, None], sinks, window)[None, :, :, None]

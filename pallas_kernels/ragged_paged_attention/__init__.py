@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import checker, gpu as decode_gpu, tpu as decode_tpu, validate_pages
+from pallas_kernels.paged_attention.reference import Recent
 from pallas_kernels.paged_prefill import gpu as prefill_gpu
 from pallas_kernels.ragged_paged_attention import reference, tpu as ragged_tpu
 from pallas_kernels.sharded import per_shard
@@ -25,32 +26,39 @@ from pallas_kernels.sharded import per_shard
 BACKENDS = ("reference", "gpu", "tpu")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["cu_q_lens", "kv_lens", "block_tables"],
-                   meta_fields=["max_q_len"])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["cu_q_lens", "kv_lens", "block_tables", "flushed"], meta_fields=["max_q_len"])
 @dataclasses.dataclass(frozen=True)
 class RaggedMetadata:
     """Where a step's rows are. cu_q_lens int32 [R+1]: row r's queries are q[cu_q_lens[r]:cu_q_lens[r+1]] (from
     0, non-decreasing; q rows past cu_q_lens[R] are padding). kv_lens int32 [R]: row r's tokens once its new ones
     are written, so its query i sits at position kv_lens[r] - q_len_r + i. block_tables int32 [R, W]: the pages of
     each row, in position order (past W they wrap as a ring after the sink pages, for StreamingLLM).
-    max_q_len (static): the longest chunk any row may have; 1 means every row is a decode row."""
+    max_q_len (static): the longest chunk any row may have; 1 means every row is a decode row. flushed int32 [R]
+    (KIVI pools only): row r's first flushed[r] tokens are in quantized pages, the rest in its recent pages, which
+    its block-table columns from flushed[r] // page_size on name."""
 
     cu_q_lens: jax.Array
     kv_lens: jax.Array
     block_tables: jax.Array
     max_q_len: int = 1
+    flushed: jax.Array | None = None
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "k_scales", "v_scales"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "k_scales", "v_scales", "k_recent", "v_recent"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class PoolLayer:
-    """One KV layer's pages: k, v [kv_heads, num_pages, page_size, head_dim]; int8 pages carry float32 scales
-    [kv_heads, num_pages, page_size] (value = int8 x scale per token and head)."""
+    """One KV layer's pages: k, v [kv_heads, num_pages, page_size, head_dim]; quantized pages carry their scales
+    (`pallas_kernels.paged_attention`); KIVI pages also their float recent pages k_recent, v_recent [kv_heads,
+    recent_pages, page_size, head_dim], where the tokens not yet flushed live (`RaggedMetadata.flushed`)."""
 
     k: jax.Array
     v: jax.Array
     k_scales: jax.Array | None = None
     v_scales: jax.Array | None = None
+    k_recent: jax.Array | None = None
+    v_recent: jax.Array | None = None
 
 
 def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, softcap: float | None = None,
@@ -74,6 +82,17 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
           f"cu_q_lens must be int32 [rows + 1] = [{meta.kv_lens.shape[0] + 1}], got {meta.cu_q_lens.dtype} "
           f"{meta.cu_q_lens.shape}")
     check(meta.max_q_len >= 1, f"max_q_len must be >= 1, got {meta.max_q_len}")
+    recent = None
+    if pages.k_recent is not None or meta.flushed is not None:
+        check(pages.k_recent is not None and pages.v_recent is not None and meta.flushed is not None,
+              "recent pages (k_recent, v_recent) and meta.flushed come together")
+        check(pages.k_recent.shape == pages.v_recent.shape and pages.k_recent.shape[0] == pages.k.shape[0]
+              and pages.k_recent.shape[2:] == (pages.k.shape[2], q.shape[-1]),
+              f"recent pages must be [kv_heads, n, page_size, head_dim], got {pages.k_recent.shape} and "
+              f"{pages.v_recent.shape} beside pages {pages.k.shape}")
+        check(meta.flushed.shape == meta.kv_lens.shape, f"flushed must be [rows] = {meta.kv_lens.shape}, got "
+                                                         f"{meta.flushed.shape}")
+        recent = Recent(pages.k_recent, pages.v_recent, meta.flushed)
     if backend == "auto":
         backend = jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "reference"
     if backend not in BACKENDS:
@@ -85,7 +104,7 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
     options = dict(k_scales=pages.k_scales, v_scales=pages.v_scales, sinks=sinks, window=window, softcap=softcap,
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
     if backend == "reference":
-        return reference.ragged_paged_attention(q, pages.k, pages.v, meta, **options)
+        return reference.ragged_paged_attention(q, pages.k, pages.v, meta, recent=recent, **options)
     lengths = jnp.maximum(meta.kv_lens, 0)
     # Every row one query: the decode kernel, on each row's query. On TPU it beats the ragged kernel there: a
     # program has `group` rows, not block_q * group mostly empty ones, and long sequences split over 2 programs.
@@ -93,12 +112,12 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
         kernel = decode_gpu.paged_attention if backend == "gpu" else decode_tpu.paged_attention
         rows, real = reference.last_queries(meta.cu_q_lens, q.shape[0])
         out = per_shard(kernel, q[rows], pages.k, pages.v, meta.block_tables, jnp.where(real, lengths, 0),
-                        interpret=interpret, **options)
+                        interpret=interpret, recent=recent, **options)
         return jnp.zeros_like(q).at[jnp.where(real, rows, q.shape[0])].set(out, mode="drop")
     kernel = (prefill_gpu.paged_prefill_attention if backend == "gpu"
               else functools.partial(ragged_tpu.ragged_paged_attention, max_q_len=meta.max_q_len))
     return per_shard(kernel, q, pages.k, pages.v, meta.block_tables, lengths, meta.cu_q_lens, interpret=interpret,
-                     rows_are_sequences=False, **options)
+                     rows_are_sequences=False, recent=recent, **options)
 
 
 __all__ = ["PoolLayer", "RaggedMetadata", "ragged_paged_attention"]

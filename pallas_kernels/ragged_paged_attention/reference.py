@@ -18,7 +18,8 @@ def last_queries(cu_q_lens: jax.Array, n_tokens: int) -> tuple[jax.Array, jax.Ar
     return jnp.clip(cu_q_lens[1:] - 1, 0, max(n_tokens - 1, 0)), cu_q_lens[1:] > cu_q_lens[:-1]
 
 
-def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, scale, softcap, sinks, window):
+def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, scale, softcap, sinks, window,
+                           recent: decode.Recent | None = None):
     """q [T, H, Dh] packed rows over their pages; see `pallas_kernels.ragged_paged_attention`."""
     n_tokens = q.shape[0]
     if n_tokens == 0 or meta.kv_lens.shape[0] == 0:
@@ -26,7 +27,7 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
     last, real = last_queries(meta.cu_q_lens, n_tokens)
     out = decode.paged_attention(q[last], k_pages, v_pages, meta.block_tables, jnp.where(real, meta.kv_lens, 0),
                                  k_scales=k_scales, v_scales=v_scales, scale=scale, softcap=softcap, sinks=sinks,
-                                 window=window)
+                                 window=window, recent=recent)
     out = jnp.zeros_like(q).at[jnp.where(real, last, n_tokens)].set(out, mode="drop")
     if meta.max_q_len == 1:
         return out
@@ -42,7 +43,8 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
         positions = meta.kv_lens[row] - n_q + jnp.arange(width)
         chunk = _chunk_attention(jax.lax.dynamic_slice_in_dim(q, start, width), positions, n_q, k_pages, v_pages,
                                  k_scales, v_scales, meta.block_tables[row], scale=scale, softcap=softcap, sinks=sinks,
-                                 window=window)
+                                 window=window, recent=None if recent is None else recent._replace(
+                                     flushed=recent.flushed[row][None]))
         mine = (jnp.arange(width) < n_q)[:, None, None]
         return jax.lax.dynamic_update_slice_in_dim(
             out, jnp.where(mine, chunk, jax.lax.dynamic_slice_in_dim(out, start, width)), start, 0)
@@ -52,7 +54,7 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
 
 
 def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, table, *, scale, softcap, sinks,
-                     window):
+                     window, recent):
     """One row's chunk q [C, H, Dh] at `positions` [C] (the first n_q real) over its pages, read once."""
     n_kv, _, page_size, _ = k_pages.shape
     head_dim = q.shape[-1]
@@ -60,10 +62,13 @@ def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, ta
     if window is None:  # every page of the row, in table order
         keys = jnp.arange(table.shape[0] * page_size)
     else:  # the sinks, then the window of the first query through the last one
-        recent = positions[0] - window + 1 + jnp.arange(window + width - 1)
-        keys = jnp.concatenate([jnp.arange(sinks), jnp.where(recent < sinks, -1, recent)])
-    k = decode.gather_tokens(k_pages, k_scales, table[None], keys[None], sinks, window)[:, 0]  # [K, C', Dh]
-    v = decode.gather_tokens(v_pages, v_scales, table[None], keys[None], sinks, window)[:, 0]
+        last = positions[0] - window + 1 + jnp.arange(window + width - 1)
+        keys = jnp.concatenate([jnp.arange(sinks), jnp.where(last < sinks, -1, last)])
+    ring = {} if recent is None else dict(flushed=recent.flushed)
+    k = decode.gather_tokens(k_pages, k_scales, table[None], keys[None], sinks, window, keys=True,
+                             recent=None if recent is None else recent.k, **ring)[:, 0]  # [K, C', Dh]
+    v = decode.gather_tokens(v_pages, v_scales, table[None], keys[None], sinks, window,
+                             recent=None if recent is None else recent.v, **ring)[:, 0]
     qg = q.astype(jnp.float32).reshape(width, n_kv, -1, head_dim).transpose(1, 2, 0, 3)  # [K, G, C, Dh]
     logits = decode.soft_cap(jnp.einsum("kgcd,ksd->kgcs", qg, k) * scale, softcap)
     seen = (jnp.arange(width) < n_q)[:, None] & decode.visible(keys[None, :], positions[:, None] + 1, sinks, window)
