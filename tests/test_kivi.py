@@ -240,15 +240,15 @@ def test_steps_flush_full_pages_out_of_the_recent_window_and_keep_the_rest_exact
 
 # --- the model ---------------------------------------------------------------------------------------------
 def test_model_on_kivi_pages_is_exact_before_a_flush_and_close_after():
-    """A CLA2 model, prompts of 100 and 70 then 40 tokens one at a time: with the residual holding every token the
+    """A CLA2 model, prompts of 100 and 70 then 20 tokens one at a time: with the residual holding every token the
     logits are the dense cache's; with a residual of 32, kivi4 and kivi2 stay close (the step's size is the error)."""
     cfg = ModelConfig(vocab_size=32, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, mlp_dim=32,
                       kv_sources=cla(4, 2))
     params = init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
-    tokens = np.asarray(rng.integers(0, 32, size=(2, 150)), np.int32)
-    prompt, steps = [100, 70], 40
-    tables = scattered_tables(rng, 16, S, 150, 5)
+    tokens = np.asarray(rng.integers(0, 32, size=(2, 128)), np.int32)
+    prompt, steps = [100, 70], 20
+    tables = scattered_tables(rng, 16, S, 128, 4)
     want = dense_logits(cfg, params, tokens, prompt, steps)
     paged = paged_forward(cfg, params)
 
@@ -286,27 +286,27 @@ def test_bytes_per_token_count_codes_and_pairs_and_equal_the_pool():
 def kivi_llm(byte_tokenizer):
     cfg = ModelConfig(vocab_size=258, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=64,
                       max_seq_len=320, kv_sources=cla(4, 2))
-    return LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(5)), kv_dtype="kivi2")
+    return LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(5)), kv_dtype="kivi2", kv_recent=32)
 
 
 def test_engine_rows_keep_their_own_residual_and_cache_only_flushed_pages(kivi_llm):
-    """Requests past the residual (160+ tokens) batched on three rows get what each gets alone; a finished
-    request's flushed pages (only those) serve a later prompt's prefix; bytes held count the ring."""
+    """Requests past a residual of 32 tokens batched on three rows get what each gets alone; a finished request's
+    flushed pages (only those) serve a later prompt's prefix; bytes held count the ring."""
     rng = np.random.default_rng(6)
-    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (190, 150, 60, 230)]
-    budgets = [40, 30, 20, 25]
-    engine = Engine(kivi_llm, max_batch=3, page_size=S, prefill_chunk=64, kv_dtype="kivi2", max_context=288,
+    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (90, 70, 30, 110)]
+    budgets = [20, 15, 10, 12]
+    engine = Engine(kivi_llm, max_batch=3, page_size=S, prefill_chunk=64, kv_dtype="kivi2", max_context=128,
                     prefix_caching=False)  # alone below means from scratch: a cached prefix arrives quantized
     got = run(engine, [Request(p, max_tokens=n, request_id=str(i)) for i, (p, n) in enumerate(zip(prompts, budgets))])
     for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
         engine.prefix_caching = i == 3  # the last one fills the prefix cache, empty until then
         alone = run(engine, [Request(prompt, max_tokens=budget, request_id=f"alone {i}")])[f"alone {i}"]
         assert tokens_of(got[str(i)]) == tokens_of(alone), f"request {i}"
-    # the last alone run (prompt 3, 230 + 24 fed) flushed (254 - 128) // 32 = 3 pages, which are cached
-    again = prompts[3][:200] + [1, 2, 3]
+    # the last alone run (prompt 3, 110 + 11 fed) flushed (121 - 32) // 32 = 2 pages, which are cached
+    again = prompts[3][:100] + [1, 2, 3]
     out = run(engine, [Request(again, max_tokens=2, request_id="again")])["again"]
-    assert out[-1].cached_tokens == 3 * S
-    ring = 2 * 2 * 2 * (128 // S + 1) * S * 32 * 4  # K and V x 2 KV layers x 2 heads x 5 ring pages x 32 x fp32
+    assert out[-1].cached_tokens == 2 * S
+    ring = 2 * 2 * 2 * (32 // S + 1) * S * 32 * 4  # K and V x 2 KV layers x 2 heads x 2 ring pages x 32 x fp32
     pages = -(-(len(again) + 1) // S)
     assert out[0].kv_bytes == pages * S * kv_bytes_per_token(kivi_llm.config, "kivi2") + ring
 
