@@ -156,6 +156,11 @@ class PagePool:
         new = jnp.clip(jnp.take(meta.cu_q_lens[:n_rows], row, mode="clip")[:, None] + slot - cached, 0, k.shape[0] - 1)
         old = (slot < cached)[None, :, :, None]
         bits = 8 * self.k_pages.shape[-1] // k.shape[-1]
+        real = jnp.arange(slots.shape[0]) < meta.cu_q_lens[-1]
+        keep = real & (slots >= meta.flushed[token_rows])
+        column = jnp.clip(slots // page_size, 0, meta.block_tables.shape[1] - 1)
+        target = jnp.where(keep, meta.block_tables[token_rows, column], self.k_recent.shape[2])  # else dropped
+        heads = jnp.arange(self.k_recent.shape[1])[:, None]
         updates = {}
         for name, x in (("k", k), ("v", v)):
             recent = getattr(self, f"{name}_recent")
@@ -166,11 +171,6 @@ class PagePool:
                 jnp.moveaxis(codes, 0, 1), mode="drop")
             updates[f"{name}_scales"] = getattr(self, f"{name}_scales").at[index, :, quantized].set(
                 jnp.moveaxis(pairs, 0, 1), mode="drop")
-            real = jnp.arange(slots.shape[0]) < meta.cu_q_lens[-1]
-            keep = real & (slots >= meta.flushed[token_rows])
-            column = jnp.clip(slots // page_size, 0, meta.block_tables.shape[1] - 1)
-            target = jnp.where(keep, meta.block_tables[token_rows, column], recent.shape[2])  # else dropped
-            heads = jnp.arange(recent.shape[1])[:, None]
             updates[f"{name}_recent"] = recent.at[index, heads, target[None], (slots % page_size)[None]].set(
                 jnp.moveaxis(x, 1, 0).astype(recent.dtype), mode="drop")
         return self.replace(**updates)
