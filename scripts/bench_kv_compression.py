@@ -38,7 +38,7 @@ from jaxkv.api import LLM
 from jaxkv.cache.dense import kv_bytes_per_token
 from jaxkv.cache.eviction import eviction_policy
 from jaxkv.data.corpus import shakespeare_split
-from jaxkv.eval import perplexity
+from jaxkv.eval import perplexity, record
 from jaxkv.generate.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,8 @@ def write_outputs(args, base, names, rows: list[dict], needles: list[dict], bf16
     rows = sorted(rows, key=lambda r: (r["context"], names.index(r["config"])))
     lines = [f"# KV compression on {base.config.name}: quality against memory", "",
              f"Command: `python scripts/bench_kv_compression.py --contexts {args.contexts} --windows {args.windows} "
-             f"--score {args.score} --needle {shlex.quote(args.needle)} --configs {args.configs}"
+             f"--score {args.score} --needle {shlex.quote(args.needle)} --needle-trials {args.needle_trials} "
+             f"--configs {args.configs}{f' --needle-configs {args.needle_configs}' * bool(args.needle_configs)}"
              f"{' --keep' * args.keep}"
              f"{f' --model {args.model}' * (args.model != 'smollm2-135m')}"
              f"{f' --kv-recent {args.kv_recent}' * (args.kv_recent != 128)}`"
@@ -173,7 +174,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2, help="windows per context (run together)")
     parser.add_argument("--score", type=int, default=256, help="tokens scored token by token at each window's end")
     parser.add_argument("--needle", default="1024,2048,4096", help="needle contexts ('' to skip)")
-    parser.add_argument("--needle-trials", type=int, default=3)
+    parser.add_argument("--needle-trials", type=int, default=6)
+    parser.add_argument("--needle-configs", default=None, help="the configs the needle runs for (default --configs)")
     parser.add_argument("--configs", default=",".join([*CONFIGS, *EVICTIONS]))
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "kv_compression.md"))
     parser.add_argument("--kv-recent", type=int, default=128, help="KIVI: the last tokens kept in float")
@@ -181,7 +183,8 @@ def main() -> None:
                         help="keep the results in --out's JSON that this run does not redo")
     args = parser.parse_args()
     names = args.configs.split(",")
-    unknown = sorted(set(names) - set(CONFIGS) - set(EVICTIONS))
+    needle_names = args.needle_configs.split(",") if args.needle_configs else names
+    unknown = sorted(set(names + needle_names) - set(CONFIGS) - set(EVICTIONS))
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {', '.join([*CONFIGS, *EVICTIONS])}")
     command = shlex.join(["python", "scripts/bench_kv_compression.py", *sys.argv[1:]])
@@ -195,9 +198,12 @@ def main() -> None:
     if args.keep and saved.exists():
         kept = json.loads(saved.read_text())
         rows = [r for r in kept["rows"] if not (r["config"] in names and r["context"] in contexts)]
-        needles = [n for n in kept["needles"] if not (n["config"] in names and n["context"] in needle_contexts)]
+        needles = [n for n in kept["needles"]
+                   if not (n["config"] in needle_names and n["context"] in needle_contexts)]
     for context in contexts:
-        reference = LLM(base.config, base.tokenizer, base.params, kv_dtype="float32")
+        # the reference runs once per context: every configuration compares with its recorded distributions
+        reference = record(LLM(base.config, base.tokenizer, base.params, kv_dtype="float32"), ids, context=context,
+                           prefill=context - args.score, batch=args.windows, max_windows=args.windows)
         for name in names:
             start = time.perf_counter()
             llm = model_for(base, name, context, args.kv_recent)
@@ -209,7 +215,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             write_outputs(args, base, names, rows, needles, bf16)
     for context in needle_contexts:
-        for name in names:
+        for name in needle_names:
             passed = needle_trials(model_for(base, name, context, args.kv_recent), ids, context, args.needle_trials,
                                    seed=context)
             needles.append({"config": name, "context": context, "passed": passed, "trials": args.needle_trials,

@@ -18,7 +18,7 @@ from jaxkv.api import LLM
 from jaxkv.cache.dense import KVCache
 from jaxkv.cli import main
 from jaxkv.errors import InvalidRequest, JaxkvError
-from jaxkv.eval import perplexity
+from jaxkv.eval import perplexity, record
 from jaxkv.model.decoder import forward
 from jaxkv.serve.engine import Engine, Request
 
@@ -98,6 +98,23 @@ def test_perplexity_equals_the_literal_computation(llm):
     assert got.ppl == pytest.approx(want, rel=2e-2) and got.ppl != got.reference_ppl
     assert 0 < got.mean_kl < 1e-2 and got.top1_agreement > 0.9
     assert got.kv_bytes_held == 2 * 16 * int8.kv_bytes_per_token  # 32 tokens: 2 pages
+
+
+def test_a_recorded_reference_gives_what_the_lockstep_one_gives(llm):
+    """The reference recorded once (as the benchmark compares many configurations with it) yields the same
+    perplexity, agreement and KL as running it beside the model; windows it was not recorded on are refused."""
+    int8 = LLM(llm.config, llm.tokenizer, llm.params, kv_dtype="int8")
+    reference = LLM(llm.config, llm.tokenizer, llm.params, kv_dtype="float32")
+    lockstep = perplexity(int8, TEXT, context=32, prefill=8, batch=2, reference=reference, progress=False)
+    recorded = record(reference, TEXT, context=32, prefill=8, batch=2, progress=False)
+    assert len(recorded.distributions) == 72
+    got = perplexity(int8, TEXT, context=32, prefill=8, batch=3, reference=recorded, progress=False)
+    assert got.reference_ppl == pytest.approx(lockstep.reference_ppl, rel=1e-6)
+    assert got.top1_agreement == lockstep.top1_agreement
+    assert got.mean_kl == pytest.approx(lockstep.mean_kl, rel=1e-5) and got.mean_kl > 0
+    with pytest.raises(JaxkvError, match=r"the recorded reference ran \(windows, context, prefill\) = "
+                                         r"\(3, 32, 8\), not \(3, 32, 16\)"):
+        perplexity(int8, TEXT, context=32, prefill=16, reference=recorded, progress=False)
 
 
 def test_cli_perplexity_json(model_dir, llm, tmp_path, capsys):

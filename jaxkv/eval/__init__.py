@@ -1,5 +1,5 @@
 """Measuring what a model computes through the runtime: perplexity under KV compression."""
 
-from jaxkv.eval.perplexity import PerplexityResult, perplexity
+from jaxkv.eval.perplexity import PerplexityResult, Recorded, perplexity, record
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "Recorded", "perplexity", "record"]
