@@ -2,7 +2,7 @@
 
     python scripts/bench_kv_compression.py [--contexts 2048,4096] [--windows 2] [--score 256] \\
         [--needle 1024,2048,4096] [--configs float32,bfloat16,fp8,fp8-rot,int8,int8-rot,int4,int4-rot,\\
-        kivi4,kivi4-rot,kivi2,kivi2-rot,h2o-10%,h2o-20%,h2o-50%,snapkv-10%,snapkv-20%,snapkv-50%] \\
+        kivi4,kivi4-rot,kivi2,kivi2-rot,h2o-10%,h2o-20%,h2o-50%,snapkv-10%,snapkv-20%,snapkv-50%,DTYPE+EVICTION] \\
         [--out docs/results/kv_compression.md] [--keep]
 
 Every configuration runs through the serving runtime (`jaxkv.eval.perplexity`): each window of `context` tokens is
@@ -64,15 +64,22 @@ CLAIMS = [
 
 
 def model_for(base: LLM, name: str, context: int, kv_recent: int = 128) -> LLM:
-    """The configuration `name` of the base model; an eviction budget is a fraction of `context`; KIVI keeps the
-    last kv_recent tokens in float."""
-    if name in EVICTIONS:
-        method, fraction = EVICTIONS[name]
-        return LLM(base.config, base.tokenizer, base.params, kv_dtype="float32",
-                   eviction=eviction_policy(method, int(fraction * context)))
-    kv_dtype, rotate = CONFIGS[name]
+    """The configuration `name` of the base model: a KV dtype (CONFIGS), an eviction on float32 KV (EVICTIONS), or
+    both joined by "+" (kivi4+h2o-20%); an eviction budget is a fraction of `context`; KIVI keeps the last kv_recent
+    tokens in float."""
+    dtype_name, _, eviction_name = name.rpartition("+") if "+" in name or name in EVICTIONS else (name, "", "")
+    kv_dtype, rotate = CONFIGS[dtype_name or "float32"]
+    policy = None
+    if eviction_name:
+        method, fraction = EVICTIONS[eviction_name]
+        policy = eviction_policy(method, int(fraction * context))
     return LLM(base.config.replace(kv_rotate=rotate), base.tokenizer, base.params, kv_dtype=kv_dtype,
-               kv_recent=kv_recent)
+               kv_recent=kv_recent, eviction=policy)
+
+
+def known(name: str) -> bool:
+    dtype_name, _, eviction_name = name.rpartition("+")
+    return name in CONFIGS or name in EVICTIONS or (dtype_name in CONFIGS and eviction_name in EVICTIONS)
 
 
 def needle_trials(llm: LLM, filler: list[int], context: int, trials: int, seed: int) -> int:
@@ -184,9 +191,9 @@ def main() -> None:
     args = parser.parse_args()
     names = args.configs.split(",")
     needle_names = args.needle_configs.split(",") if args.needle_configs else names
-    unknown = sorted(set(names + needle_names) - set(CONFIGS) - set(EVICTIONS))
+    unknown = sorted(name for name in set(names + needle_names) if not known(name))
     if unknown:
-        parser.error(f"unknown configs {unknown}; choose from {', '.join([*CONFIGS, *EVICTIONS])}")
+        parser.error(f"unknown configs {unknown}; choose from {', '.join([*CONFIGS, *EVICTIONS])} or DTYPE+EVICTION")
     command = shlex.join(["python", "scripts/bench_kv_compression.py", *sys.argv[1:]])
     contexts = [int(c) for c in args.contexts.split(",") if c]
     needle_contexts = [int(c) for c in args.needle.split(",") if c]

@@ -11,15 +11,30 @@ head holds more than `budget` tokens the lowest-scored token outside the last `w
 SnapKV (Li et al. 2024): only the last `window` prompt queries score; at the end of the prompt each head keeps its
 last `window` tokens and the `budget - window` others with the highest scores after a 1-D average pool of width
 `kernel` (zeros past the ends, as torch's avg_pool1d with padding kernel // 2), nothing is dropped afterwards.
+
+KIVI (`kivi=(bits, recent)`): each head's held tokens, in order, are what a KIVI pool's slots hold: whole pages of
+32 outside the last `recent` are quantized before any query reads them, and after a cut the kept tokens' first
+pages are quantized anew from what they held. The quantizer is the pool's own (tests/test_kivi.py checks it
+against a literal one): a page quantized anew holds values on the grids of older pages, whose codes often fall on
+a tie (x.5), where float32 rounding decides, and the truth must decide as the pool does. The prompt is then fed
+as one chunk, as the engine's one prefill step does (its flushed pages are quantized before its queries read
+them).
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+
+from jaxkv.cache.kivi import flushed_after
+from jaxkv.cache.quantize import quantize_kivi
+from pallas_kernels.paged_attention.reference import dequantize
+
+KIVI_PAGE = 32
 
 
 def _norm(x, scale, eps):
-    return x / np.sqrt(np.mean(x * x) + eps) * scale
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
 def _rope(x, position, theta):
@@ -32,7 +47,8 @@ def _rope(x, position, theta):
 
 
 class EvictingDenseModel:
-    def __init__(self, cfg, params, *, method: str, budget: int, window: int, kernel: int = 1):
+    def __init__(self, cfg, params, *, method: str, budget: int, window: int, kernel: int = 1,
+                 kivi: tuple[int, int] | None = None):
         self.cfg, self.method, self.budget, self.window, self.kernel = cfg, method, budget, window, kernel
         self.p = {k: np.asarray(v, np.float64) for k, v in _flat(params).items()}
         kv_layers = cfg.n_kv_layers
@@ -41,42 +57,65 @@ class EvictingDenseModel:
         self.held = [np.zeros((cfg.n_kv_heads, 0), bool) for _ in range(kv_layers)]
         self.scores = [np.zeros((cfg.n_kv_heads, 0)) for _ in range(kv_layers)]
         self.position = 0
+        self.kivi = kivi
+        self.flushed = [0] * kv_layers  # KIVI: held tokens (slots) in quantized pages
 
-    def feed(self, token: int, score_weight: float) -> np.ndarray:
-        """One token through every layer at the next position: its logits [V]."""
+    def feed(self, tokens: list[int], score_weights) -> np.ndarray:
+        """Tokens through every layer at the next positions, as one chunk (each query sees the tokens up to its
+        own): the last one's logits [V]."""
         cfg, p = self.cfg, self.p
-        x = p["embed/embedding"][token]
+        positions = self.position + np.arange(len(tokens))
+        x = p["embed/embedding"][tokens]  # [T, d]
         group = cfg.n_heads // cfg.n_kv_heads
         for layer in range(cfg.n_layers):
             pre = f"layers_{layer}/"
             h = _norm(x, p[pre + "attn_norm/scale"], cfg.norm_eps)
-            q = _rope(np.einsum("d,dhe->he", h, p[pre + "attn/q_proj/kernel"]), self.position, cfg.rope_theta)
+            q = np.stack([_rope(qt, pos, cfg.rope_theta)
+                          for qt, pos in zip(np.einsum("td,dhe->the", h, p[pre + "attn/q_proj/kernel"]), positions)])
             kv = cfg.kv_index(layer)
             if cfg.kv_sources[layer] == layer:
-                self.k[kv].append(_rope(np.einsum("d,dhe->he", h, p[pre + "attn/k_proj/kernel"]), self.position,
-                                        cfg.rope_theta))
-                self.v[kv].append(np.einsum("d,dhe->he", h, p[pre + "attn/v_proj/kernel"]))
-                self.held[kv] = np.concatenate([self.held[kv], np.ones((cfg.n_kv_heads, 1), bool)], axis=1)
-                self.scores[kv] = np.concatenate([self.scores[kv], np.zeros((cfg.n_kv_heads, 1))], axis=1)
-            out = np.zeros_like(q)
-            if not self.k[kv]:  # an upward source before its first token: nothing to see, zeros
-                x = x + np.einsum("he,hed->d", out, p[pre + "attn/o_proj/kernel"])
-                x = self._mlp(x, pre)
-                continue
-            keys, values = np.stack(self.k[kv], axis=1), np.stack(self.v[kv], axis=1)  # [K, T, Dh]
-            held = self.held[kv][:, :keys.shape[1]]
-            for head in range(cfg.n_heads):
-                kvh = head // group
-                logits = keys[kvh] @ q[head] / np.sqrt(cfg.head_dim)
-                logits = np.where(held[kvh], logits, -np.inf)
-                probs = np.exp(logits - logits.max())
-                probs /= probs.sum()
-                out[head] = probs @ values[kvh]
-                self.scores[kv][kvh, :len(probs)] += score_weight * probs
-            x = x + np.einsum("he,hed->d", out, p[pre + "attn/o_proj/kernel"])
+                keys = np.einsum("td,dhe->the", h, p[pre + "attn/k_proj/kernel"])
+                values = np.einsum("td,dhe->the", h, p[pre + "attn/v_proj/kernel"])
+                for t, pos in enumerate(positions):
+                    self.k[kv].append(_rope(keys[t], pos, cfg.rope_theta))
+                    self.v[kv].append(values[t])
+                n = len(tokens)
+                self.held[kv] = np.concatenate([self.held[kv], np.ones((cfg.n_kv_heads, n), bool)], axis=1)
+                self.scores[kv] = np.concatenate([self.scores[kv], np.zeros((cfg.n_kv_heads, n))], axis=1)
+                if self.kivi:
+                    self._flush(kv, self.flushed[kv])
+            out = np.zeros_like(q)  # an upward source before its first token: nothing to see, zeros
+            if self.k[kv]:
+                keys, values = np.stack(self.k[kv], axis=1), np.stack(self.v[kv], axis=1)  # [K, N, Dh]
+                for t, pos in enumerate(positions):
+                    seen = self.held[kv][:, :keys.shape[1]] & (np.arange(keys.shape[1]) <= pos)
+                    for head in range(cfg.n_heads):
+                        kvh = head // group
+                        logits = np.where(seen[kvh], keys[kvh] @ q[t, head] / np.sqrt(cfg.head_dim), -np.inf)
+                        probs = np.exp(logits - logits.max())
+                        probs /= probs.sum()
+                        out[t, head] = probs @ values[kvh]
+                        self.scores[kv][kvh, :len(probs)] += score_weights[t] * probs
+            x = x + np.einsum("the,hed->td", out, p[pre + "attn/o_proj/kernel"])
             x = self._mlp(x, pre)
-        self.position += 1
-        return _norm(x, p["final_norm/scale"], cfg.norm_eps) @ p["lm_head/kernel"]
+        self.position += len(tokens)
+        return _norm(x[-1], p["final_norm/scale"], cfg.norm_eps) @ p["lm_head/kernel"]
+
+    def _flush(self, kv: int, flushed: int) -> None:
+        """KIVI: quantize the pages of each head's held tokens from slot `flushed` up to what may be flushed now."""
+        bits, recent = self.kivi
+        after = flushed_after(flushed, int(self.held[kv][0].sum()), recent, KIVI_PAGE)
+        for head in range(self.cfg.n_kv_heads):
+            held = np.flatnonzero(self.held[kv][head])
+            for start in range(flushed, after, KIVI_PAGE):
+                page = held[start:start + KIVI_PAGE]
+                for stored, keys in ((self.k[kv], True), (self.v[kv], False)):
+                    x = jnp.asarray(np.stack([stored[j][head] for j in page]))
+                    codes, pairs = quantize_kivi(x, bits, keys=keys)
+                    values = np.asarray(dequantize(codes, pairs, jnp.float32, keys=keys), np.float64)
+                    for i, j in enumerate(page):
+                        stored[j][head] = values[i]
+        self.flushed[kv] = after
 
     def _mlp(self, x, pre):
         h = _norm(x, self.p[pre + "mlp_norm/scale"], self.cfg.norm_eps)
@@ -86,10 +125,10 @@ class EvictingDenseModel:
     def evict(self) -> None:
         """Cut every KV layer and head to the budget (`budget - window` best-scored + the last `window` held)."""
         for kv in range(len(self.held)):
+            if self.held[kv][0].sum() <= self.budget:  # every head holds as many
+                continue
             for head in range(self.cfg.n_kv_heads):
                 held = np.flatnonzero(self.held[kv][head])  # positions, in order
-                if len(held) <= self.budget:
-                    continue
                 candidates = held[:-self.window]
                 votes = self.scores[kv][head][candidates]
                 if self.kernel > 1:
@@ -98,12 +137,15 @@ class EvictingDenseModel:
                 order = sorted(range(len(candidates)), key=lambda i: -votes[i])
                 dropped = candidates[sorted(order[self.budget - self.window:])]
                 self.held[kv][head, dropped] = False
+            if self.kivi:  # the kept tokens move to other slots: their pages are quantized anew
+                self._flush(kv, 0)
 
     def generate(self, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
         """Greedy tokens after `prompt` and the logits each came from, evicting as the method does."""
-        for i, token in enumerate(prompt):
-            weight = 1.0 if self.method == "h2o" or i >= len(prompt) - self.window else 0.0
-            logits = self.feed(token, weight)
+        weights = [1.0 if self.method == "h2o" or i >= len(prompt) - self.window else 0.0 for i in range(len(prompt))]
+        step = len(prompt) if self.kivi else 1
+        for at in range(0, len(prompt), step):
+            logits = self.feed(prompt[at:at + step], weights[at:at + step])
         self.evict()
         tokens, all_logits = [], []
         for _ in range(n):
@@ -111,7 +153,7 @@ class EvictingDenseModel:
             all_logits.append(logits)
             if len(tokens) == n:
                 break
-            logits = self.feed(tokens[-1], 1.0 if self.method == "h2o" else 0.0)
+            logits = self.feed(tokens[-1:], [1.0 if self.method == "h2o" else 0.0])
             if self.method == "h2o":
                 self.evict()
         return tokens, all_logits

@@ -38,9 +38,9 @@ def run(engine, requests) -> dict[str, list]:
     return outputs
 
 
-def oracle(cfg, params, policy, prompt, n):
+def oracle(cfg, params, policy, prompt, n, kivi=None):
     model = EvictingDenseModel(cfg, params, method=policy.method, budget=policy.budget, window=policy.window,
-                               kernel=policy.kernel)
+                               kernel=policy.kernel, kivi=kivi)
     tokens, logits = model.generate(prompt, n)
     return tokens, [lg - np.log(np.sum(np.exp(lg - lg.max()))) - lg.max() for lg in logits]
 
@@ -75,6 +75,36 @@ def test_engine_keeps_what_literal_eviction_keeps(byte_tokenizer, method, model)
         assert m["kv_tokens_evicted_total"] == sum(past)
     else:  # then one a generated token fed (the last one emitted is never fed: 11 of 12), 4 for the short prompt
         assert m["kv_tokens_evicted_total"] == sum(p + 11 for p in past) + (17 + 11 - BUDGET)
+
+
+@pytest.mark.parametrize("model", ["gqa", "cla2"])
+@pytest.mark.parametrize("method, kv_dtype", [("h2o", "kivi4"), ("snapkv", "kivi2"), ("h2o", "kivi2")])
+def test_eviction_on_kivi_pages_is_the_literal_one(byte_tokenizer, method, kv_dtype, model):
+    """KIVI composed with eviction: a cut reads the kept tokens (dequantized, or from the ring) and quantizes
+    their first pages anew, as the evicting dense model with KIVI's storage does (pages outside the last 32 tokens
+    quantized literally, before any query reads them). Prompts of 150 and 100 tokens (one prefill chunk each) and
+    one of 40 under the budget of 80 (one quantized page after each cut): the same log-probabilities at every
+    generated token (they agree to 1e-6; SnapKV's kept pages mix tokens of several old pages, and not quantizing
+    them anew moves the distributions by 2e-4), and every page back."""
+    cfg = ModelConfig(**{**BASE, "head_dim": 32, "max_seq_len": 256}, **MODELS[model])
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    policy = eviction_policy(method, 80, 16)
+    bits = int(kv_dtype[-1])
+    engine = Engine(LLM(cfg, byte_tokenizer, params, kv_dtype=kv_dtype, kv_recent=32), max_batch=2, page_size=32,
+                    prefill_chunk=256, kv_dtype=kv_dtype, eviction=policy)
+    rng = np.random.default_rng(4)
+    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (150, 40, 100)]
+    got = run(engine, [Request(p, max_tokens=10, request_id=str(i), ignore_eos=True, distributions=True)
+                       for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        tokens, log_probs = oracle(cfg, params, policy, prompt, 10, kivi=(bits, 32))
+        distributions = np.concatenate([out.distributions for out in got[str(i)]])
+        np.testing.assert_allclose(distributions, np.stack(log_probs), atol=1e-5, err_msg=f"request {i}")
+        assert [t for out in got[str(i)] for t in out.token_ids] == tokens, f"request {i}"
+    _, unquantized = oracle(cfg, params, policy, prompts[0], 10)
+    _, quantized = oracle(cfg, params, policy, prompts[0], 10, kivi=(bits, 32))
+    assert max(np.abs(a - b).max() for a, b in zip(unquantized, quantized)) > 1e-2  # the quantization shows
+    assert engine.metrics()["kv_pages_used"] == 0
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])

@@ -4,10 +4,8 @@ KIVI pages."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -24,41 +22,11 @@ from jaxkv.serve.engine import Engine, Request
 from jaxkv.sharing import cla
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.ragged_paged_attention import PoolLayer, RaggedMetadata, ragged_paged_attention
+from kivi_reference import literal_bytes, literal_codes, literal_dequantize
 from test_engine import run, tokens_of
 from test_paged_cache import dense_logits, paged_forward, scattered_tables
 
 S = 32  # KIVI's page: keys share a (scale, minimum) per channel over its tokens
-
-
-def bf16(x) -> np.ndarray:
-    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
-
-
-def literal_codes(x: np.ndarray, bits: int, keys: bool):
-    """KIVI in numpy, literally: keys [S, Dh] per channel over the tokens, values [Dh] per 32 channels; minimum and
-    scale = (max - min) / (2^bits - 1) rounded to bfloat16, codes round((x - min) / scale) clipped to the range."""
-    top = 2 ** bits - 1
-    grouped = x.astype(np.float32) if keys else x.astype(np.float32).reshape(-1, 32)
-    axis = 0 if keys else 1
-    low = bf16(grouped.min(axis, keepdims=True))
-    scale = bf16((grouped.max(axis, keepdims=True) - low) / np.float32(top))
-    codes = np.clip(np.round((grouped - low) / np.where(scale > 0, scale, 1)), 0, top).astype(np.int64)
-    return codes.reshape(x.shape), scale, low
-
-
-def literal_bytes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Byte i of a vector holds channel i + j n at bits j bits.. (n = head_dim x bits / 8)."""
-    n = codes.shape[-1] * bits // 8
-    return sum(codes[..., j * n:(j + 1) * n] << (j * bits) for j in range(8 // bits)).astype(np.uint8)
-
-
-def literal_dequantize(byte_rows: np.ndarray, bits: int, scale, low) -> np.ndarray:
-    """Codes read bit by bit out of the bytes, times scale plus minimum, in float64."""
-    n = byte_rows.shape[-1]
-    codes = np.concatenate([(byte_rows.astype(np.int64) >> (j * bits)) & (2 ** bits - 1) for j in range(8 // bits)],
-                           axis=-1)
-    assert codes.shape[-1] == n * 8 // bits
-    return codes * np.asarray(scale, np.float64) + np.asarray(low, np.float64)
 
 
 # --- the quantizer ---------------------------------------------------------------------------------
@@ -312,12 +280,8 @@ def test_engine_rows_keep_their_own_residual_and_cache_only_flushed_pages(kivi_l
 
 
 def test_bad_kivi_settings_are_one_line(kivi_llm, byte_tokenizer):
-    from jaxkv.cache.eviction import eviction_policy
-
     with pytest.raises(JaxkvError, match="groups keys over pages of 32 tokens"):
         Engine(kivi_llm, page_size=16, kv_dtype="kivi2")
-    with pytest.raises(JaxkvError, match="token eviction does not compose with KV dtype kivi2"):
-        Engine(kivi_llm, page_size=S, kv_dtype="kivi2", eviction=eviction_policy("h2o", 64))
     window = kivi_llm.config.replace(window_layers=(1,), sliding_window=16)
     with pytest.raises(JaxkvError, match="KV dtype kivi4 needs every layer to attend to the whole sequence"):
         Engine(LLM(window, byte_tokenizer, kivi_llm.params), page_size=S, kv_dtype="kivi4")

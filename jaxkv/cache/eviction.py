@@ -104,7 +104,8 @@ def add_attention_scores(scores: jax.Array, index: int, q: jax.Array, layer: Poo
     kv_lens = meta.kv_lens - 1 if strict else meta.kv_lens  # an upward source: strictly earlier slots
     n_slots = meta.block_tables.shape[1] * page_size
     keys = jnp.broadcast_to(jnp.arange(n_slots), (n_rows, n_slots))
-    k = decode.gather_tokens(layer.k, layer.k_scales, meta.block_tables, keys, 0, None)  # [K, R, C, Dh]
+    k = decode.gather_tokens(layer.k, layer.k_scales, meta.block_tables, keys, 0, None, keys=True,
+                             recent=layer.k_recent, flushed=meta.flushed)  # [K, R, C, Dh]
     qg = q[picked].astype(jnp.float32).reshape(n_rows, width, n_kv, -1, q.shape[-1])  # [R, width, K, G, Dh]
     logits = decode.soft_cap(jnp.einsum("rwkgd,krcd->krgwc", qg, k) * q.shape[-1] ** -0.5, softcap)
     query_slot = kv_lens[:, None] - q_lens[:, None] + slot[None]  # [R, width]: the slot each query sees up to
@@ -116,12 +117,14 @@ def add_attention_scores(scores: jax.Array, index: int, q: jax.Array, layer: Poo
     return scores.at[index, heads, rows[None, :, None], keys[None]].add(votes, mode="drop")
 
 
-def compact(pools, rows, held, src_tables, dst_tables, *, policy: Eviction):
+def compact(pools, rows, held, src_tables, dst_tables, kivi=None, *, policy: Eviction):
     """Cut every listed sequence to policy.budget tokens in every KV layer and head of every pool: keep its last
     `window` tokens and the `heavy` best-scored others (after pooling), in slot order, in slots 0..budget-1 of
     the pages dst_tables name (read through src_tables: a sequence moves off shared pages here). rows [N]: the
     sequences' engine rows (where their scores live); held [N]: their tokens now (> budget); tables [N, W].
-    Padding entries (N is bucketed) have held 0 and a row past the pool's: they change nothing."""
+    Padding entries (N is bucketed) have held 0 and a row past the pool's: they change nothing. kivi: for KIVI
+    pools, `jaxkv.cache.kivi.Residual.rewrite`'s plan: the kept tokens are read as floats and written back as a
+    step, their full pages quantized anew."""
     out = []
     for pool in pools:
         page_size = pool.page_size
@@ -144,7 +147,9 @@ def compact(pools, rows, held, src_tables, dst_tables, *, policy: Eviction):
         layers = jnp.arange(pool.k_pages.shape[0])[:, None, None, None]
         heads = jnp.arange(pool.k_pages.shape[1])[None, :, None, None]
         updates = {}
-        for name in ("k_pages", "v_pages", "k_scales", "v_scales"):
+        if pool.k_recent is not None:
+            updates = _requantized(pool, kept, *kivi)
+        for name in ("k_pages", "v_pages", "k_scales", "v_scales") if not updates else ():
             array = getattr(pool, name)
             if array is not None:
                 moved = array[layers, heads, src_page, kept % page_size]
@@ -156,3 +161,24 @@ def compact(pools, rows, held, src_tables, dst_tables, *, policy: Eviction):
         updates["scores"] = pool.scores.at[:, :, rows, :n_slots].set(new_scores, mode="drop")  # (padding: dropped)
         out.append(pool.replace(**updates))
     return tuple(out)
+
+
+def _requantized(pool, kept: jax.Array, read: RaggedMetadata, write: RaggedMetadata, flushes: jax.Array) -> dict:
+    """A KIVI pool's arrays once each layer's kept slots kept [L, K, N, budget] are read as floats through `read`
+    (dequantized, or from the rows' rings) and written back through `write` as one step of `budget` new tokens per
+    cut row (`PagePool.write_kivi`): its whole pages outside the recent ones quantized anew, the rest in its ring."""
+    n_rows, budget = kept.shape[2:]
+    n_slots = read.block_tables.shape[1] * pool.page_size
+    slots = jnp.broadcast_to(jnp.arange(n_slots), (n_rows, n_slots))
+    token_rows, new_slots = jnp.repeat(jnp.arange(n_rows), budget), jnp.tile(jnp.arange(budget), n_rows)
+    for index in range(pool.k_pages.shape[0]):
+        layer, moved = pool.layer(index), []
+        for pages, scales, recent, keys in ((layer.k, layer.k_scales, layer.k_recent, True),
+                                            (layer.v, layer.v_scales, layer.v_recent, False)):
+            dense = decode.gather_tokens(pages, scales, read.block_tables, slots, 0, None, keys=keys, recent=recent,
+                                         flushed=read.flushed)  # [K, N, C, Dh]
+            picked = jnp.take_along_axis(dense, kept[index][..., None], axis=2)  # [K, N, budget, Dh]
+            moved.append(jnp.transpose(picked, (1, 2, 0, 3)).reshape(n_rows * budget, *picked.shape[::3]))
+        pool = pool.write_kivi(index, *moved, write, token_rows, new_slots, flushes)
+    return {name: getattr(pool, name) for name in ("k_pages", "v_pages", "k_scales", "v_scales", "k_recent",
+                                                   "v_recent")}

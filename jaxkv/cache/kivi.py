@@ -16,6 +16,8 @@ import dataclasses
 
 import numpy as np
 
+from pallas_kernels.ragged_paged_attention import RaggedMetadata
+
 
 UNUSED = 2**30  # the quantized page of a flush entry that flushes nothing: past any pool, so its writes drop
 
@@ -63,3 +65,21 @@ class Residual:
             columns = np.arange(after[r] // self.page_size, tables.shape[1])
             tables[r, columns] = row * self.ring + columns % self.ring
         return tables, after, flushes
+
+    def rewrite(self, src: np.ndarray, dst: np.ndarray, rows, held, flushed, budget: int):
+        """Token eviction on a KIVI pool (`jaxkv.cache.eviction.compact`) for the first len(held) of the N rows
+        of src, dst [N, W] (the sequences' quantized pages before and after the cut; rows: their places in the
+        pool): (where their held tokens are read, where their `budget` kept tokens are written back as one step of
+        `budget` new tokens each, that step's flushes). A page's keys share one (scale, minimum) per channel, so
+        tokens that move to another page are quantized anew with it."""
+        n_rows, n = len(src), len(held)
+        read, before, _ = self.plan(src, rows[:n], held, np.zeros(n, np.int32), flushed, 0)
+        lengths = np.zeros(n_rows, np.int32)
+        lengths[:n] = budget
+        tables, after, flushes = self.plan(dst, rows[:n], np.zeros(n, np.int32), lengths[:n], np.zeros(n, np.int32),
+                                           n_rows * budget)
+        kv_lens = np.zeros(n_rows, np.int32)
+        kv_lens[:n] = held
+        cu_q_lens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return (RaggedMetadata(np.zeros(n_rows + 1, np.int32), kv_lens, read, 1, before),
+                RaggedMetadata(cu_q_lens, lengths, tables, budget, after), flushes)

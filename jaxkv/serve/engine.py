@@ -112,8 +112,6 @@ class Engine:
         if what and (self.streaming or any(cfg.window(layer) is not None for layer in range(cfg.n_layers))):
             raise JaxkvError(f"{what} needs every layer to attend to the whole sequence: not with StreamingLLM "
                              "or sliding-window layers")
-        if eviction and self.residual:
-            raise JaxkvError(f"token eviction does not compose with KV dtype {kv_dtype} yet: use int8, fp8 or int4")
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.groups = page_groups(cfg, page_size, max(prefill_chunk, decode_iters), self.pages_per_seq)
@@ -348,11 +346,15 @@ class Engine:
             cut.append(seq)
         if not cut:
             return
-        self.pools = self.executables.run(compact, (0,), self.pools, rows, held, src, dst, policy=self.eviction)
-        for seq in cut:
+        kivi = None if not self.residual else self.residual.rewrite(
+            src, dst, rows, held[:len(cut)], [s.flushed for s in cut], budget)
+        self.pools = self.executables.run(compact, (0,), self.pools, rows, held, src, dst, kivi, policy=self.eviction)
+        for r, seq in enumerate(cut):
             allocator.truncate(seq.request.request_id, budget)
             self._totals["evicted"] += seq.held - budget
             seq.dropped += seq.held - budget
+            if kivi:
+                seq.flushed = int(kivi[1].flushed[r])
 
     def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, iters: int) -> tuple:
         """The host arrays of one step: packed tokens, their metadata, the rows' sampling values, forced tokens
@@ -549,8 +551,10 @@ class Engine:
         if self.eviction:  # held 0 everywhere: cuts nothing
             idle = np.zeros(self.max_batch, np.int32)
             tables = np.zeros((self.max_batch, self.pages_per_seq), np.int32)
+            kivi = None if not self.residual else self.residual.rewrite(tables, tables, idle + self.max_batch, [],
+                                                                         [], self.eviction.budget)
             self.pools = self.executables.run(compact, (0,), self.pools, idle + self.max_batch, idle, tables, tables,
-                                              policy=self.eviction)
+                                              kivi, policy=self.eviction)
 
     # --- metrics ------------------------------------------------------------------------------
     def metrics(self) -> dict:
