@@ -176,21 +176,21 @@ class LLM:
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: str | None = None,
          page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4,
          mesh: str | Mesh | None = None, kv_rotate: bool = False, kv_budget: int | None = None,
-         eviction: str | None = None, eviction_window: int | None = None, kv_recent: int | None = None) -> LLM:
-    """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir, a GGUF file or a Hugging
-    Face Hub id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
+         eviction: str | None = None, eviction_window: int | None = None, eviction_sinks: int = 0,
+         kv_recent: int | None = None) -> LLM:
+    """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir, a GGUF file or a Hugging Face Hub
+    id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
 
-    dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the
-    checkpoint's own. The KV cache lives in pages of page_size tokens (default 16, KIVI 32); kv_dtype "int8",
-    "fp8" (e4m3), "int4", "kivi2" or "kivi4" (KIVI, `jaxkv.cache.kivi`) quantizes it. streaming_window turns on
-    StreamingLLM: the cache keeps `sinks` first tokens and the
-    last `streaming_window`, so generation runs past the model's context in bounded memory. kv_rotate: keys and
-    queries rotated by a Hadamard matrix before the KV is stored (less quantization error, same scores). mesh
-    ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`). eviction "h2o" or "snapkv" keeps
-    kv_budget tokens per sequence after its prompt: eviction_window recent ones (SnapKV: its observation window)
-    and the most attended others (`jaxkv.cache.eviction`). kv_recent: the last tokens KIVI keeps in float (128).
-    """
-    policy = eviction_policy(eviction, kv_budget, eviction_window)  # bad values fail before the weights load
+    dtype (float32, bfloat16, float16) sets both compute and parameter dtype; by default the checkpoint's own. The
+    KV cache lives in pages of page_size tokens (default 16, KIVI 32); kv_dtype "int8", "fp8" (e4m3), "int4",
+    "kivi2" or "kivi4" (KIVI, `jaxkv.cache.kivi`) quantizes it. streaming_window turns on StreamingLLM: the cache
+    keeps `sinks` first tokens and the last `streaming_window`, so generation runs past the model's context in
+    bounded memory. kv_rotate: keys and queries rotated by a Hadamard matrix before the KV is stored (less
+    quantization error, same scores). mesh ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`).
+    eviction "h2o" or "snapkv" keeps kv_budget tokens per sequence after its prompt: eviction_window recent ones
+    (SnapKV: its observation window), the first eviction_sinks and the most attended others
+    (`jaxkv.cache.eviction`). kv_recent: the last tokens KIVI keeps in float (128)."""
+    policy = eviction_policy(eviction, kv_budget, eviction_window, eviction_sinks)  # fails before weights load
     if dtype is not None:
         dtype = _dtype_name(dtype)
     mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh  # a bad spec fails before the weights load

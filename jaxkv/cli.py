@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _kv_arguments(args) -> dict:
     return dict(kv_rotate=args.kv_rotate, kv_budget=args.kv_budget, eviction=args.eviction,
-                eviction_window=args.eviction_window, kv_recent=args.kv_recent)
+                eviction_window=args.eviction_window, eviction_sinks=args.eviction_sinks, kv_recent=args.kv_recent)
 
 
 def _generate(args) -> None:
@@ -345,6 +345,8 @@ def _kv_compression(parser) -> None:
     parser.add_argument("--eviction-window", type=int, default=None, metavar="TOKENS",
                         help="recent tokens always kept (SnapKV: its observation window; default: half the budget "
                              "for H2O, 32 for SnapKV)")
+    parser.add_argument("--eviction-sinks", type=int, default=0, metavar="TOKENS",
+                        help="first tokens of a sequence that --eviction always keeps (attention sinks; default 0)")
     parser.add_argument("--kv-recent", type=int, default=None, metavar="TOKENS",
                         help="KIVI (--kv-dtype kivi2|kivi4): the last tokens of a sequence kept in float, a multiple "
                              "of the page size (default: 128)")

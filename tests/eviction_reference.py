@@ -7,10 +7,12 @@ source above it, as the paper's decoding does). Each KV layer keeps, per KV head
 token it was fed (keys after RoPE, at the token's position) and which of them are still held; a query attends to
 the held ones. H2O (Zhang et al. 2023): every query adds its attention probabilities (summed over its KV head's
 query heads) to the score of each held token; once the prompt is in, and after every generated token, while a
-head holds more than `budget` tokens the lowest-scored token outside the last `window` held ones is dropped.
+head holds more than `budget` tokens the lowest-scored token outside the last `window` held ones (and the first
+`sinks`) is dropped.
 SnapKV (Li et al. 2024): only the last `window` prompt queries score; at the end of the prompt each head keeps its
 last `window` tokens and the `budget - window` others with the highest scores after a 1-D average pool of width
 `kernel` (zeros past the ends, as torch's avg_pool1d with padding kernel // 2), nothing is dropped afterwards.
+With `sinks`, the first `sinks` tokens are never candidates: they are always kept.
 
 KIVI (`kivi=(bits, recent)`): each head's held tokens, in order, are what a KIVI pool's slots hold: whole pages of
 32 outside the last `recent` are quantized before any query reads them, and after a cut the kept tokens' first
@@ -47,9 +49,10 @@ def _rope(x, position, theta):
 
 
 class EvictingDenseModel:
-    def __init__(self, cfg, params, *, method: str, budget: int, window: int, kernel: int = 1,
+    def __init__(self, cfg, params, *, method: str, budget: int, window: int, kernel: int = 1, sinks: int = 0,
                  kivi: tuple[int, int] | None = None):
         self.cfg, self.method, self.budget, self.window, self.kernel = cfg, method, budget, window, kernel
+        self.sinks = sinks
         self.p = {k: np.asarray(v, np.float64) for k, v in _flat(params).items()}
         kv_layers = cfg.n_kv_layers
         self.k = [[] for _ in range(kv_layers)]  # per KV layer: per token [kv_heads, Dh]
@@ -123,19 +126,20 @@ class EvictingDenseModel:
         return x + (gate / (1 + np.exp(-gate)) * up) @ self.p[pre + "mlp/down_proj/kernel"]
 
     def evict(self) -> None:
-        """Cut every KV layer and head to the budget (`budget - window` best-scored + the last `window` held)."""
+        """Cut every KV layer and head to the budget: the first `sinks` and last `window` held, and the
+        `budget - window - sinks` best-scored others."""
         for kv in range(len(self.held)):
             if self.held[kv][0].sum() <= self.budget:  # every head holds as many
                 continue
             for head in range(self.cfg.n_kv_heads):
                 held = np.flatnonzero(self.held[kv][head])  # positions, in order
-                candidates = held[:-self.window]
+                candidates = held[self.sinks:-self.window]
                 votes = self.scores[kv][head][candidates]
                 if self.kernel > 1:
                     padded = np.pad(votes, self.kernel // 2)
                     votes = np.array([padded[i:i + self.kernel].sum() / self.kernel for i in range(len(candidates))])
                 order = sorted(range(len(candidates)), key=lambda i: -votes[i])
-                dropped = candidates[sorted(order[self.budget - self.window:])]
+                dropped = candidates[sorted(order[self.budget - self.window - self.sinks:])]
                 self.held[kv][head, dropped] = False
             if self.kivi:  # the kept tokens move to other slots: their pages are quantized anew
                 self._flush(kv, 0)

@@ -40,7 +40,7 @@ def run(engine, requests) -> dict[str, list]:
 
 def oracle(cfg, params, policy, prompt, n, kivi=None):
     model = EvictingDenseModel(cfg, params, method=policy.method, budget=policy.budget, window=policy.window,
-                               kernel=policy.kernel, kivi=kivi)
+                               kernel=policy.kernel, sinks=policy.sinks, kivi=kivi)
     tokens, logits = model.generate(prompt, n)
     return tokens, [lg - np.log(np.sum(np.exp(lg - lg.max()))) - lg.max() for lg in logits]
 
@@ -75,6 +75,35 @@ def test_engine_keeps_what_literal_eviction_keeps(byte_tokenizer, method, model)
         assert m["kv_tokens_evicted_total"] == sum(past)
     else:  # then one a generated token fed (the last one emitted is never fed: 11 of 12), 4 for the short prompt
         assert m["kv_tokens_evicted_total"] == sum(p + 11 for p in past) + (17 + 11 - BUDGET)
+
+
+@pytest.mark.parametrize("model", ["gqa", "cla2"])
+def test_attention_sinks_are_always_kept(byte_tokenizer, model):
+    """--eviction-sinks 4: the first 4 tokens are never candidates. The engine equals the literal implementation
+    with sinks, which keeps them in every head and differs from the one without. (SnapKV: H2O's votes favour the
+    first tokens anyway, as every later query sees them, so here it would keep them without sinks too.)"""
+    method = "snapkv"
+    cfg = ModelConfig(**BASE, **MODELS[model])
+    params = init_params(cfg, jax.random.PRNGKey(5))
+    policy = eviction_policy(method, BUDGET, WINDOW, sinks=4)
+    engine = Engine(LLM(cfg, byte_tokenizer, params), max_batch=2, page_size=PAGE, prefill_chunk=16, eviction=policy)
+    rng = np.random.default_rng(6)
+    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (70, 30)]
+    got = run(engine, [Request(p, max_tokens=8, request_id=str(i), ignore_eos=True, distributions=True)
+                       for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        model_ = EvictingDenseModel(cfg, params, method=method, budget=BUDGET, window=WINDOW, kernel=policy.kernel,
+                                    sinks=4)
+        tokens, logits = model_.generate(prompt, 8)
+        assert all(kept[:4] == [0, 1, 2, 3] for heads in model_.kept() for kept in heads)
+        log_probs = [lg - np.log(np.sum(np.exp(lg - lg.max()))) - lg.max() for lg in logits]
+        np.testing.assert_allclose(np.concatenate([out.distributions for out in got[str(i)]]), np.stack(log_probs),
+                                   atol=2e-4, err_msg=f"request {i}")
+        assert [t for out in got[str(i)] for t in out.token_ids] == tokens, f"request {i}"
+    _, without = oracle(cfg, params, eviction_policy(method, BUDGET, WINDOW), prompts[0], 8)
+    _, with_sinks = oracle(cfg, params, policy, prompts[0], 8)
+    assert max(np.abs(a - b).max() for a, b in zip(without, with_sinks)) > 1e-3  # the sinks' keeping shows
+    assert engine.metrics()["kv_pages_used"] == 0
 
 
 @pytest.mark.parametrize("model", ["gqa", "cla2"])
@@ -147,9 +176,12 @@ def test_prefix_cache_stays_right_for_evicting_sequences(byte_tokenizer):
 @pytest.mark.parametrize("args, message", [
     (("h2o", None, None), "eviction h2o needs a KV budget"),
     (("lru", 64, None), "eviction must be one of h2o, snapkv, got 'lru'"),
-    ((None, 64, None), "--kv-budget and --eviction-window need --eviction"),
+    ((None, 64, None), "--kv-budget, --eviction-window and --eviction-sinks need --eviction"),
+    ((None, None, None, 4), "--kv-budget, --eviction-window and --eviction-sinks need --eviction"),
     (("snapkv", 16, 16), "the eviction window must be at least 1 and below the KV budget \\(16\\), got 16"),
     (("h2o", 1, None), "the KV budget must be at least 2 tokens, got 1"),
+    (("h2o", 16, 8, 8), r"the KV budget \(16\) must exceed the eviction sinks \(8\) plus the eviction window \(8\)"),
+    (("h2o", 16, None, -1), "eviction sinks must be at least 0, got -1"),
 ])
 def test_bad_eviction_values_are_one_line(args, message):
     with pytest.raises(JaxkvError, match=message):

@@ -155,6 +155,8 @@ def test_cli_perplexity_with_eviction(model_dir, llm, tmp_path, capsys):
     (["--eviction", "h2o"], r"eviction h2o needs a KV budget \(--kv-budget N tokens\)"),
     (["--eviction", "snapkv", "--kv-budget", "8", "--eviction-window", "8"],
      r"the eviction window must be at least 1 and below the KV budget \(8\), got 8"),
+    (["--eviction", "h2o", "--kv-budget", "8", "--eviction-window", "4", "--eviction-sinks", "4"],
+     r"the KV budget \(8\) must exceed the eviction sinks \(4\) plus the eviction window \(4\)"),
 ])
 def test_cli_perplexity_bad_input_is_one_line(model_dir, tmp_path, capsys, args, message):
     text = tmp_path / "text.txt"

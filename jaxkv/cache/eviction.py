@@ -1,10 +1,11 @@
 """Token eviction under a per-sequence KV budget: H2O and SnapKV on the paged pool.
 
-Both keep a recent window plus the earlier tokens that received the most attention, and differ in who votes and
-when. H2O: every query adds its attention to the tokens it sees, and whenever a sequence holds more than
-`budget` tokens it keeps the recent window and the best-scored others (after the prompt, then one token per decode
-step). SnapKV: only the last `window` prompt queries (the observation window) vote, their votes are smoothed by a
-1-D average pool (`kernel`) and the prompt is cut to the budget once, at the end of prefill; generated tokens are
+Both keep a recent window plus the earlier tokens that received the most attention (and, if asked, the first
+`sinks` tokens, which attention leans on whatever they say), and differ in who votes and when. H2O: every query
+adds its attention to the tokens it sees, and whenever a sequence holds more than `budget` tokens it keeps the
+recent window and the best-scored others (after the prompt, then one token per decode step). SnapKV: only the
+last `window` prompt queries (the observation window) vote, their votes are smoothed by a 1-D average pool
+(`kernel`) and the prompt is cut to the budget once, at the end of prefill; generated tokens are
 all kept. Selection is per KV layer and per KV head (the votes of a head's GQA group summed); a KV layer that
 several layers read (CLA, LCKV) takes the votes of all its readers.
 
@@ -33,17 +34,19 @@ SNAPKV_WINDOW, SNAPKV_KERNEL = 32, 7  # SnapKV's observation window and pooling 
 @dataclasses.dataclass(frozen=True)
 class Eviction:
     """method: "h2o" or "snapkv"; budget: tokens a sequence keeps per KV layer and head; window: the recent tokens
-    always kept (SnapKV: its observation window); kernel: SnapKV's pooling width (1 for H2O)."""
+    always kept (SnapKV: its observation window); kernel: SnapKV's pooling width (1 for H2O); sinks: the first
+    tokens always kept (attention sinks, as StreamingLLM keeps them)."""
 
     method: str
     budget: int
     window: int
     kernel: int = 1
+    sinks: int = 0
 
     @property
     def heavy(self) -> int:
         """The tokens kept for their scores."""
-        return self.budget - self.window
+        return self.budget - self.window - self.sinks
 
     def peak(self, n_prompt: int, max_tokens: int) -> int:
         """The most tokens a request holds: its prompt until it is cut (and a token beside it), then the budget
@@ -67,13 +70,14 @@ class Eviction:
         return ((positions >= prefill_end - self.window) & (positions < prefill_end)).astype(np.float32)
 
 
-def eviction_policy(method: str | None, budget: int | None, window: int | None = None) -> Eviction | None:
-    """The policy of --eviction/--kv-budget/--eviction-window, or one clear error line. Defaults: H2O splits the
-    budget evenly between heavy hitters and the recent window (as the paper); SnapKV observes the last 32 prompt
-    tokens (or half the budget if that is less) and pools over 7."""
+def eviction_policy(method: str | None, budget: int | None, window: int | None = None,
+                    sinks: int = 0) -> Eviction | None:
+    """The policy of --eviction/--kv-budget/--eviction-window/--eviction-sinks, or one clear error line. Defaults:
+    H2O splits the budget evenly between heavy hitters and the recent window (as the paper); SnapKV observes the
+    last 32 prompt tokens (or half the budget if that is less) and pools over 7; no sinks."""
     if method is None:
-        if budget is not None or window is not None:
-            raise JaxkvError("--kv-budget and --eviction-window need --eviction h2o or snapkv")
+        if budget is not None or window is not None or sinks:
+            raise JaxkvError("--kv-budget, --eviction-window and --eviction-sinks need --eviction h2o or snapkv")
         return None
     if method not in METHODS:
         raise JaxkvError(f"eviction must be one of {', '.join(METHODS)}, got {method!r}")
@@ -81,11 +85,16 @@ def eviction_policy(method: str | None, budget: int | None, window: int | None =
         raise JaxkvError(f"eviction {method} needs a KV budget (--kv-budget N tokens)")
     if budget < 2:
         raise JaxkvError(f"the KV budget must be at least 2 tokens, got {budget}")
+    if sinks < 0:
+        raise JaxkvError(f"eviction sinks must be at least 0, got {sinks}")
     if window is None:
-        window = budget // 2 if method == "h2o" else min(SNAPKV_WINDOW, budget // 2)
+        window = (budget - sinks) // 2 if method == "h2o" else min(SNAPKV_WINDOW, (budget - sinks) // 2)
     if not 1 <= window < budget:
         raise JaxkvError(f"the eviction window must be at least 1 and below the KV budget ({budget}), got {window}")
-    return Eviction(method, budget, window, SNAPKV_KERNEL if method == "snapkv" else 1)
+    if sinks + window >= budget:
+        raise JaxkvError(f"the KV budget ({budget}) must exceed the eviction sinks ({sinks}) plus the eviction "
+                         f"window ({window}), so that some tokens are kept for their scores")
+    return Eviction(method, budget, window, SNAPKV_KERNEL if method == "snapkv" else 1, sinks)
 
 
 def add_attention_scores(scores: jax.Array, index: int, q: jax.Array, layer: PoolLayer, meta: RaggedMetadata,
@@ -118,10 +127,10 @@ def add_attention_scores(scores: jax.Array, index: int, q: jax.Array, layer: Poo
 
 
 def compact(pools, rows, held, src_tables, dst_tables, kivi=None, *, policy: Eviction):
-    """Cut every listed sequence to policy.budget tokens in every KV layer and head of every pool: keep its last
-    `window` tokens and the `heavy` best-scored others (after pooling), in slot order, in slots 0..budget-1 of
-    the pages dst_tables name (read through src_tables: a sequence moves off shared pages here). rows [N]: the
-    sequences' engine rows (where their scores live); held [N]: their tokens now (> budget); tables [N, W].
+    """Cut every listed sequence to policy.budget tokens in every KV layer and head of every pool: keep its first
+    `sinks` and last `window` tokens and the `heavy` best-scored others (after pooling), in slot order, in slots
+    0..budget-1 of the pages dst_tables name (read through src_tables: a sequence moves off shared pages here). rows
+    [N]: the sequences' engine rows (where their scores live); held [N]: their tokens now (> budget); tables [N, W].
     Padding entries (N is bucketed) have held 0 and a row past the pool's: they change nothing. kivi: for KIVI
     pools, `jaxkv.cache.kivi.Residual.rewrite`'s plan: the kept tokens are read as floats and written back as a
     step, their full pages quantized anew."""
@@ -131,14 +140,16 @@ def compact(pools, rows, held, src_tables, dst_tables, kivi=None, *, policy: Evi
         n_slots = src_tables.shape[1] * page_size
         slot = jnp.arange(n_slots)
         scores = pool.scores[:, :, rows, :n_slots]  # [L, K, N, C]
-        candidate = slot[None, :] < (held - policy.window)[:, None]  # [N, C]
+        candidate = (slot >= policy.sinks)[None, :] & (slot[None, :] < (held - policy.window)[:, None])  # [N, C]
         votes = jnp.where(candidate, scores, 0.0)
         if policy.kernel > 1:  # SnapKV's avg_pool1d(kernel, stride 1, padding kernel // 2), zeros past the edges
             votes = jax.lax.reduce_window(votes, 0.0, jax.lax.add, (1, 1, 1, policy.kernel), (1, 1, 1, 1),
                                           [(0, 0)] * 3 + [(policy.kernel // 2, policy.kernel // 2)]) / policy.kernel
         heavy = jax.lax.top_k(jnp.where(candidate, votes, -jnp.inf), policy.heavy)[1]  # [L, K, N, heavy]
         recent = (held - policy.window)[:, None] + jnp.arange(policy.window)[None]  # [N, window]
-        kept = jnp.concatenate([jnp.sort(heavy, axis=-1), jnp.broadcast_to(recent, heavy.shape[:3] + recent.shape[1:])],
+        sinks = jnp.broadcast_to(jnp.arange(policy.sinks), heavy.shape[:3] + (policy.sinks,))
+        kept = jnp.concatenate([sinks, jnp.sort(heavy, axis=-1),
+                                jnp.broadcast_to(recent, heavy.shape[:3] + recent.shape[1:])],
                                axis=-1)  # [L, K, N, budget] slots, in order
         active = held > policy.budget
         src_page = jnp.take_along_axis(src_tables[None, None], kept // page_size, axis=-1)
