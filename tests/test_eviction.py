@@ -106,8 +106,8 @@ def test_attention_sinks_are_always_kept(byte_tokenizer, model):
     assert engine.metrics()["kv_pages_used"] == 0
 
 
-@pytest.mark.parametrize("model", ["gqa", "cla2"])
-@pytest.mark.parametrize("method, kv_dtype", [("h2o", "kivi4"), ("snapkv", "kivi2"), ("h2o", "kivi2")])
+@pytest.mark.parametrize("method, kv_dtype, model", [("h2o", "kivi4", "gqa"), ("h2o", "kivi2", "cla2"),
+                                                    ("snapkv", "kivi2", "gqa"), ("snapkv", "kivi4", "cla2")])
 def test_eviction_on_kivi_pages_is_the_literal_one(byte_tokenizer, method, kv_dtype, model):
     """KIVI composed with eviction: a cut reads the kept tokens (dequantized, or from the ring) and quantizes
     their first pages anew, as the evicting dense model with KIVI's storage does (pages outside the last 32 tokens

@@ -16,6 +16,7 @@ import jaxkv
 from conftest import write_tiny_hf_model
 from jaxkv.api import LLM
 from jaxkv.cache.dense import KVCache
+from jaxkv.cache.paged import streaming_pages
 from jaxkv.cli import main
 from jaxkv.errors import InvalidRequest, JaxkvError
 from jaxkv.eval import perplexity, record
@@ -145,6 +146,24 @@ def test_cli_perplexity_with_eviction(model_dir, llm, tmp_path, capsys):
     assert out["eviction"] == "h2o budget 16 window 8"
     assert out["kv_bytes_held"] == 2 * 8 * llm.kv_bytes_per_token
     assert out["ppl"] != out["reference_ppl"] and 0 < out["top1_agreement"] <= 1
+
+
+def test_cli_perplexity_streaming_prefills_at_most_its_window(model_dir, llm, tmp_path, capsys):
+    """--streaming-window 16 (4 sinks) on windows of 64: 20 tokens prefilled by default, the other 44 fed one by
+    one (the window's default half, 32, would not fit the ring); the bytes held are the ring's pages, not the
+    window's; an explicit longer prefill is one line."""
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 3)
+    argv = ["perplexity", "--model", str(model_dir), "--file", str(text), "--context", "64", "--page-size", "8",
+            "--streaming-window", "16", "--reference", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["prefill"], out["tokens"] // out["windows"]) == (20, 44)
+    ring = streaming_pages(llm.config.replace(streaming_window=16, streaming_sinks=4), 8)
+    assert out["kv_bytes_held"] == ring * 8 * llm.kv_bytes_per_token < 64 * llm.kv_bytes_per_token
+    assert out["ppl"] != out["reference_ppl"]  # past 20 tokens the window drops some
+    assert main([*argv, "--prefill", "32"]) == 1
+    assert "at most 20 tokens are prefilled (the rest are fed one by one), got prefill 32" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

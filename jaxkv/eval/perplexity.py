@@ -78,9 +78,14 @@ def _windows(llm, ids: Sequence[int], context: int, prefill: int | None, max_win
         raise JaxkvError(f"context {context} is longer than the model's {llm.config.max_seq_len} tokens")
     windows = windows_of(ids, context, max_windows)
     length = len(windows[0])
-    prefill = length // 2 if prefill is None else prefill
+    cfg = llm.config
+    streamed = cfg.streaming_window + cfg.streaming_sinks if cfg.streaming_window else length
+    prefill = min(length // 2, streamed) if prefill is None else prefill
     if not 1 <= prefill < length:
         raise JaxkvError(f"prefill must be in [1, {length - 1}] for windows of {length} tokens, got {prefill}")
+    if prefill > streamed:  # StreamingLLM's positions are right token by token: its prompts fit the window
+        raise JaxkvError(f"with a streaming window of {cfg.streaming_window} and {cfg.streaming_sinks} sinks at most "
+                         f"{streamed} tokens are prefilled (the rest are fed one by one), got prefill {prefill}")
     return windows, length, prefill
 
 
@@ -96,8 +101,9 @@ def record(reference, ids: Sequence[int], *, context: int = 1024, prefill: int |
 
 def perplexity(llm, ids: Sequence[int], *, context: int = 1024, prefill: int | None = None, batch: int = 8,
                reference=None, max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of token ids under `llm` (a jaxkv.LLM) through the engine; `prefill` (default half the window)
-    tokens of each window are the prompt, the rest are scored token by token. `reference`: an LLM with the same
+    """Perplexity of token ids under `llm` (a jaxkv.LLM) through the engine; `prefill` (default half the window;
+    StreamingLLM: at most its window and sinks) tokens of each window are the prompt, the rest are scored token by
+    token. `reference`: an LLM with the same
     weights and uncompressed KV, run in lockstep, or a `Recorded` run of one, for top-1 agreement and KL."""
     windows, length, prefill = _windows(llm, ids, context, prefill, max_windows)
     n = len(windows) * (length - prefill)
