@@ -103,8 +103,8 @@ def perplexity(llm, ids: Sequence[int], *, context: int = 1024, prefill: int | N
                reference=None, max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity of token ids under `llm` (a jaxkv.LLM) through the engine; `prefill` (default half the window;
     StreamingLLM: at most its window and sinks) tokens of each window are the prompt, the rest are scored token by
-    token. `reference`: an LLM with the same
-    weights and uncompressed KV, run in lockstep, or a `Recorded` run of one, for top-1 agreement and KL."""
+    token. `reference`: an LLM with the same weights and uncompressed KV, run in lockstep, or a `Recorded` run of
+    one, for top-1 agreement and KL."""
     windows, length, prefill = _windows(llm, ids, context, prefill, max_windows)
     n = len(windows) * (length - prefill)
     recorded = reference if isinstance(reference, Recorded) else None
@@ -121,7 +121,8 @@ def perplexity(llm, ids: Sequence[int], *, context: int = 1024, prefill: int | N
         kv_dtype=llm.kv_dtype, kv_bytes_per_token=llm.kv_bytes_per_token,
         kv_bytes_held=sum(held.values()) / len(held),
         eviction=None if llm.eviction is None else
-        f"{llm.eviction.method} budget {llm.eviction.budget} window {llm.eviction.window}",
+        f"{llm.eviction.method} budget {llm.eviction.budget} window {llm.eviction.window}"
+        + (f" sinks {llm.eviction.sinks}" if llm.eviction.sinks else ""),
         reference_ppl=reference_ppl, top1_agreement=comparison.agreement, mean_kl=comparison.mean_kl)
 
 
@@ -160,7 +161,7 @@ def _scored(runs, windows, length: int, prefill: int, batch: int, progress: bool
     for engine in engines:
         for i, window in enumerate(windows):
             engine.add(Request(window[:prefill], max_tokens=length - prefill, forced_ids=window[prefill:],
-                               logprobs=True, distributions=bool(compare or keep), request_id=str(i)))
+                               logprobs=True, distributions=compare is not None or keep, request_id=str(i)))
     nll = [0.0] * len(runs)
     held: dict[str, int] = {}
     kept: dict[tuple[str, int], np.ndarray] = {}
@@ -180,6 +181,6 @@ def _scored(runs, windows, length: int, prefill: int, batch: int, progress: bool
                         counts[r][out.request_id] += 1
                         if keep:
                             kept[key] = dist
-                        elif compare:
+                        elif compare is not None:
                             compare.add(r, key, dist)
     return nll, held, kept
