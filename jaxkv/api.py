@@ -28,6 +28,7 @@ from jaxkv.parallel.mesh import make_mesh
 from jaxkv.serve.compiled import Executables, bucket
 from jaxkv.serve.engine import Engine
 from jaxkv.serve.requests import Limits, Request
+from jaxkv.serve.speculative import Speculation, speculation
 from jaxkv.tokenizer import Tokenizer
 
 DECODE_ITERS = 8  # tokens per row per device call once every prompt is in
@@ -49,6 +50,13 @@ class GenerationStats:
     prefill_s: float = 0.0  # until every prompt had its first token
     decode_s: float = 0.0
     compile_s: float = 0.0
+    steps: int = 0  # device calls of the engine
+    proposed: int = 0  # speculative decoding: tokens proposed, and kept
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,13 +69,15 @@ class LLM:
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, params, kv_dtype: str | None = None,
                  page_size: int | None = None, mesh: str | Mesh | None = None, eviction: Eviction | None = None,
-                 kv_recent: int | None = None):
+                 kv_recent: int | None = None, speculative: Speculation | None = None):
         """kv_dtype: the KV pages' dtype (default the compute dtype; "int8", "fp8", "int4", "kivi2" and "kivi4"
         quantize). page_size: tokens per KV page (default 16; KIVI groups keys by pages of 32). mesh: a Mesh or a
         spec such as "data=2,model=4" (`jaxkv.parallel.make_mesh`):
         parameters, caches and batches are sharded over it by the one rules table; None runs on one device.
         eviction: a KV budget per sequence kept by H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`).
-        kv_recent: KIVI's R, the last tokens of a sequence kept in float (a multiple of the page size; default 128)."""
+        kv_recent: KIVI's R, the last tokens of a sequence kept in float (a multiple of the page size; default 128).
+        speculative: decoding proposes tokens and verifies them in one step (`jaxkv.serve.speculative.speculation`):
+        the same greedy tokens, the same sampling distribution, fewer steps when proposals are kept."""
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
@@ -75,6 +85,7 @@ class LLM:
         if self.kv_dtype not in KV_DTYPES:
             raise JaxkvError(f"KV dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         self.eviction = eviction
+        self.speculative = speculative
         self.page_size = page_size or (KIVI_PAGE if self.kv_dtype in KIVI else 16)
         if self.page_size & (self.page_size - 1):
             raise JaxkvError(f"page_size must be a power of two, got {self.page_size}")
@@ -128,7 +139,7 @@ class LLM:
         engine = self._engine_for(len(requests), max((len(p) for p in prompts), default=1), max_new_tokens)
         for request in requests:  # all or nothing
             engine.check(request)
-        compile_before, start = self.executables.compile_s, time.perf_counter()
+        compile_before, start, before = self.executables.compile_s, time.perf_counter(), engine.metrics()
         for request in requests:
             engine.add(request)
         texts, ids, reasons, first_at = {}, {}, {}, None
@@ -142,12 +153,14 @@ class LLM:
                     reasons[out.request_id] = out.finish_reason
             if first_at is None and len(ids) == len(requests):
                 first_at = (time.perf_counter(), self.executables.compile_s)
-        end, compiled = time.perf_counter(), self.executables.compile_s
+        end, compiled, after = time.perf_counter(), self.executables.compile_s, engine.metrics()
         first_at = first_at or (end, compiled)
         self.stats = GenerationStats(
             new_tokens=sum(len(v) for v in ids.values()), compile_s=compiled - compile_before,
             prefill_s=first_at[0] - start - (first_at[1] - compile_before),
-            decode_s=end - first_at[0] - (compiled - first_at[1]))
+            decode_s=end - first_at[0] - (compiled - first_at[1]),
+            **{name: after[f"{key}_total"] - before[f"{key}_total"] for name, key in (
+                ("steps", "steps"), ("proposed", "speculative_proposed"), ("accepted", "speculative_accepted"))})
         return [Completion(texts[r.request_id], ids[r.request_id], len(r.prompt_ids), reasons[r.request_id])
                 for r in requests]
 
@@ -169,7 +182,7 @@ class LLM:
                 self, max_batch=shape[0], page_size=self.page_size, kv_dtype=self.kv_dtype, max_context=context,
                 prefill_chunk=shape[2], prefill_budget=shape[0] * shape[2], decode_iters=DECODE_ITERS,
                 limits=Limits(max_waiting=None, request_timeout_s=None), executables=self.executables,
-                eviction=self.eviction)
+                eviction=self.eviction, speculative=self.speculative)
         return engine
 
 
@@ -177,7 +190,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
          page_size: int | None = None, streaming_window: int | None = None, sinks: int = 4,
          mesh: str | Mesh | None = None, kv_rotate: bool = False, kv_budget: int | None = None,
          eviction: str | None = None, eviction_window: int | None = None, eviction_sinks: int = 0,
-         kv_recent: int | None = None) -> LLM:
+         kv_recent: int | None = None, speculative: str | None = None) -> LLM:
     """Load a preset name (e.g. "smollm2-135m"), a jaxkv checkpoint dir, an HF dir, a GGUF file or a Hugging Face Hub
     id ("org/name" or "org/name@revision": downloaded and converted once, see jaxkv.checkpoints.hub).
 
@@ -189,8 +202,10 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     quantization error, same scores). mesh ("data=2,model=4" or a Mesh) shards the model over devices (see `LLM`).
     eviction "h2o" or "snapkv" keeps kv_budget tokens per sequence after its prompt: eviction_window recent ones
     (SnapKV: its observation window), the first eviction_sinks and the most attended others
-    (`jaxkv.cache.eviction`). kv_recent: the last tokens KIVI keeps in float (128)."""
+    (`jaxkv.cache.eviction`). kv_recent: the last tokens KIVI keeps in float (128). speculative "ngram:K": decoding
+    proposes up to K tokens by prompt lookup and verifies them in one step (`jaxkv.serve.speculative`)."""
     policy = eviction_policy(eviction, kv_budget, eviction_window, eviction_sinks)  # fails before weights load
+    proposer = speculation(speculative)
     if dtype is not None:
         dtype = _dtype_name(dtype)
     mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh  # a bad spec fails before the weights load
@@ -209,7 +224,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     if kv_rotate:
         cfg = cfg.replace(kv_rotate=True)
     return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh, eviction=policy,
-               kv_recent=kv_recent)
+               kv_recent=kv_recent, speculative=proposer)
 
 
 def _dtype_name(dtype) -> str:

@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _kv_arguments(args) -> dict:
     return dict(kv_rotate=args.kv_rotate, kv_budget=args.kv_budget, eviction=args.eviction,
-                eviction_window=args.eviction_window, eviction_sinks=args.eviction_sinks, kv_recent=args.kv_recent)
+                eviction_window=args.eviction_window, eviction_sinks=args.eviction_sinks, kv_recent=args.kv_recent,
+                speculative=args.speculative)
 
 
 def _generate(args) -> None:
@@ -38,7 +39,8 @@ def _generate(args) -> None:
         print(json.dumps({
             "text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
             "tokens_per_s": round(stats.tokens_per_s, 3), "kv_bytes_per_token": llm.kv_bytes_per_token,
-            "finish_reason": out.finish_reason,
+            "finish_reason": out.finish_reason, "steps": stats.steps,
+            **({"speculative_acceptance_rate": round(stats.acceptance_rate, 4)} if llm.speculative else {}),
         }))
     else:
         print(out.text)
@@ -347,6 +349,9 @@ def _kv_compression(parser) -> None:
                              "for H2O, 32 for SnapKV)")
     parser.add_argument("--eviction-sinks", type=int, default=0, metavar="TOKENS",
                         help="first tokens of a sequence that --eviction always keeps (attention sinks; default 0)")
+    parser.add_argument("--speculative", default=None, metavar="ngram:K",
+                        help="speculative decoding: propose up to K tokens by prompt lookup (ngram) and verify them in "
+                             "one step: the same output, fewer steps when the text repeats its context")
     parser.add_argument("--kv-recent", type=int, default=None, metavar="TOKENS",
                         help="KIVI (--kv-dtype kivi2|kivi4): the last tokens of a sequence kept in float, a multiple "
                              "of the page size (default: 128)")

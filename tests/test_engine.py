@@ -391,7 +391,7 @@ def test_lckv_chunks_run_only_as_many_passes_as_they_need(byte_tokenizer, monkey
     engine = Engine(LLM(cfg, byte_tokenizer, params), max_batch=2, page_size=8, prefill_chunk=4)
     run_once, passes = engine.executables.run, []
     monkeypatch.setattr(engine.executables, "run",
-                        lambda fn, donate, *args, **static: passes.append(int(args[10])) or run_once(fn, donate, *args,
+                        lambda fn, donate, *args, **static: passes.append(int(args[-1])) or run_once(fn, donate, *args,
                                                                                                    **static))
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 256, 11)]
     got = run(engine, [Request(prompt, max_tokens=6, ignore_eos=True, request_id="x")])

@@ -219,7 +219,8 @@ class StepMetadata:
     chunks and lengths are the same in every group); positions int32 [T]: each token's position in its sequence
     (its RoPE); slots int32 [T]: its place in its row's pages, the same as its position unless tokens were evicted
     before it (`jaxkv.cache.eviction`: the KV lengths count slots); token_rows int32 [T]: its row (padding tokens:
-    any, they are dropped); logits_index int32 [R]: each row's last token, whose logits are sampled; sink_rows
+    any, they are dropped); logits_index int32 [R x W]: each row's last W tokens (clamped to the row), whose logits
+    are sampled (W > 1: speculative rows verify their proposals, `jaxkv.serve.speculative`); sink_rows
     int32 [R]: the row's sequence's place in the pool (its sink keys and eviction scores); score_weights float32
     [T] or None: how much each token's attention adds to the scores of the tokens it sees (pools that keep them);
     flushes int32 [F, 4] or None: the pages KIVI pools quantize in this step (`jaxkv.cache.kivi.Residual.plan`)."""
@@ -251,13 +252,14 @@ class StepMetadata:
     @classmethod
     def pack(cls, block_tables, cached, n_new, *, n_tokens: int | None = None, max_q_len: int | None = None,
              sink_rows=None, starts=None, score_weights=None, residual: Residual | None = None,
-             flushed=None) -> StepMetadata:
+             flushed=None, verify: int = 1) -> StepMetadata:
         """Host metadata of rows whose n_new[r] tokens follow their cached[r] ones, packed in row order.
         block_tables: per page group, int32 [R, W_g] (rows past len(cached) are idle); n_tokens pads the packed
         tokens (default: exact); max_q_len defaults to the longest chunk; sink_rows (default 0..) index the pool's
         sink keys. starts: each row's first new position when it is not cached[r] (a row that evicted tokens
         holds fewer than its position); score_weights: per packed token (`StepMetadata`). residual (KIVI pools,
-        one group of full tables): each row's tokens in quantized pages before the step are flushed[r]."""
+        one group of full tables): each row's tokens in quantized pages before the step are flushed[r]. verify: the
+        tokens at the end of each row whose logits are sampled."""
         tables = [np.asarray(t, np.int32) for t in block_tables]
         n_rows = tables[0].shape[0]
         cached, n_new = np.asarray(cached, np.int32), np.asarray(n_new, np.int32)
@@ -273,7 +275,8 @@ class StepMetadata:
             positions[cu_q_lens[r]:cu_q_lens[r + 1]] = np.arange(start, start + n)
             slots[cu_q_lens[r]:cu_q_lens[r + 1]] = np.arange(held, held + n)
             token_rows[cu_q_lens[r]:cu_q_lens[r + 1]] = r
-        logits_index = np.maximum(cu_q_lens[1:] - 1, 0)
+        last = np.maximum(cu_q_lens[1:] - 1, 0)[:, None]
+        logits_index = np.maximum(last - np.arange(verify)[::-1], np.minimum(cu_q_lens[:-1, None], last)).reshape(-1)
         sinks = np.arange(n_rows, dtype=np.int32)
         if sink_rows is not None:  # idle rows keep their own index: they write nothing
             sinks[:len(sink_rows)] = sink_rows

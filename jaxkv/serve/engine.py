@@ -51,6 +51,7 @@ from jaxkv.parallel.rules import cache_shardings
 from jaxkv.serve.compiled import Executables, powers_of_two
 from jaxkv.serve.requests import Limits, Request, RequestOutput, validate
 from jaxkv.serve.sequence import EngineSequence
+from jaxkv.serve.speculative import Speculation, accepted, sampling_positions
 from jaxkv.serve.step import ragged_step
 
 __all__ = ["Engine", "EngineStepError", "Limits", "Request", "RequestOutput"]
@@ -77,7 +78,7 @@ class Engine:
                  kv_dtype: str | None = None, prefill_chunk: int = 64, prefill_budget: int | None = None,
                  prefix_caching: bool = True, max_context: int | None = None, limits: Limits | None = None,
                  decode_iters: int = 1, executables: Executables | None = None, window_pages: bool = True,
-                 eviction: Eviction | None = None):
+                 eviction: Eviction | None = None, speculative: Speculation | None = None):
         """max_batch: requests running at once (rows of a step). max_context caps prompt + generated tokens per
         request (default: the model's max_seq_len). num_pages: the pages of the KV layers with full tables
         (default: max_batch full-length sequences); window layers (`page_groups`) get their rings' share of as
@@ -88,7 +89,9 @@ class Engine:
         nothing waits). `executables` may be shared between engines of one model. window_pages=False gives window
         layers full tables too (their prefixes can then be cached). eviction: a token budget per sequence, kept by
         H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`). Eviction and KIVI dtypes are not for sliding
-        windows or StreamingLLM, nor for each other, and make decode_iters 1 (a decode step may evict or flush)."""
+        windows or StreamingLLM, and make decode_iters 1 (a decode step may evict or flush). speculative: decode
+        rows propose tokens and verify them in the step (`jaxkv.serve.speculative`), not with StreamingLLM,
+        eviction or KIVI yet."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -112,6 +115,13 @@ class Engine:
         if what and (self.streaming or any(cfg.window(layer) is not None for layer in range(cfg.n_layers))):
             raise JaxkvError(f"{what} needs every layer to attend to the whole sequence: not with StreamingLLM "
                              "or sliding-window layers")
+        other = "StreamingLLM" if self.streaming else what
+        if speculative and other:
+            raise JaxkvError(f"speculative decoding does not compose with {other} yet")
+        if speculative and speculative.k + 1 > prefill_chunk:
+            raise JaxkvError(f"speculative {speculative.method}:{speculative.k} feeds a row {speculative.k + 1} "
+                             f"tokens in a step; prefill_chunk ({prefill_chunk}) must hold them")
+        self.speculative = speculative
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
         self.groups = page_groups(cfg, page_size, max(prefill_chunk, decode_iters), self.pages_per_seq)
@@ -231,14 +241,27 @@ class Engine:
         """This step's rows, (request, tokens to feed): every decode row first (making room for its token, which
         may preempt the latest admitted), then prompt chunks in admission order within the budget."""
         running = sorted((s for s in self.running if s is not None), key=lambda s: s.order)
-        rows = [(s, 1) for s in running if s.decoding and s.row is not None and self._make_room(s, s.held + 1)]
-        budget = self.prefill_budget
+        budget, rows = self.prefill_budget, []
+        for seq in running:  # speculative proposals come out of the budget, as prompt chunks do
+            if seq.decoding and seq.row is not None:
+                seq.proposal = self._proposal(seq, budget)
+                budget -= len(seq.proposal)
+                if self._make_room(seq, seq.held + 1 + len(seq.proposal)):
+                    rows.append((seq, 1 + len(seq.proposal)))
         for seq in running:
             if seq.row is not None and not seq.decoding and budget > 0:
                 n = min(len(seq.tokens) - seq.computed, self.prefill_chunk, budget)
                 rows.append((seq, n))
                 budget -= n
         return [(s, n) for s, n in rows if s.row is not None]  # (a preempted one: not)
+
+    def _proposal(self, seq: EngineSequence, budget: int) -> list[int]:
+        """The tokens seq's decode row proposes this step: none without speculation, for a scored text, or where
+        its request has room for no more than the token the step samples anyway."""
+        if self.speculative is None or seq.request.forced_ids is not None:
+            return []
+        k = min(self.speculative.k, budget, seq.request.max_tokens - seq.generated - 1)
+        return self.speculative.propose(seq.tokens, k) if k > 0 else []
 
     def _shape(self, rows: list[tuple[EngineSequence, int]], iters: int) -> tuple[int, int, int]:
         """(tokens T, rows R, table width W) of a step: decode-only steps in row buckets (T == R), others in token
@@ -297,32 +320,51 @@ class Engine:
         if result is None:
             return False
         tokens, logprobs, log_probs = result
+        width = tokens.shape[1] // n_rows  # positions sampled per row
+        kept_by_row: dict[int, list[int]] = {}  # the proposals each speculative row kept
         self._totals["steps"] += 1
         self._totals["step_rows"] += len(rows)
         self._totals["step_tokens"] += sum(n for _, n in rows)
-        for seq, n in rows:
+        for r, (seq, n) in enumerate(rows):
             if seq.computed < seq.n_prompt:
                 self._totals["prefilled"] += min(n, seq.n_prompt - seq.computed)
             seq.computed += n
+            kept = kept_by_row[r] = []
+            if seq.proposal:  # the proposals the step kept are in the cache; the rest are not
+                kept = kept_by_row[r] = seq.proposal[:accepted(tokens[0, (r + 1) * width - n:(r + 1) * width],
+                                                               seq.proposal)]
+                seq.computed -= len(seq.proposal) - len(kept)
+                for group, allocator in zip(self.groups, self.allocators):  # pages past the kept tokens go back
+                    allocator.truncate(seq.request.request_id,
+                                       min(seq.held, self._group_pages(group, seq.held) * self.page_size))
+                self._totals["proposed"] += len(seq.proposal)
+                self._totals["accepted"] += len(kept)
             if self.residual:
                 seq.flushed = flushed_after(seq.flushed, seq.held, self.residual.recent, self.page_size)
             if self.prefix_caching and not seq.dropped:  # (one group then, of full tables)
-                cached = seq.tokens[:seq.flushed if self.residual else seq.computed]
+                cached = (seq.tokens + kept)[:seq.flushed if self.residual else seq.computed]
                 for page, key in zip(self._pages(seq)[0], prefix_hashes(cached, self.page_size)):
                     self.allocators[0].register(int(page), key)
         if self.eviction:  # (iters is 1): before the outputs, which report the bytes held
             self._cut([s for s, _ in rows if s.row is not None and self.eviction.due(
                 computed=s.computed, held=s.held, prefill_end=s.prefill_end, cut_before=s.dropped > 0)])
         for r, (seq, n) in enumerate(rows):
-            for i in range(iters):
+            last = (r + 1) * width - 1  # the position sampled after the row's last token
+            # a speculative row: the tokens sampled after its last token and each kept proposal
+            for position in range(last - n + 1, last - n + 2 + len(kept_by_row[r])) if seq.proposal else ():
+                if seq.row is None:  # ended (EOS, a stop string) before the rest
+                    break
+                outputs.append(self._emit(seq, int(tokens[0, position]), float(logprobs[0, position]),
+                                          log_probs[0, position] if seq.request.distributions else None))
+            for i in range(iters) if not seq.proposal else ():
                 if i:  # the token emitted last was fed back in this call, unless its request ended
                     if seq.row is None:
                         break
                     seq.computed += 1
                 if seq.computed < len(seq.tokens):  # mid-prompt
                     break
-                outputs.append(self._emit(seq, int(tokens[i, r]), float(logprobs[i, r]),
-                                          log_probs[i, r] if seq.request.distributions else None))
+                outputs.append(self._emit(seq, int(tokens[i, last]), float(logprobs[i, last]),
+                                          log_probs[i, last] if seq.request.distributions else None))
         return True
 
     def _cut(self, seqs: list[EngineSequence]) -> None:
@@ -357,8 +399,9 @@ class Engine:
                 seq.flushed = int(kivi[1].flushed[r])
 
     def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, iters: int) -> tuple:
-        """The host arrays of one step: packed tokens, their metadata, the rows' sampling values, forced tokens
-        and LCKV passes. Block tables: `width` columns in groups of full tables, the ring in the others."""
+        """The host arrays of one step: packed tokens, their metadata, the sampling values, forced tokens and
+        proposals of every sampled position (each row's last token, or with speculation its last 1 + k), and
+        LCKV passes. Block tables: `width` columns in groups of full tables, the ring in the others."""
         tables = [np.full((n_rows, g.ring or width), a.num_pages, np.int32)  # unreserved: the scratch page
                   for g, a in zip(self.groups, self.allocators)]
         tokens = np.zeros(n_tokens, np.int32)
@@ -367,28 +410,17 @@ class Engine:
             for table, pages in zip(tables, self._pages(seq)):
                 pages = pages[:table.shape[1]]
                 table[r, :len(pages)] = pages
-            tokens[at:at + n] = seq.tokens[seq.computed:seq.computed + n]
+            tokens[at:at + n] = (seq.tokens + seq.proposal)[seq.computed:seq.computed + n]
             at += n
+        verify = 1 + self.speculative.k if any(s.proposal for s, _ in rows) else 1
         meta = StepMetadata.pack(tables, [s.held for s, _ in rows], [n for _, n in rows], n_tokens=n_tokens,
                                  max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[s.row for s, _ in rows],
                                  starts=[s.computed for s, _ in rows], score_weights=None if not self.eviction else
                                  np.concatenate([self.eviction.votes(s.computed, n, s.prefill_end) for s, n in rows]),
-                                 residual=self.residual, flushed=[s.flushed for s, _ in rows])
-        sampling = [s.request.sampling for s, _ in rows]
-        pad = n_rows - len(rows)  # idle rows: greedy
-        seeds = np.asarray([p.seed for p in sampling] + [0] * pad, np.uint32)
-        steps = np.asarray([s.generated for s, _ in rows] + [0] * pad, np.int32)
-        temperature = np.asarray([p.temperature for p in sampling] + [0] * pad, np.float32)
-        top_k = np.asarray([p.top_k for p in sampling] + [0] * pad, np.int32)
-        top_p = np.asarray([p.top_p for p in sampling] + [1] * pad, np.float32)
-        forced = np.full((iters, n_rows), -1, np.int32)
-        for r, (seq, _) in enumerate(rows):
-            given = seq.request.forced_ids or ()
-            for i in range(iters):
-                if seq.generated + i < len(given):
-                    forced[i, r] = given[seq.generated + i]
+                                 residual=self.residual, flushed=[s.flushed for s, _ in rows], verify=verify)
+        sampling = sampling_positions(rows, n_rows, verify, iters)
         passes = min(max(n for _, n in rows), self.cfg.upward_passes_no_grad + self.cfg.upward_passes_grad)
-        return tokens, meta, seeds, steps, temperature, top_k, top_p, forced, np.int32(passes)
+        return tokens, meta, *sampling, np.int32(passes)
 
     def _max_q_len(self, n_tokens: int, n_rows: int) -> int:
         """Static per shape: 1 for decode-only shapes (T == R), else the longest chunk a row may have."""
@@ -537,17 +569,18 @@ class Engine:
         shapes = self._shapes()
         every = [(r, r, w) for r in shapes.decode_rows for w in shapes.decode_widths] + \
             [(t, self.max_batch, w) for t in shapes.tokens for w in shapes.widths]
-        for n_tokens, n_rows, width in every:
+        verifies = [1] + ([1 + self.speculative.k] if self.speculative else [])
+        for (n_tokens, n_rows, width), verify in itertools.product(every, verifies):
+            if n_tokens == n_rows and verify > 1:  # a speculative row makes a step not decode-only
+                continue
             tables = [np.zeros((n_rows, g.ring or width), np.int32) for g in self.groups]
             meta = StepMetadata.pack(tables, [], [], n_tokens=n_tokens, max_q_len=self._max_q_len(n_tokens, n_rows),
                                      sink_rows=[], score_weights=np.zeros(0) if self.eviction else None,
-                                     residual=self.residual)
-            rows = np.zeros(n_rows, np.int32)
+                                     residual=self.residual, verify=verify)
             _, _, _, self.pools = self.executables.run(
                 ragged_step, (1,), self.params, self.pools, np.zeros(n_tokens, np.int32), meta,
-                rows.astype(np.uint32), rows, rows.astype(np.float32), rows, np.ones(n_rows, np.float32),
-                np.full((1, n_rows), -1, np.int32), np.int32(1), cfg=self.cfg, groups=self.group_layers, iters=1,
-                distributions=False, mesh=self.mesh)
+                *sampling_positions([], n_rows, verify, 1), np.int32(1), cfg=self.cfg, groups=self.group_layers,
+                iters=1, distributions=False, mesh=self.mesh)
         if self.eviction:  # held 0 everywhere: cuts nothing
             idle = np.zeros(self.max_batch, np.int32)
             tables = np.zeros((self.max_batch, self.pages_per_seq), np.int32)
@@ -575,6 +608,10 @@ class Engine:
             "step_failures_total": self._totals["step_failures"], "requests_failed_total": self._totals["failed"],
             "requests_timed_out_total": self._totals["timed_out"], "queue_full_total": self._totals["queue_full"],
             "kv_tokens_evicted_total": self._totals["evicted"],
+            "speculative_proposed_total": self._totals["proposed"],
+            "speculative_accepted_total": self._totals["accepted"],
+            "speculative_acceptance_rate": self._totals["accepted"] / self._totals["proposed"]
+            if self._totals["proposed"] else 0.0,
             "steps_total": steps, "mean_rows_per_step": self._totals["step_rows"] / steps if steps else 0.0,
             "mean_tokens_per_step": self._totals["step_tokens"] / steps if steps else 0.0,
             "tokens_per_s": (len(self._recent) - 1) / span if span > 0 else 0.0,

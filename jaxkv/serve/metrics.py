@@ -28,6 +28,12 @@ _PROMETHEUS = [
      "Requests ended by a device call that failed with them alone."),
     ("jaxkv_requests_timed_out_total", "requests_timed_out_total", "counter",
      "Requests ended at the server's deadline."),
+    ("jaxkv_speculative_proposed_total", "speculative_proposed_total", "counter",
+     "Tokens proposed by speculative decoding and verified in a step."),
+    ("jaxkv_speculative_accepted_total", "speculative_accepted_total", "counter",
+     "Proposed tokens the target kept (each saves a step)."),
+    ("jaxkv_speculative_acceptance_rate", "speculative_acceptance_rate", "gauge",
+     "Fraction of proposed tokens kept."),
     ("jaxkv_engine_step_errors_total", "step_errors", "counter",
      "Engine steps that raised outside a device call (every request in flight failed)."),
 ]

@@ -17,6 +17,7 @@ class EngineSequence:
         self.dropped = 0  # tokens evicted from the cache
         self.flushed = 0  # KIVI: tokens in quantized pages (the others in its float ring)
         self.prefill_end = 0  # tokens fed as prompt chunks since admission: then decoding starts
+        self.proposal: list[int] = []  # speculative decoding: the tokens its decode row proposes this step
         self.row: int | None = None  # its place among the running requests (where its sink keys live)
         self.order = 0  # admission order: the latest admitted is preempted first
         self.cached_tokens = 0
@@ -31,6 +32,7 @@ class EngineSequence:
     def restart(self) -> None:
         """Back to an empty cache (preempted, or its pool lost): recomputed from its tokens when admitted."""
         self.computed = self.dropped = self.flushed = 0
+        self.proposal = []
 
     @property
     def generated(self) -> int:

@@ -1,0 +1,191 @@
+"""Speculative decoding (n-gram prompt lookup, verified in the ragged step): greedy output is the non-speculative
+output token for token on every model kind it serves; sampled output keeps the exact distribution (against the
+dense forward's, on a small effective vocabulary); a seed reproduces a request; pages past the kept tokens go
+back; bad values are one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxkv
+from conftest import write_tiny_hf_model
+from jaxkv.api import LLM
+from jaxkv.cache.dense import KVCache
+from jaxkv.cache.eviction import eviction_policy
+from jaxkv.cli import main
+from jaxkv.config import ModelConfig
+from jaxkv.errors import JaxkvError
+from jaxkv.generate.sampling import SamplingParams, filter_logits
+from jaxkv.model.decoder import forward, init_params
+from jaxkv.serve.engine import Engine, Limits, Request
+from jaxkv.serve.speculative import ngram_proposal, speculation
+from jaxkv.sharing import cla, lckv
+from test_engine import run
+
+BASE = dict(vocab_size=258, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=256)
+# LCKV: passes as long as a verification chunk, so that it converges to the token-by-token forward
+KINDS = {"standard": dict(n_layers=2, n_kv_heads=4), "gqa": dict(n_layers=2),
+         "cla2": dict(n_layers=4, kv_sources=cla(4, 2)),
+         "lckv": dict(n_layers=4, kv_sources=lckv(4, 2), upward_passes_no_grad=8),
+         "window": dict(n_layers=2, window_layers=(0,), sliding_window=8), "int8": dict(n_layers=2)}
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    assert ngram_proposal([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]  # the latest of two matches
+    assert ngram_proposal([5, 6, 7, 6], 4) == [7, 6]  # no 3- or 2-token match: the last token alone
+    assert ngram_proposal([1, 2, 3, 4], 2) == []
+    assert ngram_proposal([4], 2) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_speculation_gives_the_tokens_of_plain_decoding(byte_tokenizer, kind):
+    """Three requests (prompts that repeat themselves, one that does not) on two rows, beside prompt chunks:
+    with ngram:4 every request's tokens are those of plain decoding and their log-probabilities agree, some
+    proposals are kept (fewer steps), and every page comes back."""
+    cfg = ModelConfig(**{**BASE, **KINDS[kind]})
+    llm = LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(1)),
+              kv_dtype="int8" if kind == "int8" else None)
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, 256, 10)] * 3, [int(t) for t in rng.integers(0, 256, 40)],
+               [5, 6, 7] * 8]
+
+    def generate(spec):
+        engine = Engine(llm, max_batch=2, page_size=8, prefill_chunk=16, kv_dtype=llm.kv_dtype,
+                        speculative=speculation(spec))
+        got = run(engine, [Request(p, max_tokens=24, request_id=str(i), ignore_eos=True, logprobs=True)
+                           for i, p in enumerate(prompts)])
+        return got, engine.metrics()
+
+    plain, plain_metrics = generate(None)
+    spec, metrics = generate("ngram:4")
+    for i in map(str, range(len(prompts))):
+        assert [t for o in spec[i] for t in o.token_ids] == [t for o in plain[i] for t in o.token_ids], f"request {i}"
+        np.testing.assert_allclose([lp for o in spec[i] for lp in o.logprobs],
+                                   [lp for o in plain[i] for lp in o.logprobs], atol=1e-4, err_msg=f"request {i}")
+    assert metrics["speculative_accepted_total"] > 0
+    assert metrics["steps_total"] < plain_metrics["steps_total"]
+    assert metrics["generation_tokens_total"] == plain_metrics["generation_tokens_total"] == 72
+    assert metrics["kv_pages_used"] == 0
+
+
+def exact_distribution(cfg, params, prompt, n, sampling) -> dict[tuple, float]:
+    """Probabilities of every continuation of n tokens under the dense forward and the filtered distribution
+    (top-k keeps few, so few continuations have any)."""
+    out = {}
+
+    def extend(prefix, p):
+        if len(prefix) == len(prompt) + n:
+            out[tuple(prefix[len(prompt):])] = p
+            return
+        logits, _ = forward(cfg, params, jnp.asarray([prefix]), KVCache.init(cfg, 1, len(prefix)))
+        filtered = filter_logits(logits[0, -1:], jnp.asarray([sampling.temperature]), jnp.asarray([sampling.top_k]),
+                                 jnp.asarray([sampling.top_p]))
+        probs = np.asarray(jax.nn.softmax(filtered[0]), np.float64)
+        for token in np.flatnonzero(probs > 0):
+            extend(prefix + [int(token)], p * probs[token])
+
+    extend(list(prompt), 1.0)
+    return out
+
+
+def test_sampled_speculation_keeps_the_distribution(byte_tokenizer):
+    """3 tokens after a prompt that holds every token of a 16-token vocabulary (so prompt lookup always proposes),
+    temperature 1 and top-k 3 (27 continuations), 1500 seeds: the continuations with speculation (ngram:2: the
+    second token verifies a proposal, the third is its bonus or drawn plainly) follow the exact distribution of
+    the dense forward (chi-square over the likelier cells), and plain sampling does too."""
+    cfg = ModelConfig(**{**BASE, "vocab_size": 16}, n_layers=2)
+    params = init_params(cfg, jax.random.PRNGKey(7))
+    llm = LLM(cfg, byte_tokenizer, params)
+    prompt = [*range(16), 3, 4, 5]
+    sampling = SamplingParams(temperature=1.0, top_k=3)
+    exact = exact_distribution(cfg, params, prompt, 3, sampling)
+    n = 1500
+    for spec in ("ngram:2", None):
+        engine = Engine(llm, max_batch=16, page_size=8, prefill_chunk=16, speculative=speculation(spec),
+                        limits=Limits(max_waiting=None, request_timeout_s=None))
+        got = run(engine, [Request(prompt, max_tokens=3, request_id=str(i), ignore_eos=True,
+                                   sampling=SamplingParams(temperature=1.0, top_k=3, seed=i)) for i in range(n)])
+        counts = {}
+        for outs in got.values():
+            key = tuple(t for o in outs for t in o.token_ids)
+            counts[key] = counts.get(key, 0) + 1
+        assert set(counts) <= set(exact), spec  # nothing outside top-k
+        cells = [c for c in exact if exact[c] * n >= 5]
+        rest = 1 - sum(exact[c] for c in cells)
+        observed = [counts.get(c, 0) for c in cells] + [n - sum(counts.get(c, 0) for c in cells)]
+        expected = [exact[c] * n for c in cells] + [rest * n]
+        chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
+        assert chi2 < CHI2_999[len(cells) - (rest * n < 1e-9)], (spec, chi2, len(cells))
+        if spec:
+            assert engine.metrics()["speculative_proposed_total"] > n // 2  # verification did the sampling
+
+
+# 99.9% quantiles of chi-square by degrees of freedom
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
+            11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25, 17: 40.79, 18: 42.31, 19: 43.82,
+            20: 45.31, 21: 46.80, 22: 48.27, 23: 49.73, 24: 51.18, 25: 52.62, 26: 54.05}
+
+
+def test_a_seed_reproduces_a_speculative_request(byte_tokenizer):
+    cfg = ModelConfig(**BASE, n_layers=2)
+    llm = LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(2)))
+    prompt = [10, 11, 12, 13, 14] * 5
+    outs = []
+    for batch in (1, 3):  # alone, then beside others
+        engine = Engine(llm, max_batch=4, page_size=8, prefill_chunk=16, speculative=speculation("ngram:3"))
+        requests = [Request(prompt, max_tokens=20, request_id="r", sampling=SamplingParams(temperature=0.8, seed=5))]
+        requests += [Request(prompt[:7 + i], max_tokens=5, request_id=str(i)) for i in range(batch - 1)]
+        outs.append([t for o in run(engine, requests)["r"] for t in o.token_ids])
+    assert outs[0] == outs[1] and len(outs[0]) == 20
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ngram:0", r"speculative ngram needs K, the tokens proposed per step, an integer >= 1: got 'ngram:0'"),
+    ("ngram", r"speculative ngram needs K"), ("ngram:x", r"speculative ngram needs K"),
+    ("draft:3", r"speculative must be one of ngram:K, got 'draft:3'"),
+])
+def test_bad_speculative_values_are_one_line(spec, message):
+    with pytest.raises(JaxkvError, match=message):
+        speculation(spec)
+    with pytest.raises(JaxkvError, match=message):  # before any weights are read
+        jaxkv.load("/nonexistent/model", speculative=spec)
+
+
+def test_speculation_refuses_what_it_does_not_compose_with_yet(byte_tokenizer):
+    cfg = ModelConfig(**{**BASE, "head_dim": 32}, n_layers=2)
+    llm = LLM(cfg, byte_tokenizer, init_params(cfg, jax.random.PRNGKey(0)))
+    spec = speculation("ngram:4")
+    with pytest.raises(JaxkvError, match="prefill_chunk \\(4\\) must hold them"):
+        Engine(llm, prefill_chunk=4, speculative=spec)
+    with pytest.raises(JaxkvError, match="speculative decoding does not compose with token eviction yet"):
+        Engine(llm, speculative=spec, eviction=eviction_policy("h2o", 32))
+    with pytest.raises(JaxkvError, match="speculative decoding does not compose with KV dtype kivi2 yet"):
+        Engine(llm, page_size=32, kv_dtype="kivi2", speculative=spec)
+    streaming = LLM(cfg.replace(streaming_window=16, streaming_sinks=4), byte_tokenizer, llm.params)
+    with pytest.raises(JaxkvError, match="speculative decoding does not compose with StreamingLLM yet"):
+        Engine(streaming, speculative=spec)
+
+
+def test_cli_generate_speculative_json(tmp_path, capsys):
+    """`jaxkv generate --speculative ngram:4 --json` on a tiny HF model: the tokens of the plain run, fewer steps
+    than tokens after the first (proposals were kept), the acceptance rate; a bad K is one line. (Plain decoding
+    here runs several tokens per call, which speculation does not yet.)"""
+    write_tiny_hf_model(tmp_path, "llama-bias")
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "abcabcabcabcabcabc", "--max-new-tokens", "24",
+            "--ignore-eos", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--speculative", "ngram:4"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["token_ids"] == plain["token_ids"] and len(spec["token_ids"]) == 24
+    assert "speculative_acceptance_rate" not in plain and 0 < spec["speculative_acceptance_rate"] <= 1
+    assert spec["steps"] < 23
+    assert main([*argv, "--speculative", "ngram:0"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("jaxkv")]
+    assert err == ["jaxkv: error: speculative ngram needs K, the tokens proposed per step, an integer >= 1: got "
+                   "'ngram:0'"]
