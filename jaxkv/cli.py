@@ -22,15 +22,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _kv_arguments(args) -> dict:
     return dict(kv_rotate=args.kv_rotate, kv_budget=args.kv_budget, eviction=args.eviction,
-                eviction_window=args.eviction_window, eviction_sinks=args.eviction_sinks, kv_recent=args.kv_recent,
-                speculative=args.speculative)
+                eviction_window=args.eviction_window, eviction_sinks=args.eviction_sinks, kv_recent=args.kv_recent)
 
 
 def _generate(args) -> None:
     import jaxkv
 
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
-                     streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh, **_kv_arguments(args))
+                     streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
+                     speculative=args.speculative, **_kv_arguments(args))
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat,
                        ignore_eos=args.ignore_eos)
@@ -98,7 +98,8 @@ def _serve(args) -> None:
           prefix_caching=not args.no_prefix_caching, max_context=args.max_context,
           streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
           model_name=args.served_model_name, log_level=args.log_level, limits=limits, api_key=args.api_key,
-          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive, **_kv_arguments(args),
+          allowed_hosts=hosts, timeout_keep_alive=args.timeout_keep_alive, speculative=args.speculative,
+          **_kv_arguments(args),
           window_pages=not args.no_window_pages)
 
 
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the model's context in bounded memory")
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     _kv_compression(gen)
+    _speculative(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give sliding-window layers full-length pages instead of a ring of their window's, which "
                           "turns the prefix cache back on for models with window layers (Mistral, Gemma)")
     _kv_compression(srv)
+    _speculative(srv)
     srv.add_argument("--no-prefix-caching", action="store_true",
                      help="do not reuse the KV pages of shared prompt prefixes")
     srv.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -334,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _speculative(parser) -> None:
+    parser.add_argument("--speculative", default=None, metavar="ngram:K",
+                        help="speculative decoding: propose up to K tokens by prompt lookup (ngram) and verify them in "
+                             "one step: the same output, fewer steps when the text repeats its context")
+
+
 def _kv_compression(parser) -> None:
     """The KV compression flags generate, perplexity and serve share (beside --kv-dtype)."""
     parser.add_argument("--kv-rotate", action="store_true",
@@ -349,9 +358,6 @@ def _kv_compression(parser) -> None:
                              "for H2O, 32 for SnapKV)")
     parser.add_argument("--eviction-sinks", type=int, default=0, metavar="TOKENS",
                         help="first tokens of a sequence that --eviction always keeps (attention sinks; default 0)")
-    parser.add_argument("--speculative", default=None, metavar="ngram:K",
-                        help="speculative decoding: propose up to K tokens by prompt lookup (ngram) and verify them in "
-                             "one step: the same output, fewer steps when the text repeats its context")
     parser.add_argument("--kv-recent", type=int, default=None, metavar="TOKENS",
                         help="KIVI (--kv-dtype kivi2|kivi4): the last tokens of a sequence kept in float, a multiple "
                              "of the page size (default: 128)")

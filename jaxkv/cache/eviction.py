@@ -157,15 +157,16 @@ def compact(pools, rows, held, src_tables, dst_tables, kivi=None, *, policy: Evi
         dst_page = jnp.where(active[:, None], dst_tables[:, dst // page_size], pool.k_pages.shape[2])  # else drop
         layers = jnp.arange(pool.k_pages.shape[0])[:, None, None, None]
         heads = jnp.arange(pool.k_pages.shape[1])[None, :, None, None]
-        updates = {}
         if pool.k_recent is not None:
             updates = _requantized(pool, kept, *kivi)
-        for name in ("k_pages", "v_pages", "k_scales", "v_scales") if not updates else ():
-            array = getattr(pool, name)
-            if array is not None:
-                moved = array[layers, heads, src_page, kept % page_size]
-                updates[name] = array.at[layers, heads, dst_page[None, None], (dst % page_size)[None, None, None]].set(
-                    moved, mode="drop")
+        else:
+            updates = {}
+            for name in ("k_pages", "v_pages", "k_scales", "v_scales"):
+                array = getattr(pool, name)
+                if array is not None:
+                    moved = array[layers, heads, src_page, kept % page_size]
+                    updates[name] = array.at[layers, heads, dst_page[None, None],
+                                             (dst % page_size)[None, None, None]].set(moved, mode="drop")
         kept_scores = jnp.take_along_axis(scores, kept, axis=-1)
         new_scores = jnp.where(active[None, None, :, None] & (slot < policy.budget), jnp.pad(
             kept_scores, ((0, 0), (0, 0), (0, 0), (0, n_slots - policy.budget))), scores)

@@ -329,16 +329,15 @@ class Engine:
             if seq.computed < seq.n_prompt:
                 self._totals["prefilled"] += min(n, seq.n_prompt - seq.computed)
             seq.computed += n
-            kept = kept_by_row[r] = []
-            if seq.proposal:  # the proposals the step kept are in the cache; the rest are not
-                kept = kept_by_row[r] = seq.proposal[:accepted(tokens[0, (r + 1) * width - n:(r + 1) * width],
-                                                               seq.proposal)]
+            kept = []
+            if seq.proposal:  # the proposals the step kept are in the cache; the rest are not, nor pages past them
+                kept = seq.proposal[:accepted(tokens[0, (r + 1) * width - n:(r + 1) * width], seq.proposal)]
                 seq.computed -= len(seq.proposal) - len(kept)
-                for group, allocator in zip(self.groups, self.allocators):  # pages past the kept tokens go back
-                    allocator.truncate(seq.request.request_id,
-                                       min(seq.held, self._group_pages(group, seq.held) * self.page_size))
+                for group, allocator in zip(self.groups, self.allocators):
+                    allocator.truncate(seq.request.request_id, self._group_tokens(group, seq.held))
                 self._totals["proposed"] += len(seq.proposal)
                 self._totals["accepted"] += len(kept)
+            kept_by_row[r] = kept
             if self.residual:
                 seq.flushed = flushed_after(seq.flushed, seq.held, self.residual.recent, self.page_size)
             if self.prefix_caching and not seq.dropped:  # (one group then, of full tables)
@@ -528,7 +527,11 @@ class Engine:
     def _reserve(self, seq: EngineSequence, length: int) -> None:
         """Pages for seq to hold `length` tokens in every group (OutOfPages if a group has too few)."""
         for group, allocator in zip(self.groups, self.allocators):
-            allocator.reserve(seq.request.request_id, min(length, self._group_pages(group, length) * self.page_size))
+            allocator.reserve(seq.request.request_id, self._group_tokens(group, length))
+
+    def _group_tokens(self, group, length: int) -> int:
+        """Tokens a sequence of `length` tokens keeps in a group's pages: all, or what its ring holds."""
+        return min(length, self._group_pages(group, length) * self.page_size)
 
     def _release(self, seq: EngineSequence) -> None:
         for allocator in self.allocators:

@@ -29,14 +29,14 @@ class Speculation:
     method: str
     k: int
 
-    def propose(self, tokens: list[int], k: int | None = None) -> list[int]:
-        """Up to k (default self.k) tokens proposed to follow `tokens`; none when nothing matches."""
-        return ngram_proposal(tokens, self.k if k is None else k)
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens proposed to follow `tokens`; none when nothing matches."""
+        return ngram_proposal(tokens, k)
 
 
-def speculation(spec: str | None, *, max_chunk: int | None = None) -> Speculation | None:
-    """The policy of --speculative ngram:K, or one clear error line (max_chunk: the most tokens a step feeds a
-    sequence, which k + 1 must not pass)."""
+def speculation(spec: str | None) -> Speculation | None:
+    """The policy of --speculative ngram:K, or one clear error line (the engine checks that a step can feed a
+    row K + 1 tokens)."""
     if spec is None:
         return None
     method, _, k = str(spec).partition(":")
@@ -44,9 +44,6 @@ def speculation(spec: str | None, *, max_chunk: int | None = None) -> Speculatio
         raise JaxkvError(f"speculative must be one of {', '.join(f'{m}:K' for m in METHODS)}, got {spec!r}")
     if not k.isdigit() or int(k) < 1:
         raise JaxkvError(f"speculative {method} needs K, the tokens proposed per step, an integer >= 1: got {spec!r}")
-    if max_chunk is not None and int(k) + 1 > max_chunk:
-        raise JaxkvError(f"speculative {spec}: a step feeds a sequence at most {max_chunk} tokens (its last and K "
-                         f"proposed), so K must be at most {max_chunk - 1}")
     return Speculation(method, int(k))
 
 
