@@ -53,10 +53,16 @@ class GenerationStats:
     steps: int = 0  # device calls of the engine
     proposed: int = 0  # speculative decoding: tokens proposed, and kept
     accepted: int = 0
+    verified: int = 0  # rows that verified proposals in a step
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        """Tokens a verifying row emitted per step: its kept proposals and the token after them."""
+        return 1 + self.accepted / self.verified if self.verified else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -160,7 +166,8 @@ class LLM:
             prefill_s=first_at[0] - start - (first_at[1] - compile_before),
             decode_s=end - first_at[0] - (compiled - first_at[1]),
             **{name: after[f"{key}_total"] - before[f"{key}_total"] for name, key in (
-                ("steps", "steps"), ("proposed", "speculative_proposed"), ("accepted", "speculative_accepted"))})
+                ("steps", "steps"), ("proposed", "speculative_proposed"), ("accepted", "speculative_accepted"),
+                ("verified", "speculative_verified_rows"))})
         return [Completion(texts[r.request_id], ids[r.request_id], len(r.prompt_ids), reasons[r.request_id])
                 for r in requests]
 

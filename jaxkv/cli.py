@@ -40,7 +40,8 @@ def _generate(args) -> None:
             "text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
             "tokens_per_s": round(stats.tokens_per_s, 3), "kv_bytes_per_token": llm.kv_bytes_per_token,
             "finish_reason": out.finish_reason, "steps": stats.steps,
-            **({"speculative_acceptance_rate": round(stats.acceptance_rate, 4)} if llm.speculative else {}),
+            **({"speculative_acceptance_rate": round(stats.acceptance_rate, 4),
+                "speculative_tokens_per_verify": round(stats.tokens_per_verify, 4)} if llm.speculative else {}),
         }))
     else:
         print(out.text)

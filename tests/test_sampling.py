@@ -46,38 +46,6 @@ def test_draws_follow_filtered_distribution():
     assert chi2 < 16.3  # 99.9% quantile of chi-square with 3 degrees of freedom
 
 
-@pytest.mark.parametrize("draft", [0, 2, 3, 5])
-def test_a_verified_draft_keeps_the_distribution(draft):
-    """Speculative sampling of a proposed token (kept with probability p(draft), else a draw from p without it):
-    20k draws follow softmax(filtered logits) as plain sampling does, whether the draft is the likeliest token,
-    a middling one or outside top-k (p = 0: never kept). A draw is the draft exactly when it was kept, so the
-    draft's count checks the acceptance rate too."""
-    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
-    n = 20_000
-    keys = jax.random.split(jax.random.PRNGKey(3), n)
-    args = dict(temperature=jnp.full((n,), 0.8), top_k=jnp.full((n,), 4), top_p=jnp.full((n,), 0.95))
-    draws = np.asarray(sample(jnp.repeat(logits, n, axis=0), keys, greedy=False, draft=jnp.full((n,), draft), **args))
-    probs = np.asarray(jax.nn.softmax(filter_logits(logits, jnp.array([0.8]), jnp.array([4]), jnp.array([0.95]))))[0]
-    counts = np.bincount(draws, minlength=6)
-    kept = probs > 0
-    assert counts[~kept].sum() == 0  # outside top-k/top-p: never drawn, the draft neither
-    expected = probs[kept] * n
-    chi2 = float((((counts[kept] - expected) ** 2) / expected).sum())
-    assert chi2 < 16.3, (counts, expected)  # 99.9% quantile of chi-square with 3 degrees of freedom
-    # a greedy row keeps the draft only when it is the argmax, and gives the argmax either way
-    greedy = sample(logits.repeat(2, 0), keys[:2], jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.ones(2), greedy=False,
-                    draft=jnp.asarray([draft, -1]))
-    assert greedy.tolist() == [0, 0]
-
-
-def test_rows_without_a_draft_draw_as_without_speculation():
-    logits = jax.random.normal(jax.random.PRNGKey(4), (8, 50))
-    keys = jax.random.split(jax.random.PRNGKey(5), 8)
-    args = (keys, jnp.full(8, 0.9), jnp.zeros(8, jnp.int32), jnp.ones(8))
-    plain = sample(logits, *args, greedy=False)
-    assert sample(logits, *args, greedy=False, draft=jnp.full(8, -1)).tolist() == plain.tolist()
-
-
 def test_zero_temperature_rows_are_greedy_in_a_sampling_batch():
     logits = jax.random.normal(jax.random.PRNGKey(1), (3, 40))
     keys = jax.random.split(jax.random.PRNGKey(2), 3)

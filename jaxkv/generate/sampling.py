@@ -77,16 +77,14 @@ def _top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     return jnp.where((logits >= cutoff) & (logits >= kth), logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p, *, greedy: bool,
-           draft: jax.Array | None = None) -> jax.Array:
+def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p, *, greedy: bool) -> jax.Array:
     """Next token per row of logits [B, V]; `keys` [B] are per-sequence PRNG keys. Rows with temperature 0
     are greedy; when all are, nothing is drawn.
 
-    draft [B] (speculative decoding; -1 where none): a proposed token. It is kept with probability p(draft) under
-    the row's filtered distribution p, else a token is drawn from p without it, renormalised: speculative
-    sampling against a deterministic proposal, so every token still follows p exactly (Leviathan et al. 2023,
-    with q one-hot). A greedy row keeps the draft only if it is the argmax, which is the argmax either way. Rows
-    without a draft draw as they would without speculation."""
+    Speculative decoding verifies with this rule as it is: a proposed token is kept when the token sampled at its
+    position equals it, which happens with probability p(proposal), as speculative sampling keeps a deterministic
+    proposal (Leviathan et al. 2023, with q one-hot). So every emitted token is the one plain decoding samples with
+    the same seed and step, not only one of the same distribution."""
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
         return best
@@ -94,20 +92,6 @@ def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p, *, gre
     def draw(_):
         filtered = filter_logits(logits, temperature, top_k, top_p)
         token = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        if draft is not None:
-            token = jnp.where(draft < 0, token, _verified(filtered, keys, draft))
         return jnp.where(temperature == 0, best, token)
 
     return jax.lax.cond(jnp.all(temperature == 0), lambda _: best, draw, None)
-
-
-def _verified(filtered: jax.Array, keys: jax.Array, draft: jax.Array) -> jax.Array:
-    """The draft if u < p(draft), else a draw from p with the draft's logit removed (the residual max(p - q, 0)
-    of a one-hot q, renormalised)."""
-    accept_keys, residual_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k))(keys), 1, 0)
-    safe = jnp.maximum(draft, 0)
-    p_draft = jnp.take_along_axis(jax.nn.softmax(filtered, axis=-1), safe[:, None], axis=-1)[:, 0]
-    accept = jax.vmap(jax.random.uniform)(accept_keys) < p_draft
-    without = jnp.where(jnp.arange(filtered.shape[-1]) == safe[:, None], -jnp.inf, filtered)
-    residual = jax.vmap(jax.random.categorical)(residual_keys, without).astype(jnp.int32)
-    return jnp.where(accept, safe, residual)

@@ -7,7 +7,8 @@ samples each row's next token. Window layers keep only a ring of pages in a pool
 (`jaxkv.cache.paged.page_groups`), so their memory does not grow with the sequence. Shapes are bucketed (tokens,
 and block-table width) and `warmup` compiles them all, so serving never compiles. When a step holds only decode
 rows and nothing waits, it may run `decode_iters` iterations in one call, which keeps host round trips off the
-critical path (`LLM.generate`).
+critical path (`LLM.generate`). With speculative decoding (`jaxkv.serve.speculative`) such a step may instead feed
+each decode row's proposed tokens, k + 1 per row, and emit those the target agrees with.
 
 Requests are admitted when a free row and enough pages are available. When a decode row needs a page and
 none is left, the latest admitted request is preempted: its pages go back and it waits at the head of the
@@ -51,7 +52,7 @@ from jaxkv.parallel.rules import cache_shardings
 from jaxkv.serve.compiled import Executables, powers_of_two
 from jaxkv.serve.requests import Limits, Request, RequestOutput, validate
 from jaxkv.serve.sequence import EngineSequence
-from jaxkv.serve.speculative import Speculation, accepted, sampling_positions
+from jaxkv.serve.speculative import Acceptance, Payoff, Speculation, sampling_positions
 from jaxkv.serve.step import ragged_step
 
 __all__ = ["Engine", "EngineStepError", "Limits", "Request", "RequestOutput"]
@@ -90,8 +91,8 @@ class Engine:
         layers full tables too (their prefixes can then be cached). eviction: a token budget per sequence, kept by
         H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`). Eviction and KIVI dtypes are not for sliding
         windows or StreamingLLM, and make decode_iters 1 (a decode step may evict or flush). speculative: decode
-        rows propose tokens and verify them in the step (`jaxkv.serve.speculative`), not with StreamingLLM,
-        eviction or KIVI yet."""
+        rows propose tokens and verify them in steps of decode rows, where that pays (`jaxkv.serve.speculative`);
+        not with StreamingLLM, eviction or KIVI yet."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -118,13 +119,11 @@ class Engine:
         other = "StreamingLLM" if self.streaming else what
         if speculative and other:
             raise JaxkvError(f"speculative decoding does not compose with {other} yet")
-        if speculative and speculative.k + 1 > prefill_chunk:
-            raise JaxkvError(f"speculative {speculative.method}:{speculative.k} feeds a row {speculative.k + 1} "
-                             f"tokens in a step; prefill_chunk ({prefill_chunk}) must hold them")
-        self.speculative = speculative
+        self.speculative, self.payoff, self.acceptance = speculative, Payoff(), Acceptance()
         self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq
-        self.groups = page_groups(cfg, page_size, max(prefill_chunk, decode_iters), self.pages_per_seq)
+        most_fed = max(prefill_chunk, decode_iters, 1 + speculative.k if speculative else 1)  # per row and step
+        self.groups = page_groups(cfg, page_size, most_fed, self.pages_per_seq)
         if not window_pages and not self.streaming:
             self.groups = (PageGroup(tuple(range(cfg.n_kv_layers))),)
         self.group_layers = tuple(g.kv_layers for g in self.groups)
@@ -165,7 +164,7 @@ class Engine:
     def check(self, request: Request) -> None:
         """Raise InvalidRequest (naming the field) unless this engine can serve `request`; queues nothing."""
         validate(request, vocab_size=self.cfg.vocab_size, max_prompt=self.max_prompt, max_context=self.max_context,
-                 limits=self.limits)
+                 limits=self.limits, max_speculative=self.speculative.k if self.speculative else 0)
         if request.request_id in self._by_id:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use", "request_id")
         n, budget = len(request.prompt_ids), request.max_tokens
@@ -239,42 +238,76 @@ class Engine:
 
     def _schedule(self) -> list[tuple[EngineSequence, int]]:
         """This step's rows, (request, tokens to feed): every decode row first (making room for its token, which
-        may preempt the latest admitted), then prompt chunks in admission order within the budget."""
+        may preempt the latest admitted), then prompt chunks in admission order within the budget; then the
+        decode rows' proposals (`_speculate`)."""
         running = sorted((s for s in self.running if s is not None), key=lambda s: s.order)
         budget, rows = self.prefill_budget, []
-        for seq in running:  # speculative proposals come out of the budget, as prompt chunks do
-            if seq.decoding and seq.row is not None:
-                seq.proposal = self._proposal(seq, budget)
-                budget -= len(seq.proposal)
-                if self._make_room(seq, seq.held + 1 + len(seq.proposal)):
-                    rows.append((seq, 1 + len(seq.proposal)))
+        for seq in running:
+            seq.candidate, seq.proposal = [], []
+            if seq.decoding and seq.row is not None and self._make_room(seq, seq.held + 1):
+                rows.append((seq, 1))
         for seq in running:
             if seq.row is not None and not seq.decoding and budget > 0:
                 n = min(len(seq.tokens) - seq.computed, self.prefill_chunk, budget)
                 rows.append((seq, n))
                 budget -= n
-        return [(s, n) for s, n in rows if s.row is not None]  # (a preempted one: not)
+        return self._speculate([(s, n) for s, n in rows if s.row is not None])  # (a preempted one: not)
 
-    def _proposal(self, seq: EngineSequence, budget: int) -> list[int]:
-        """The tokens seq's decode row proposes this step: none without speculation, for a scored text, or where
-        its request has room for no more than the token the step samples anyway."""
-        if self.speculative is None or seq.request.forced_ids is not None:
-            return []
-        k = min(self.speculative.k, budget, seq.request.max_tokens - seq.generated - 1)
-        return self.speculative.propose(seq.tokens, k) if k > 0 else []
+    def _speculate(self, rows: list[tuple[EngineSequence, int]]) -> list[tuple[EngineSequence, int]]:
+        """Rows with proposals fed: each decode row's candidate tokens are proposed (and kept for its `Acceptance`
+        however the step runs), and fed where the step holds decode rows only (a prompt's step is never made
+        longer by them) and `Payoff` expects verifying them to beat plain decoding. A row whose proposal finds
+        no pages feeds none (speculation never preempts)."""
+        if self.speculative is None:
+            return rows
+        for seq, _ in rows:
+            if seq.decoding:
+                seq.candidate, seq.source = self._proposal(seq)
+        if not any(s.candidate for s, _ in rows) or not all(s.decoding for s, _ in rows):
+            return rows
+        expected = [s.acceptance.expected_tokens(s.source, len(s.candidate), self.acceptance.rate(s.source))
+                    for s, _ in rows]
+        if self.speculative.adaptive and not self.payoff.verify(self._row_bucket(len(rows)), self.speculative.k,
+                                                                expected, 1 if self.waiting else self.decode_iters):
+            return rows
+        fed = []
+        for seq, n in rows:
+            if seq.candidate:
+                try:
+                    self._reserve(seq, seq.held + 1 + len(seq.candidate))
+                    seq.proposal, n = seq.candidate, 1 + len(seq.candidate)
+                except OutOfPages:
+                    self._fit(seq, seq.held + 1)
+            fed.append((seq, n))
+        return fed
 
-    def _shape(self, rows: list[tuple[EngineSequence, int]], iters: int) -> tuple[int, int, int]:
-        """(tokens T, rows R, table width W) of a step: decode-only steps in row buckets (T == R), others in token
-        buckets with every row; W the narrowest width bucket holding every position written."""
+    def _proposal(self, seq: EngineSequence) -> tuple[list[int], int]:
+        """The tokens proposed to follow seq, up to its request's K, and their source: none for a scored text, or
+        where its request has room for no more than the token the step samples anyway."""
+        request = seq.request
+        k = self.speculative.k if request.num_speculative_tokens is None else request.num_speculative_tokens
+        k = min(k, request.max_tokens - seq.generated - 1)
+        return self.speculative.propose(seq.tokens, k) if k > 0 and request.forced_ids is None else ([], 0)
+
+    def _shape(self, rows: list[tuple[EngineSequence, int]], iters: int) -> tuple[int, int, int, int]:
+        """(tokens T, rows R, table width W, longest chunk Q) of a step: decode-only steps in row buckets (T == R,
+        Q 1); decode rows of which some verify proposals in the same row buckets, k + 1 tokens each (T = R (k + 1),
+        Q k + 1: attention costs what they feed); others in token buckets with every row (Q prefill_chunk). W is
+        the narrowest width bucket holding every position written."""
         shapes = self._shapes()
-        if all(n == 1 for _, n in rows):
-            n_tokens = n_rows = min(r for r in shapes.decode_rows if r >= len(rows))
-            widths = shapes.decode_widths
+        if all(n == 1 for _, n in rows) or all(s.decoding for s, _ in rows):
+            longest = 1 if all(n == 1 for _, n in rows) else 1 + self.speculative.k
+            n_rows = self._row_bucket(len(rows))
+            n_tokens, widths = n_rows * longest, shapes.decode_widths
         else:
             n_tokens, n_rows = min(t for t in shapes.tokens if t >= sum(n for _, n in rows)), self.max_batch
-            widths = shapes.widths
+            longest, widths = self.prefill_chunk, shapes.widths
         need = max(-(-(s.held + n + iters - 1) // self.page_size) for s, n in rows)
-        return n_tokens, n_rows, min(w for w in widths if w >= need or w == self.pages_per_seq)
+        return n_tokens, n_rows, min(w for w in widths if w >= need or w == self.pages_per_seq), longest
+
+    def _row_bucket(self, n: int) -> int:
+        """The rows of a decode step of n rows."""
+        return min(r for r in self._shapes().decode_rows if r >= n)
 
     def _shapes(self) -> _Shapes:
         """The bucket sizes steps compile for: few, since each is an executable that warm-up compiles.
@@ -313,12 +346,15 @@ class Engine:
         """One device call for `rows`; emits the tokens sampled for the rows whose tokens are all in the cache.
         False if the call failed."""
         iters = self._iterations(rows)
-        n_tokens, n_rows, width = self._shape(rows, iters)
+        n_tokens, n_rows, width, longest = self._shape(rows, iters)
         distributions = any(s.request.distributions for s, _ in rows)
+        compiled, start = self.executables.count, time.perf_counter()
         result = self._device([s for s, _ in rows], outputs, iters, distributions,
-                              lambda: self._arguments(rows, n_tokens, n_rows, width, iters))
+                              lambda: self._arguments(rows, n_tokens, n_rows, width, longest, iters))
         if result is None:
             return False
+        if self.executables.count == compiled:
+            self.payoff.record((n_tokens, n_rows, longest, iters), time.perf_counter() - start)
         tokens, logprobs, log_probs = result
         width = tokens.shape[1] // n_rows  # positions sampled per row
         kept_by_row: dict[int, list[int]] = {}  # the proposals each speculative row kept
@@ -331,12 +367,15 @@ class Engine:
             seq.computed += n
             kept = []
             if seq.proposal:  # the proposals the step kept are in the cache; the rest are not, nor pages past them
-                kept = seq.proposal[:accepted(tokens[0, (r + 1) * width - n:(r + 1) * width], seq.proposal)]
+                end = (r + 1) * width
+                kept = seq.proposal[:self._accepted(seq, seq.proposal, tokens[0, end - n:end])]
                 seq.computed -= len(seq.proposal) - len(kept)
-                for group, allocator in zip(self.groups, self.allocators):
-                    allocator.truncate(seq.request.request_id, self._group_tokens(group, seq.held))
+                self._fit(seq, seq.held)
                 self._totals["proposed"] += len(seq.proposal)
                 self._totals["accepted"] += len(kept)
+                self._totals["verified"] += 1
+            elif seq.candidate:  # what the step sampled tells whether the proposal it did not feed was right
+                self._accepted(seq, seq.candidate, tokens[:, (r + 1) * width - 1])
             kept_by_row[r] = kept
             if self.residual:
                 seq.flushed = flushed_after(seq.flushed, seq.held, self.residual.recent, self.page_size)
@@ -365,6 +404,12 @@ class Engine:
                 outputs.append(self._emit(seq, int(tokens[i, last]), float(logprobs[i, last]),
                                           log_probs[i, last] if seq.request.distributions else None))
         return True
+
+    def _accepted(self, seq: EngineSequence, proposal: list[int], sampled) -> int:
+        """How many of seq's proposals the tokens sampled after them keep, counted in its acceptance and the
+        engine's (every sequence's prior)."""
+        self.acceptance.update(seq.source, proposal, sampled)
+        return seq.acceptance.update(seq.source, proposal, sampled)
 
     def _cut(self, seqs: list[EngineSequence]) -> None:
         """Evict down to the budget in one device call (`compact`), then give back the pages past it. A sequence
@@ -397,7 +442,7 @@ class Engine:
             if kivi:
                 seq.flushed = int(kivi[1].flushed[r])
 
-    def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, iters: int) -> tuple:
+    def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, longest: int, iters: int) -> tuple:
         """The host arrays of one step: packed tokens, their metadata, the sampling values, forced tokens and
         proposals of every sampled position (each row's last token, or with speculation its last 1 + k), and
         LCKV passes. Block tables: `width` columns in groups of full tables, the ring in the others."""
@@ -413,17 +458,13 @@ class Engine:
             at += n
         verify = 1 + self.speculative.k if any(s.proposal for s, _ in rows) else 1
         meta = StepMetadata.pack(tables, [s.held for s, _ in rows], [n for _, n in rows], n_tokens=n_tokens,
-                                 max_q_len=self._max_q_len(n_tokens, n_rows), sink_rows=[s.row for s, _ in rows],
+                                 max_q_len=longest, sink_rows=[s.row for s, _ in rows],
                                  starts=[s.computed for s, _ in rows], score_weights=None if not self.eviction else
                                  np.concatenate([self.eviction.votes(s.computed, n, s.prefill_end) for s, n in rows]),
                                  residual=self.residual, flushed=[s.flushed for s, _ in rows], verify=verify)
         sampling = sampling_positions(rows, n_rows, verify, iters)
         passes = min(max(n for _, n in rows), self.cfg.upward_passes_no_grad + self.cfg.upward_passes_grad)
         return tokens, meta, *sampling, np.int32(passes)
-
-    def _max_q_len(self, n_tokens: int, n_rows: int) -> int:
-        """Static per shape: 1 for decode-only shapes (T == R), else the longest chunk a row may have."""
-        return 1 if n_tokens == n_rows else self.prefill_chunk
 
     def _device(self, seqs: list[EngineSequence], outputs: list[RequestOutput], iters: int, distributions: bool,
                 args) -> tuple | None:
@@ -529,6 +570,11 @@ class Engine:
         for group, allocator in zip(self.groups, self.allocators):
             allocator.reserve(seq.request.request_id, self._group_tokens(group, length))
 
+    def _fit(self, seq: EngineSequence, length: int) -> None:
+        """seq now holds `length` tokens: every group gives back its pages past them."""
+        for group, allocator in zip(self.groups, self.allocators):
+            allocator.truncate(seq.request.request_id, self._group_tokens(group, length))
+
     def _group_tokens(self, group, length: int) -> int:
         """Tokens a sequence of `length` tokens keeps in a group's pages: all, or what its ring holds."""
         return min(length, self._group_pages(group, length) * self.page_size)
@@ -569,15 +615,15 @@ class Engine:
     # --- compilation --------------------------------------------------------------------------
     def warmup(self) -> None:
         """Compile every step shape now, writing nothing (idle rows), so that serving never compiles."""
-        shapes = self._shapes()
-        every = [(r, r, w) for r in shapes.decode_rows for w in shapes.decode_widths] + \
-            [(t, self.max_batch, w) for t in shapes.tokens for w in shapes.widths]
-        verifies = [1] + ([1 + self.speculative.k] if self.speculative else [])
-        for (n_tokens, n_rows, width), verify in itertools.product(every, verifies):
-            if n_tokens == n_rows and verify > 1:  # a speculative row makes a step not decode-only
-                continue
+        shapes, verify = self._shapes(), 1 + self.speculative.k if self.speculative else 1
+        decode = [(r, r, w, 1) for r in shapes.decode_rows for w in shapes.decode_widths]
+        chunks = [(t, self.max_batch, w, self.prefill_chunk) for t in shapes.tokens for w in shapes.widths]
+        every = [(*shape, 1) for shape in decode + chunks]  # (tokens, rows, width, longest chunk, verify)
+        if self.speculative:  # decode rows verifying proposals
+            every += [(r * verify, r, w, verify, verify) for r, _, w, _ in decode]
+        for n_tokens, n_rows, width, longest, verify in every:
             tables = [np.zeros((n_rows, g.ring or width), np.int32) for g in self.groups]
-            meta = StepMetadata.pack(tables, [], [], n_tokens=n_tokens, max_q_len=self._max_q_len(n_tokens, n_rows),
+            meta = StepMetadata.pack(tables, [], [], n_tokens=n_tokens, max_q_len=longest,
                                      sink_rows=[], score_weights=np.zeros(0) if self.eviction else None,
                                      residual=self.residual, verify=verify)
             _, _, _, self.pools = self.executables.run(
@@ -613,8 +659,12 @@ class Engine:
             "kv_tokens_evicted_total": self._totals["evicted"],
             "speculative_proposed_total": self._totals["proposed"],
             "speculative_accepted_total": self._totals["accepted"],
+            "speculative_verified_rows_total": self._totals["verified"],
             "speculative_acceptance_rate": self._totals["accepted"] / self._totals["proposed"]
             if self._totals["proposed"] else 0.0,
+            # tokens a verifying row emits per step: its kept proposals and the token after them
+            "speculative_tokens_per_verify": 1 + self._totals["accepted"] / self._totals["verified"]
+            if self._totals["verified"] else 0.0,
             "steps_total": steps, "mean_rows_per_step": self._totals["step_rows"] / steps if steps else 0.0,
             "mean_tokens_per_step": self._totals["step_tokens"] / steps if steps else 0.0,
             "tokens_per_s": (len(self._recent) - 1) / span if span > 0 else 0.0,

@@ -30,6 +30,7 @@ class Request:
     # decoding, and their logprobs reported; max_tokens must equal their number; EOS among them does not stop.
     forced_ids: list[int] | None = None
     distributions: bool = False  # each output also carries the full log-probabilities it chose from
+    num_speculative_tokens: int | None = None  # proposals per step, up to the engine's K (None: K; 0: none)
 
 
 @dataclasses.dataclass
@@ -72,9 +73,11 @@ class Limits:
         return self.max_prompt_chars or 32 * max_prompt_tokens
 
 
-def validate(request: Request, *, vocab_size: int, max_prompt: int, max_context: int, limits: Limits) -> None:
+def validate(request: Request, *, vocab_size: int, max_prompt: int, max_context: int, limits: Limits,
+             max_speculative: int = 0) -> None:
     """Raise InvalidRequest (param as the HTTP API names it; "prompt" for the prompt) unless `request` can be
-    served; nothing else can go wrong for it later but the device itself."""
+    served; nothing else can go wrong for it later but the device itself. max_speculative: the engine's K (0: it
+    does not speculate)."""
     ids, budget = request.prompt_ids, request.max_tokens
     if not isinstance(request.request_id, str) or not request.request_id:
         raise InvalidRequest(f"request_id must be a non-empty string, got {request.request_id!r}", "request_id")
@@ -108,6 +111,7 @@ def validate(request: Request, *, vocab_size: int, max_prompt: int, max_context:
         if len(forced) != budget:
             raise InvalidRequest(f"max_tokens ({budget}) must equal the number of forced_ids ({len(forced)})",
                                  "max_tokens")
+    _validate_speculative(request.num_speculative_tokens, max_speculative)
     for name in ("logprobs", "ignore_eos", "distributions"):
         if not isinstance(getattr(request, name), bool):
             raise InvalidRequest(f"{name} must be true or false", name)
@@ -126,3 +130,15 @@ def _validate_stop(stop, limits: Limits) -> None:
             raise InvalidRequest(f"stop strings must be at most {limits.max_stop_chars} characters, got one of "
                                  f"{len(s)}", "stop", "string_above_max_length")
         check_text(s, "stop")
+
+
+def _validate_speculative(k, max_speculative: int) -> None:
+    if k is None:
+        return
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+        raise InvalidRequest(f"num_speculative_tokens must be a non-negative integer, got {k!r}",
+                             "num_speculative_tokens")
+    if k > max_speculative:
+        raise InvalidRequest(f"num_speculative_tokens must be at most {max_speculative}, the server's speculative K, "
+                             f"got {k}" if max_speculative else "this server does not speculate (start it with "
+                             "--speculative ngram:K): num_speculative_tokens must be 0", "num_speculative_tokens")

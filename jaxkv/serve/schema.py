@@ -60,6 +60,8 @@ class _Sampling(_Body):
     logit_bias: dict[Text, float] | None = None
     user: _short(1024) | None = None  # accepted, unused
     ignore_eos: bool = False  # extension (as vLLM's): generate exactly max_tokens, e.g. for benchmarks
+    # extension: tokens proposed per step for this request, up to the server's --speculative K (0: none)
+    num_speculative_tokens: int | None = None
 
 
 class CompletionRequest(_Sampling):

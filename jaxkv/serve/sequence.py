@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jaxkv.generate.detokenize import TextStream
 from jaxkv.serve.requests import Request, RequestOutput
+from jaxkv.serve.speculative import Acceptance
 
 
 class EngineSequence:
@@ -17,7 +18,12 @@ class EngineSequence:
         self.dropped = 0  # tokens evicted from the cache
         self.flushed = 0  # KIVI: tokens in quantized pages (the others in its float ring)
         self.prefill_end = 0  # tokens fed as prompt chunks since admission: then decoding starts
-        self.proposal: list[int] = []  # speculative decoding: the tokens its decode row proposes this step
+        # speculative decoding: the tokens proposed to follow it this step and their source, those its decode row
+        # feeds (all of them or none), and how often its proposals were kept
+        self.candidate: list[int] = []
+        self.source = 0
+        self.proposal: list[int] = []
+        self.acceptance = Acceptance()
         self.row: int | None = None  # its place among the running requests (where its sink keys live)
         self.order = 0  # admission order: the latest admitted is preempted first
         self.cached_tokens = 0
@@ -32,7 +38,7 @@ class EngineSequence:
     def restart(self) -> None:
         """Back to an empty cache (preempted, or its pool lost): recomputed from its tokens when admitted."""
         self.computed = self.dropped = self.flushed = 0
-        self.proposal = []
+        self.candidate, self.proposal = [], []
 
     @property
     def generated(self) -> int:

@@ -123,7 +123,8 @@ class _Server:
             raise api_error(e, prompt_param) from None
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         return Request(prompt_ids=list(prompt_ids), sampling=sampling, max_tokens=max_tokens, stop=stop,
-                       logprobs=logprobs, ignore_eos=body.ignore_eos, request_id=f"{prefix}-{uuid.uuid4().hex}")
+                       logprobs=logprobs, ignore_eos=body.ignore_eos, request_id=f"{prefix}-{uuid.uuid4().hex}",
+                       num_speculative_tokens=body.num_speculative_tokens)
 
     async def submit(self, request, prompt_param: str) -> RequestStream:
         try:

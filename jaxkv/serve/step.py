@@ -12,14 +12,13 @@ from jaxkv.model.decoder import forward
 from jaxkv.parallel.rules import keep_cache_sharding
 
 
-def ragged_step(params, pools, tokens, meta, seeds, steps, temperature, top_k, top_p, forced, draft, passes, *,
+def ragged_step(params, pools, tokens, meta, seeds, steps, temperature, top_k, top_p, forced, passes, *,
                 cfg: ModelConfig, groups: tuple[tuple[int, ...], ...], iters: int, distributions: bool = False,
                 mesh=None):
     """One step on the pools (donated; pools[g] holds the KV layers groups[g]): tokens [T] packed by `meta` (rows
     R) in, their K/V written, a token sampled at each of the N = R x verify positions `meta.logits_index` names
     (each row's last tokens) with the sampling values seeds, steps, temperature, top_k, top_p [N], or taken from
-    forced [iters, N] where that is not negative (scoring a given text); draft [N]: the token proposed to follow
-    each position (-1: none), kept or replaced as speculative sampling does. iters > 1 (decode rows only, T == R,
+    forced [iters, N] where that is not negative (scoring a given text). iters > 1 (decode rows only, T == R,
     verify 1): that many tokens per row, each fed back. Returns (tokens [iters, N], their logprobs, the
     log-probabilities [iters, N, V] if `distributions` else None, pools)."""
     def one(pools, meta, tokens, steps, forced):
@@ -27,8 +26,7 @@ def ragged_step(params, pools, tokens, meta, seeds, steps, temperature, top_k, t
                              logits_at=meta.logits_index[None], passes=passes)
         logits = logits[0]
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds, steps)
-        token = jnp.where(forced >= 0, forced, sample(logits, keys, temperature, top_k, top_p, greedy=False,
-                                                      draft=draft))
+        token = jnp.where(forced >= 0, forced, sample(logits, keys, temperature, top_k, top_p, greedy=False))
         log_probs = jax.nn.log_softmax(logits)
         logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
         pools = tuple(keep_cache_sharding(pool, mesh) for pool in kv.pools)
