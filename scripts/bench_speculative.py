@@ -29,6 +29,7 @@ from pathlib import Path
 
 import jaxkv
 from jaxkv.data.corpus import shakespeare_split
+from jaxkv.serve.compiled import enable_compilation_cache
 from jaxkv.serve.speculative import Speculation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "speculative.md"))
     args = parser.parse_args()
     configs = args.configs.split(",")
+    enable_compilation_cache()  # the configurations share most step shapes: each compiles them once
     if configs[0] != "plain":
         parser.error("--configs must start with plain: every ratio is to it")
     results = []
