@@ -210,7 +210,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     eviction "h2o" or "snapkv" keeps kv_budget tokens per sequence after its prompt: eviction_window recent ones
     (SnapKV: its observation window), the first eviction_sinks and the most attended others
     (`jaxkv.cache.eviction`). kv_recent: the last tokens KIVI keeps in float (128). speculative "ngram:K": decoding
-    proposes up to K tokens by prompt lookup and verifies them in one step (`jaxkv.serve.speculative`)."""
+    proposes up to K tokens by prompt lookup and verifies them in one step (`jaxkv.serve.speculative`); "draft:MODEL:K"
+    proposes them with a draft model (any model this function loads, or first-N: this model's first N layers)."""
     policy = eviction_policy(eviction, kv_budget, eviction_window, eviction_sinks)  # fails before weights load
     proposer = speculation(speculative)
     if dtype is not None:
@@ -230,8 +231,32 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
         cfg = cfg.replace(streaming_window=streaming_window, streaming_sinks=sinks)
     if kv_rotate:
         cfg = cfg.replace(kv_rotate=True)
-    return LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh, eviction=policy,
-               kv_recent=kv_recent, speculative=proposer)
+    llm = LLM(cfg, tokenizer, params, kv_dtype=kv_dtype, page_size=page_size, mesh=mesh, eviction=policy,
+              kv_recent=kv_recent, speculative=proposer)
+    if proposer is not None and proposer.method == "draft":
+        llm.speculative = dataclasses.replace(proposer, draft=draft_model(proposer.source, llm, dtype))
+    return llm
+
+
+def draft_model(source: str, target: LLM, dtype: str | None = None) -> LLM:
+    """A draft for speculative decoding: `first-N`, the target's first N layers with its final norm and head (no
+    extra weights), or any model `load` takes, in the target's dtype unless `dtype` is given."""
+    cfg = target.config
+    if source.startswith("first-"):
+        n = source.removeprefix("first-")
+        if not n.isdigit() or not 1 <= int(n) < cfg.n_layers:
+            raise JaxkvError(f"draft first-N takes N in [1, {cfg.n_layers - 1}] (the target has {cfg.n_layers} "
+                             f"layers), got {source!r}")
+        n = int(n)
+        if any(src >= n for src in cfg.kv_sources[:n]):
+            raise JaxkvError(f"draft {source}: a layer below {n} reads KV from a layer at or above it (LCKV); pick "
+                             "an N past every layer it reads")
+        cut = cfg.replace(n_layers=n, kv_sources=tuple(cfg.kv_sources[:n]),
+                          window_layers=tuple(i for i in cfg.window_layers if i < n))
+        params = {name: value for name, value in target.params.items()
+                  if not name.startswith("layers_") or int(name.split("_")[1]) < n}
+        return LLM(cut, target.tokenizer, params, mesh=target.mesh)
+    return load(source, dtype=dtype or cfg.dtype, mesh=target.mesh)
 
 
 def _dtype_name(dtype) -> str:

@@ -339,9 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _speculative(parser) -> None:
-    parser.add_argument("--speculative", default=None, metavar="ngram:K",
-                        help="speculative decoding: propose up to K tokens by prompt lookup (ngram) and verify them in "
-                             "one step: the same output, fewer steps when the text repeats its context")
+    parser.add_argument("--speculative", default=None, metavar="ngram:K|draft:MODEL:K",
+                        help="speculative decoding: propose up to K tokens by prompt lookup (ngram) or with a draft "
+                             "model sharing the tokenizer (a model as --model takes, or first-N: this model's first "
+                             "N layers) and verify them in one step: the same output, fewer steps when proposals "
+                             "are kept")
 
 
 def _kv_compression(parser) -> None:

@@ -1,6 +1,7 @@
 """Speculative decoding's speed on SmolLM2-135M: tokens/s with and without each proposer, same prompts, one run.
 
-    python scripts/bench_speculative.py [--batches 1,16] [--configs plain,ngram:4,ngram:8,ngram:8-always] \\
+    python scripts/bench_speculative.py [--batches 1,16] [--configs plain,ngram:4,ngram:8,ngram:8-always,\\
+        draft:first-10:4] \\
         [--new-tokens 128] [--repeats 2] [--out docs/results/speculative.md]
 
 Two kinds of prompt (chat, greedy, up to --new-tokens each, stopping at EOS):
@@ -20,6 +21,7 @@ tokens exactly; the script stops if one does not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import statistics
@@ -30,7 +32,7 @@ from pathlib import Path
 import jaxkv
 from jaxkv.data.corpus import shakespeare_split
 from jaxkv.serve.compiled import enable_compilation_cache
-from jaxkv.serve.speculative import Speculation
+from jaxkv.serve.speculative import speculation
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["the sea", "a lighthouse keeper", "autumn leaves", "a lost key", "the first snow", "a city at night",
@@ -105,12 +107,10 @@ PROMPTS = {"copy": copy_prompts, "plain": plain_prompts}
 
 
 def speculative(config: str):
-    """plain -> None; ngram:K -> adaptive; ngram:K-always -> verify whenever there are proposals."""
+    """plain -> None; ngram:K, draft:MODEL:K -> adaptive; ...-always -> verify whenever there are proposals."""
     if config == "plain":
         return None
-    spec, always = config.removesuffix("-always"), config.endswith("-always")
-    method, _, k = spec.partition(":")
-    return Speculation(method, int(k), adaptive=not always)
+    return dataclasses.replace(speculation(config.removesuffix("-always")), adaptive=not config.endswith("-always"))
 
 
 def run_config(config: str, batch: int, kind: str, repeats: int, new_tokens: int, model: str) -> dict:

@@ -228,7 +228,8 @@ def test_a_request_chooses_its_own_k(byte_tokenizer):
 @pytest.mark.parametrize("spec, message", [
     ("ngram:0", r"speculative ngram needs K, the tokens proposed per step, an integer >= 1: got 'ngram:0'"),
     ("ngram", r"speculative ngram needs K"), ("ngram:x", r"speculative ngram needs K"),
-    ("draft:3", r"speculative must be one of ngram:K, got 'draft:3'"),
+    ("eagle:3", r"speculative must be ngram:K or draft:MODEL:K, got 'eagle:3'"),
+    ("draft:3", r"speculative draft needs a model: draft:MODEL:K \(a model as --model takes, or first-N"),
 ])
 def test_bad_speculative_values_are_one_line(spec, message):
     with pytest.raises(JaxkvError, match=message):

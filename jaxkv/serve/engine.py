@@ -50,6 +50,7 @@ from jaxkv.cache.quantize import KIVI
 from jaxkv.errors import DeadlineExceeded, InvalidRequest, JaxkvError, QueueFull
 from jaxkv.parallel.rules import cache_shardings
 from jaxkv.serve.compiled import Executables, powers_of_two
+from jaxkv.serve.draft import Draft
 from jaxkv.serve.requests import Limits, Request, RequestOutput, validate
 from jaxkv.serve.sequence import EngineSequence
 from jaxkv.serve.speculative import Acceptance, Payoff, Speculation, sampling_positions
@@ -124,7 +125,8 @@ class Engine:
         num_pages = num_pages or max_batch * self.pages_per_seq
         most_fed = max(prefill_chunk, decode_iters, 1 + speculative.k if speculative else 1)  # per row and step
         self.groups = page_groups(cfg, page_size, most_fed, self.pages_per_seq)
-        if not window_pages and not self.streaming:
+        drafting = speculative is not None and speculative.method == "draft"
+        if (not window_pages or drafting) and not self.streaming:  # a draft's KV sits at its sequence's page ids
             self.groups = (PageGroup(tuple(range(cfg.n_kv_layers))),)
         self.group_layers = tuple(g.kv_layers for g in self.groups)
         group_pages = [num_pages if self.streaming else g.pool_pages(num_pages, self.pages_per_seq)
@@ -150,6 +152,14 @@ class Engine:
         self.max_context = UNBOUNDED_CONTEXT if self.streaming else max_context
         self.max_prompt = cfg.streaming_window + cfg.streaming_sinks if self.streaming else max_context - 1
         self.executables = executables or Executables(llm.mesh)
+        self.draft, self._drafting_s = None, 0.0
+        if drafting:
+            if speculative.draft is None:
+                raise JaxkvError("speculative draft needs its model loaded: jaxkv.load(..., speculative="
+                                 "'draft:MODEL:K') loads it")
+            self.draft = Draft(speculative.draft, llm, num_pages=group_pages[0], page_size=page_size,
+                               max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk,
+                               k=speculative.k, executables=self.executables)
         self.waiting: collections.deque[EngineSequence] = collections.deque()
         self.running: list[EngineSequence | None] = [None] * max_batch  # by row
         self._by_id: dict[str, EngineSequence] = {}
@@ -224,6 +234,8 @@ class Engine:
             self.waiting.appendleft(seq)
         self.running = [None] * self.max_batch
         self.allocators, self.pools = self._new_pool()
+        if self.draft is not None:
+            self.draft.reset()
 
     def _step(self, outputs: list[RequestOutput]) -> None:
         self._expire(outputs)
@@ -254,40 +266,74 @@ class Engine:
         return self._speculate([(s, n) for s, n in rows if s.row is not None])  # (a preempted one: not)
 
     def _speculate(self, rows: list[tuple[EngineSequence, int]]) -> list[tuple[EngineSequence, int]]:
-        """Rows with proposals fed: each decode row's candidate tokens are proposed (and kept for its `Acceptance`
-        however the step runs), and fed where the step holds decode rows only (a prompt's step is never made
-        longer by them) and `Payoff` expects verifying them to beat plain decoding. A row whose proposal finds
-        no pages feeds none (speculation never preempts)."""
+        """Rows with proposals fed, where the step holds decode rows only (a prompt's step is never made longer by
+        them) and `Payoff` expects verifying them to beat plain decoding. Prompt lookup proposes for every decode
+        row anyway (it costs nothing; the tokens sampled tell its `Acceptance` how the proposal would have fared);
+        the draft model only for a step that verifies. A row that finds no pages for its proposals feeds none
+        (speculation never preempts)."""
         if self.speculative is None:
             return rows
-        for seq, _ in rows:
-            if seq.decoding:
-                seq.candidate, seq.source = self._proposal(seq)
-        if not any(s.candidate for s, _ in rows) or not all(s.decoding for s, _ in rows):
+        if self.draft is None:
+            for seq, _ in rows:
+                if seq.decoding:
+                    seq.candidate, seq.source = self._lookup(seq)
+            lengths = [len(s.candidate) for s, _ in rows]
+        else:
+            lengths = [self._room(s) for s, _ in rows]
+        if not all(s.decoding for s, _ in rows) or not any(lengths):
             return rows
-        expected = [s.acceptance.expected_tokens(s.source, len(s.candidate), self.acceptance.rate(s.source))
-                    for s, _ in rows]
+        expected = [s.acceptance.expected_tokens(s.source, n, self.acceptance.rate(s.source))
+                    for (s, _), n in zip(rows, lengths)]
         if self.speculative.adaptive and not self.payoff.verify(self._row_bucket(len(rows)), self.speculative.k,
                                                                 expected, 1 if self.waiting else self.decode_iters):
             return rows
-        fed = []
-        for seq, n in rows:
-            if seq.candidate:
-                try:
-                    self._reserve(seq, seq.held + 1 + len(seq.candidate))
-                    seq.proposal, n = seq.candidate, 1 + len(seq.candidate)
-                except OutOfPages:
-                    self._fit(seq, seq.held + 1)
-            fed.append((seq, n))
-        return fed
+        room = []
+        for (seq, _), k in zip(rows, lengths):
+            try:  # a draft writes K + 1 tokens past the last whatever the row's own k
+                self._reserve(seq, seq.held + 1 + (self.speculative.k if self.draft else k))
+            except OutOfPages:
+                self._fit(seq, seq.held + 1)
+                k = 0
+            room.append(k)
+        if self.draft is not None:
+            self._draft([(seq, k) for (seq, _), k in zip(rows, room) if k])
+        for (seq, _), k in zip(rows, room):
+            seq.proposal = seq.candidate if k else []
+        return [(seq, 1 + len(seq.proposal)) for seq, _ in rows]
 
-    def _proposal(self, seq: EngineSequence) -> tuple[list[int], int]:
-        """The tokens proposed to follow seq, up to its request's K, and their source: none for a scored text, or
-        where its request has room for no more than the token the step samples anyway."""
+    def _room(self, seq: EngineSequence) -> int:
+        """How many tokens seq may propose: up to its request's K (default the engine's), none for a scored text
+        or where its request has room for no more than the token the step samples anyway. A draft writes K + 1
+        tokens: none where the context has no room for them."""
         request = seq.request
         k = self.speculative.k if request.num_speculative_tokens is None else request.num_speculative_tokens
-        k = min(k, request.max_tokens - seq.generated - 1)
-        return self.speculative.propose(seq.tokens, k) if k > 0 and request.forced_ids is None else ([], 0)
+        if request.forced_ids is not None or (self.draft is not None and seq.held + 1 + self.speculative.k >
+                                              self.pages_per_seq * self.page_size):
+            return 0
+        return max(0, min(k, request.max_tokens - seq.generated - 1))
+
+    def _lookup(self, seq: EngineSequence) -> tuple[list[int], int]:
+        """Prompt lookup's proposal for seq and its source (the match's length)."""
+        k = self._room(seq)
+        return self.speculative.propose(seq.tokens, k) if k else ([], 0)
+
+    def _draft(self, rows: list[tuple[EngineSequence, int]]) -> None:
+        """The draft model's proposals (candidates) for rows (sequence, k), in block tables of the narrowest width
+        that holds what it writes; timed for the payoff, with the step that verifies them."""
+        if not rows:
+            return
+        shapes, allocator = self._shapes(), self.allocators[0]
+        need = max(-(-(s.held + 1 + self.speculative.k) // self.page_size) for s, _ in rows)
+        width = min(w for w in shapes.decode_widths if w >= need or w == self.pages_per_seq)
+        tables = np.full((len(rows), width), allocator.num_pages, np.int32)
+        for r, (seq, _) in enumerate(rows):
+            pages = allocator.pages(seq.request.request_id)[:width]
+            tables[r, :len(pages)] = pages
+        compiled, start = self.executables.count, time.perf_counter()
+        proposals = self.draft.propose(rows, tables, allocator.num_pages, shapes.tokens, self._row_bucket(len(rows)))
+        self._drafting_s = time.perf_counter() - start if self.executables.count == compiled else None
+        for (seq, _), proposal in zip(rows, proposals):
+            seq.candidate = proposal
 
     def _shape(self, rows: list[tuple[EngineSequence, int]], iters: int) -> tuple[int, int, int, int]:
         """(tokens T, rows R, table width W, longest chunk Q) of a step: decode-only steps in row buckets (T == R,
@@ -353,8 +399,9 @@ class Engine:
                               lambda: self._arguments(rows, n_tokens, n_rows, width, longest, iters))
         if result is None:
             return False
-        if self.executables.count == compiled:
-            self.payoff.record((n_tokens, n_rows, longest, iters), time.perf_counter() - start)
+        if self.executables.count == compiled and self._drafting_s is not None:  # (a draft's time: the verify's)
+            self.payoff.record((n_tokens, n_rows, longest, iters), time.perf_counter() - start + self._drafting_s)
+        self._drafting_s = 0.0
         tokens, logprobs, log_probs = result
         width = tokens.shape[1] // n_rows  # positions sampled per row
         kept_by_row: dict[int, list[int]] = {}  # the proposals each speculative row kept
@@ -377,6 +424,7 @@ class Engine:
             elif seq.candidate:  # what the step sampled tells whether the proposal it did not feed was right
                 self._accepted(seq, seq.candidate, tokens[:, (r + 1) * width - 1])
             kept_by_row[r] = kept
+            seq.draft_computed = min(seq.draft_computed, seq.computed)  # a draft's KV of rejected proposals: gone
             if self.residual:
                 seq.flushed = flushed_after(seq.flushed, seq.held, self.residual.recent, self.page_size)
             if self.prefix_caching and not seq.dropped:  # (one group then, of full tables)
@@ -630,6 +678,8 @@ class Engine:
                 ragged_step, (1,), self.params, self.pools, np.zeros(n_tokens, np.int32), meta,
                 *sampling_positions([], n_rows, verify, 1), np.int32(1), cfg=self.cfg, groups=self.group_layers,
                 iters=1, distributions=False, mesh=self.mesh)
+        if self.draft is not None:
+            self.draft.warmup(shapes.decode_rows, shapes.tokens, shapes.decode_widths, self.allocators[0].num_pages)
         if self.eviction:  # held 0 everywhere: cuts nothing
             idle = np.zeros(self.max_batch, np.int32)
             tables = np.zeros((self.max_batch, self.pages_per_seq), np.int32)

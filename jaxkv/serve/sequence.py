@@ -24,6 +24,7 @@ class EngineSequence:
         self.source = 0
         self.proposal: list[int] = []
         self.acceptance = Acceptance()
+        self.draft_computed = 0  # tokens whose KV a draft model holds (`jaxkv.serve.draft`)
         self.row: int | None = None  # its place among the running requests (where its sink keys live)
         self.order = 0  # admission order: the latest admitted is preempted first
         self.cached_tokens = 0
@@ -39,6 +40,7 @@ class EngineSequence:
         """Back to an empty cache (preempted, or its pool lost): recomputed from its tokens when admitted."""
         self.computed = self.dropped = self.flushed = 0
         self.candidate, self.proposal = [], []
+        self.draft_computed = 0
 
     @property
     def generated(self) -> int:

@@ -8,7 +8,9 @@ The K/V written for the proposals past the first rejected one is never read: the
 
 Proposers: `ngram` (prompt lookup, Saxena 2023): the longest suffix of the sequence, of n down to 1 tokens,
 found earlier in it, and the k tokens that followed its latest occurrence. It needs no model and shines when the
-output copies its context (summaries with quotes, edits, code).
+output copies its context (summaries with quotes, edits, code). `draft` (Leviathan et al. 2023): a smaller model
+sharing the target's tokenizer proposes its k greedy tokens (`jaxkv.serve.draft`); `first-N` drafts with the
+target's own first N layers (its final norm and head after them), which costs no extra weights.
 
 Verifying costs more than a decode step (k + 1 tokens per row, and no run of several decode iterations in one
 call), so it pays only when enough proposals are kept. `Payoff` decides per step from this engine's own step
@@ -19,12 +21,13 @@ where it would slow decoding down (plain continuation, large batches on a CPU).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
 from jaxkv.errors import JaxkvError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 NGRAM_MAX = 3  # the longest suffix prompt lookup matches
 DECAY = 0.9  # weight of a sequence's earlier proposals per step: about the last 10 steps count
 PRIOR = 0.5  # acceptance assumed before an engine has seen any, worth one proposed token
@@ -40,6 +43,8 @@ class Speculation:
     method: str
     k: int
     adaptive: bool = True
+    source: str | None = None  # draft: the model, as jaxkv.load takes it, or first-N
+    draft: Any = None  # draft: the loaded model (a jaxkv.api.LLM; jaxkv.load loads `source`)
 
     def propose(self, tokens: list[int], k: int) -> tuple[list[int], int]:
         """Up to k tokens proposed to follow `tokens` (none when nothing matches), and their source: proposals of
@@ -48,15 +53,20 @@ class Speculation:
 
 
 def speculation(spec: str | Speculation | None) -> Speculation | None:
-    """The policy of --speculative ngram:K, or one clear error line."""
+    """The policy of --speculative ngram:K or draft:MODEL:K, or one clear error line (the draft is loaded by
+    `jaxkv.load`)."""
     if spec is None or isinstance(spec, Speculation):
         return spec
-    method, _, k = str(spec).partition(":")
+    method, _, rest = str(spec).partition(":")
+    source, _, k = rest.rpartition(":") if method == "draft" else ("", "", rest)
     if method not in METHODS:
-        raise JaxkvError(f"speculative must be one of {', '.join(f'{m}:K' for m in METHODS)}, got {spec!r}")
+        raise JaxkvError(f"speculative must be ngram:K or draft:MODEL:K, got {spec!r}")
     if not k.isdigit() or int(k) < 1:
         raise JaxkvError(f"speculative {method} needs K, the tokens proposed per step, an integer >= 1: got {spec!r}")
-    return Speculation(method, int(k))
+    if method == "draft" and not source:
+        raise JaxkvError(f"speculative draft needs a model: draft:MODEL:K (a model as --model takes, or first-N "
+                         f"for the target's first N layers), got {spec!r}")
+    return Speculation(method, int(k), source=source or None)
 
 
 def ngram_proposal(tokens: list[int], k: int, n_max: int = NGRAM_MAX) -> tuple[list[int], int]:
