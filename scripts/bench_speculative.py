@@ -1,8 +1,8 @@
 """Speculative decoding's speed on SmolLM2-135M: tokens/s with and without each proposer, same prompts, one run.
 
-    python scripts/bench_speculative.py [--batches 1,16] [--configs plain,ngram:4,ngram:8,ngram:8-always,\\
-        draft:first-10:4] \\
-        [--new-tokens 128] [--repeats 2] [--out docs/results/speculative.md]
+    python scripts/bench_speculative.py [--batches 1,16] [--kinds copy,plain] \\
+        [--configs plain,ngram:4,ngram:8,ngram:16,ngram:8-always,draft:first-20:4] [--new-tokens 128] \\
+        [--repeats 2] [--out docs/results/speculative.md]
 
 Two kinds of prompt (chat, greedy, up to --new-tokens each, stopping at EOS):
 - copy: the answer repeats its context: a held-out Shakespeare passage to copy with one word replaced, the first
@@ -11,11 +11,12 @@ Two kinds of prompt (chat, greedy, up to --new-tokens each, stopping at EOS):
 
 Batch 1 runs one prompt of each template at a time; batch 16 runs 16 prompts in one call. Every configuration gets
 the same prompts, and every repeat new ones (other passages, names and topics), so no run finds its prompts in the
-prefix cache. Repeat 0 warms up (compiles and times the step shapes, which the adaptive payoff uses) and is not
-reported; the table gives medians over the other repeats of tokens/s (prompt and decode, compilation excluded) and
-of decode tokens/s, their ratios to plain decoding, the acceptance rate and the tokens each verifying row emitted per
-step. `-always` verifies whenever there are proposals (no payoff). Every configuration must produce plain decoding's
-tokens exactly; the script stops if one does not.
+prefix cache; configurations take turns within a repeat, so that they meet the machine's drift alike. Repeat 0
+warms up (compiles, and times the step shapes the adaptive payoff uses) and is not reported; the table gives
+medians over the other repeats of tokens/s (prompt and decode, compilation excluded) and of decode tokens/s, their
+ratios to plain decoding, the acceptance rate and the tokens each verifying row emitted per step. `-always`
+verifies whenever there are proposals (no payoff); `draft:first-N:K` drafts with SmolLM2's own first N layers.
+Every configuration must produce plain decoding's tokens exactly; the script stops if one does not.
 """
 
 from __future__ import annotations
@@ -113,37 +114,35 @@ def speculative(config: str):
     return dataclasses.replace(speculation(config.removesuffix("-always")), adaptive=not config.endswith("-always"))
 
 
-def run_config(config: str, batch: int, kind: str, repeats: int, new_tokens: int, model: str) -> dict:
-    """Time one configuration on fresh prompts per repeat; returns its medians and every repeat's tokens."""
-    llm = jaxkv.load(model, speculative=speculative(config))
-    rows, tokens = [], []
-    for repeat in range(repeats + 1):
-        prompts = PROMPTS[kind](3 if batch == 1 else batch, repeat)
-        groups = [[p] for p in prompts] if batch == 1 else [prompts]
-        totals = dict(new=0, run_s=0.0, decode_s=0.0, decode_tokens=0, proposed=0, accepted=0, verified=0,
-                      steps=0)
-        ids = []
-        for group in groups:
-            out = llm.generate(group, max_new_tokens=new_tokens, chat=True)
-            s = llm.stats
-            ids += [c.token_ids for c in out]
-            totals["new"] += s.new_tokens
-            totals["run_s"] += s.prefill_s + s.decode_s
-            totals["decode_s"] += s.decode_s
-            totals["decode_tokens"] += s.new_tokens - len(group)  # the first token of each comes with its prompt
-            for key in ("proposed", "accepted", "verified", "steps"):
-                totals[key] += getattr(s, key)
-        tokens.append(ids)
-        if repeat:
-            rows.append(totals)
-        print(f"  {config} batch {batch} {kind} repeat {repeat}: {totals['new'] / totals['run_s']:.1f} tokens/s, "
-              f"{totals['accepted']}/{totals['proposed']} kept, {totals['steps']} steps", file=sys.stderr, flush=True)
-    return {"tokens_per_s": statistics.median(r["new"] / r["run_s"] for r in rows),
-            "decode_tokens_per_s": statistics.median(r["decode_tokens"] / r["decode_s"] for r in rows),
-            "acceptance": sum(r["accepted"] for r in rows) / max(1, sum(r["proposed"] for r in rows)),
-            "tokens_per_verify": 1 + sum(r["accepted"] for r in rows) / max(1, sum(r["verified"] for r in rows)),
-            "verified_share": sum(r["verified"] for r in rows) / max(1, sum(r["steps"] for r in rows) * batch),
-            "new_tokens": sum(r["new"] for r in rows) / len(rows), "tokens": tokens}
+def timed_run(llm, batch: int, kind: str, repeat: int, new_tokens: int) -> tuple[dict, list]:
+    """One repeat of one configuration: its totals and the tokens of every prompt."""
+    prompts = PROMPTS[kind](3 if batch == 1 else batch, repeat)
+    totals = dict(new=0, run_s=0.0, decode_s=0.0, decode_tokens=0, proposed=0, accepted=0, verified=0, steps=0)
+    ids = []
+    for group in [[p] for p in prompts] if batch == 1 else [prompts]:
+        out = llm.generate(group, max_new_tokens=new_tokens, chat=True)
+        s = llm.stats
+        ids += [c.token_ids for c in out]
+        totals["new"] += s.new_tokens
+        totals["run_s"] += s.prefill_s + s.decode_s
+        totals["decode_s"] += s.decode_s
+        totals["decode_tokens"] += s.new_tokens - len(group)  # the first token of each comes with its prompt
+        for key in ("proposed", "accepted", "verified", "steps"):
+            totals[key] += getattr(s, key)
+    return totals, ids
+
+
+def summary(runs: list[dict], batch: int) -> dict:
+    """Medians of the timed repeats, and the speculation counts over all of them."""
+    def total(key):
+        return sum(r[key] for r in runs)
+
+    return {"tokens_per_s": statistics.median(r["new"] / r["run_s"] for r in runs),
+            "decode_tokens_per_s": statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs),
+            "acceptance": total("accepted") / max(1, total("proposed")),
+            "tokens_per_verify": 1 + total("accepted") / max(1, total("verified")),
+            "verified_share": total("verified") / max(1, total("steps") * batch),
+            "new_tokens": total("new") / len(runs)}
 
 
 def main() -> None:
@@ -151,25 +150,36 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--kinds", default="copy,plain")
-    parser.add_argument("--configs", default="plain,ngram:4,ngram:8,ngram:8-always")
+    parser.add_argument("--configs", default="plain,ngram:4,ngram:8,ngram:16,ngram:8-always,draft:first-20:4")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "speculative.md"))
     args = parser.parse_args()
     configs = args.configs.split(",")
-    enable_compilation_cache()  # the configurations share most step shapes: each compiles them once
     if configs[0] != "plain":
         parser.error("--configs must start with plain: every ratio is to it")
+    enable_compilation_cache()  # the configurations share most step shapes: each compiles them once
+    llms = {config: jaxkv.load(args.model, speculative=speculative(config)) for config in configs}
     results = []
     for batch in map(int, args.batches.split(",")):
         for kind in args.kinds.split(","):
-            base = None
+            runs = {config: [] for config in configs}
+            for repeat in range(args.repeats + 1):
+                for config in configs:  # interleaved, so that every configuration meets the machine's drift alike
+                    totals, ids = timed_run(llms[config], batch, kind, repeat, args.new_tokens)
+                    if config == "plain":
+                        plain_ids = ids
+                    elif ids != plain_ids:
+                        sys.exit(f"{config} at batch {batch} on {kind} prompts gave other tokens than plain decoding")
+                    if repeat:
+                        runs[config].append(totals)
+                    print(f"  {config} batch {batch} {kind} repeat {repeat}: "
+                          f"{totals['new'] / totals['run_s']:.1f} tokens/s, "
+                          f"{totals['accepted']}/{totals['proposed']} kept, {totals['steps']} steps",
+                          file=sys.stderr, flush=True)
+            base = summary(runs["plain"], batch)
             for config in configs:
-                result = run_config(config, batch, kind, args.repeats, args.new_tokens, args.model)
-                tokens = result.pop("tokens")
-                base = base or dict(result, tokens=tokens)
-                if tokens != base["tokens"]:
-                    sys.exit(f"{config} at batch {batch} on {kind} prompts gave other tokens than plain decoding")
+                result = summary(runs[config], batch)
                 results.append(dict(batch=batch, kind=kind, config=config, **result,
                                     ratio=result["tokens_per_s"] / base["tokens_per_s"],
                                     decode_ratio=result["decode_tokens_per_s"] / base["decode_tokens_per_s"]))

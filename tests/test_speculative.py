@@ -166,7 +166,8 @@ def test_acceptance_counts_kept_and_rejected_proposals_per_source():
 
 def test_payoff_verifies_when_the_expected_tokens_per_second_are_higher():
     """Verification is timed first, then plain decoding; then it verifies when tokens per second favour it, and
-    every EXPLORE-th decision tries the other option."""
+    every EXPLORE-th decision tries the other option; beside a request that does not speculate, only when that
+    request keeps 95% of its plain tokens/s."""
     payoff = Payoff()
     assert payoff.verify(4, 3, [2.0, 1.0], iters=8)
     payoff.record((16, 4, 4, 1), 0.02)  # 4 rows of 1 + 3 tokens: 20 ms
@@ -176,6 +177,9 @@ def test_payoff_verifies_when_the_expected_tokens_per_second_are_higher():
     assert all(choices[:-1]) and not choices[-1]
     choices = [payoff.verify(4, 3, [1.5, 2.0], iters=8) for _ in range(EXPLORE)]  # 1.75 in 20 ms: slower
     assert not any(choices[:-1]) and choices[-1]
+    assert not payoff.verify(4, 3, [2.5, 2.0], iters=8, bystander=True)  # it would get 1 token in 20 ms, not 2
+    payoff.record((4, 4, 1, 1), 0.0195)
+    assert payoff.verify(4, 3, [2.5, 2.0], iters=1, bystander=True)  # 1 token in 20 ms, not 19.5: within 5%
     payoff.record((16, 4, 4, 1), 0.01)  # a running mean: 0.8 x 20 + 0.2 x 10 ms
     assert payoff.seconds[(16, 4, 4, 1)] == pytest.approx(0.018)
 

@@ -267,7 +267,8 @@ class Engine:
 
     def _speculate(self, rows: list[tuple[EngineSequence, int]]) -> list[tuple[EngineSequence, int]]:
         """Rows with proposals fed, where the step holds decode rows only (a prompt's step is never made longer by
-        them) and `Payoff` expects verifying them to beat plain decoding. Prompt lookup proposes for every decode
+        them) and `Payoff` expects verifying them to beat plain decoding without slowing a request that does not
+        speculate (num_speculative_tokens 0) beside them by more than 5%. Prompt lookup proposes for every decode
         row anyway (it costs nothing; the tokens sampled tell its `Acceptance` how the proposal would have fared);
         the draft model only for a step that verifies. A row that finds no pages for its proposals feeds none
         (speculation never preempts)."""
@@ -284,8 +285,10 @@ class Engine:
             return rows
         expected = [s.acceptance.expected_tokens(s.source, n, self.acceptance.rate(s.source))
                     for (s, _), n in zip(rows, lengths)]
+        bystander = any(s.request.num_speculative_tokens == 0 for s, _ in rows)
         if self.speculative.adaptive and not self.payoff.verify(self._row_bucket(len(rows)), self.speculative.k,
-                                                                expected, 1 if self.waiting else self.decode_iters):
+                                                                expected, 1 if self.waiting else self.decode_iters,
+                                                                bystander):
             return rows
         room = []
         for (seq, _), k in zip(rows, lengths):
@@ -491,9 +494,8 @@ class Engine:
                 seq.flushed = int(kivi[1].flushed[r])
 
     def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, longest: int, iters: int) -> tuple:
-        """The host arrays of one step: packed tokens, their metadata, the sampling values, forced tokens and
-        proposals of every sampled position (each row's last token, or with speculation its last 1 + k), and
-        LCKV passes. Block tables: `width` columns in groups of full tables, the ring in the others."""
+        """The host arrays of one step: packed tokens, their metadata, the sampling values and forced tokens of
+        every sampled position (each row's last token, or with speculation its last 1 + k), and LCKV passes. Block tables: `width` columns in groups of full tables, the ring in the others."""
         tables = [np.full((n_rows, g.ring or width), a.num_pages, np.int32)  # unreserved: the scratch page
                   for g, a in zip(self.groups, self.allocators)]
         tokens = np.zeros(n_tokens, np.int32)

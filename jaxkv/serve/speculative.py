@@ -33,6 +33,7 @@ DECAY = 0.9  # weight of a sequence's earlier proposals per step: about the last
 PRIOR = 0.5  # acceptance assumed before an engine has seen any, worth one proposed token
 EXPLORE = 64  # decisions between tries of the option the payoff passed over, so that its time stays current
 SMOOTHING = 0.2  # weight of the latest call in a step time's running mean
+BYSTANDER = 0.95  # the least share of its plain tokens/s a request that does not speculate keeps beside others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +136,16 @@ class Payoff:
         last = self.seconds.get(shape)
         self.seconds[shape] = seconds if last is None else (1 - SMOOTHING) * last + SMOOTHING * seconds
 
-    def verify(self, n_rows: int, k: int, expected: list[float], iters: int) -> bool:
+    def verify(self, n_rows: int, k: int, expected: list[float], iters: int, bystander: bool = False) -> bool:
         """Whether to verify: `expected` tokens per decode row (1 for a row without proposals) from a call of
-        n_rows rows of k + 1 tokens, against `iters` tokens per row from a plain call."""
+        n_rows rows of k + 1 tokens, against `iters` tokens per row from a plain call. With a bystander (a request
+        that does not speculate) among the rows, only if its own tokens/s stays within BYSTANDER of plain's."""
         verify = self.seconds.get((n_rows * (k + 1), n_rows, k + 1, 1))
         plain = self.seconds.get((n_rows, n_rows, 1, iters))
         if verify is None or plain is None:
             return verify is None  # time verification first, then plain decoding
+        if bystander and 1 / verify < BYSTANDER * iters / plain:
+            return False
         self._decisions += 1
         faster = sum(expected) / verify > len(expected) * iters / plain
         return faster != (self._decisions % EXPLORE == 0)
