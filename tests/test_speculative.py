@@ -166,8 +166,8 @@ def test_acceptance_counts_kept_and_rejected_proposals_per_source():
 
 def test_payoff_verifies_when_the_expected_tokens_per_second_are_higher():
     """Verification is timed first, then plain decoding; then it verifies when tokens per second favour it, and
-    every EXPLORE-th decision tries the other option; beside a request that does not speculate, only when that
-    request keeps 95% of its plain tokens/s."""
+    every EXPLORE-th decision tries the other option, unless it is expected at under half the rate; beside a
+    request that does not speculate, only when that request keeps 95% of its plain tokens/s."""
     payoff = Payoff()
     assert payoff.verify(4, 3, [2.0, 1.0], iters=8)
     payoff.record((16, 4, 4, 1), 0.02)  # 4 rows of 1 + 3 tokens: 20 ms
@@ -177,6 +177,8 @@ def test_payoff_verifies_when_the_expected_tokens_per_second_are_higher():
     assert all(choices[:-1]) and not choices[-1]
     choices = [payoff.verify(4, 3, [1.5, 2.0], iters=8) for _ in range(EXPLORE)]  # 1.75 in 20 ms: slower
     assert not any(choices[:-1]) and choices[-1]
+    choices = [payoff.verify(4, 3, [1.0, 0.8], iters=8) for _ in range(EXPLORE)]  # 0.9 in 20 ms: under half
+    assert not any(choices)  # never tried again
     assert not payoff.verify(4, 3, [2.5, 2.0], iters=8, bystander=True)  # it would get 1 token in 20 ms, not 2
     payoff.record((4, 4, 1, 1), 0.0195)
     assert payoff.verify(4, 3, [2.5, 2.0], iters=1, bystander=True)  # 1 token in 20 ms, not 19.5: within 5%

@@ -124,7 +124,9 @@ class Acceptance:
 class Payoff:
     """Whether a step of decode rows should verify their proposals: when the tokens it expects per second beat
     plain decoding's, both timed on this engine (seconds per call, by step shape). Each option is tried before it
-    is judged, and the one passed over is tried again every EXPLORE decisions so that its time stays current.
+    is judged, and the one passed over is tried again every EXPLORE decisions so that its time stays current,
+    unless it was expected at less than half the other's rate (a draft that must first catch up on a long sequence
+    costs more than a try is worth).
     The choice never changes a token (`accepted`), only how fast they come."""
 
     def __init__(self):
@@ -147,8 +149,9 @@ class Payoff:
         if bystander and 1 / verify < BYSTANDER * iters / plain:
             return False
         self._decisions += 1
-        faster = sum(expected) / verify > len(expected) * iters / plain
-        return faster != (self._decisions % EXPLORE == 0)
+        speculating, plainly = sum(expected) / verify, len(expected) * iters / plain  # tokens per second
+        explore = self._decisions % EXPLORE == 0 and min(speculating, plainly) >= max(speculating, plainly) / 2
+        return (speculating > plainly) != explore
 
 
 def sampling_positions(rows, n_rows: int, verify: int, iters: int):
