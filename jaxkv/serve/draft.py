@@ -43,7 +43,7 @@ class Draft:
         if cfg.streaming_window is not None:
             raise JaxkvError("a draft model cannot use StreamingLLM")
         self.cfg, self.params, self.k = cfg, llm.params, k
-        self.page_size, self.prefill_chunk, self.max_batch = page_size, prefill_chunk, max_batch
+        self.prefill_chunk, self.max_batch = prefill_chunk, max_batch
         self.executables, self.mesh = executables, llm.mesh
         self.groups = (tuple(range(cfg.n_kv_layers)),)
         self._init = lambda: (PagePool.init(cfg, num_pages, page_size, max_batch, cfg.dtype),)
