@@ -4,6 +4,7 @@ GPU path still lowers for CUDA, every TPU path for TPU."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -39,10 +40,11 @@ def make_step(*, rows=MIXED, dtype=jnp.float32, page_size=8, head_dim=64, ratio=
 
 
 def literal(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, softcap=None, sinks=0, window=None,
-            strict=False):
+            strict=False, q_sinks=None):
     """Each query's visible tokens read one by one through its row's block table, attended in float64 (logits
-    soft-capped as Gemma 2 does: cap * tanh(logits / cap))."""
+    soft-capped as Gemma 2 does: cap * tanh(logits / cap)); the sink positions meet q_sinks when given."""
     q, tables = np.asarray(q, np.float64), np.asarray(meta.block_tables)
+    q_sinks = q if q_sinks is None else np.asarray(q_sinks, np.float64)
     k, v = np.asarray(pages.k, np.float64), np.asarray(pages.v, np.float64)
     if pages.k_scales is not None:
         k, v = k * np.asarray(pages.k_scales)[..., None], v * np.asarray(pages.v_scales)[..., None]
@@ -59,7 +61,8 @@ def literal(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, softcap=No
                     continue
                 keys = np.stack([k[h // group, tables[r, p // page_size], p % page_size] for p in seen])
                 values = np.stack([v[h // group, tables[r, p // page_size], p % page_size] for p in seen])
-                logits = keys @ q[cu[r] + i, h] * scale
+                logits = np.where(np.asarray(seen) < sinks, keys @ q_sinks[cu[r] + i, h], keys @ q[cu[r] + i, h])
+                logits = logits * scale
                 if softcap is not None:
                     logits = softcap * np.tanh(logits / softcap)
                 weights = np.exp(logits - logits.max())
@@ -152,6 +155,48 @@ def test_gpu_paths_lower_for_cuda(rows, kv):
                                                                      backend="gpu"))
     text = attend.trace(q, pages, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower() or "__gpu$xla.gpu.triton" in text, "no Triton call in the CUDA lowering"
+
+
+def sink_queries(q, meta, seed=1):
+    """Random queries for the sink keys, equal to q at each row's last query (as StreamingLLM's are)."""
+    q_sinks = jnp.asarray(np.random.default_rng(seed).standard_normal(q.shape), q.dtype)
+    last = np.asarray(meta.cu_q_lens[1:]) - 1
+    last = last[np.asarray(meta.cu_q_lens[1:] > meta.cu_q_lens[:-1])]
+    return q_sinks.at[last].set(q[last])
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_sink_queries_meet_the_sinks_in_every_backend(case, monkeypatch):
+    """StreamingLLM's rows of several queries: the sink positions meet q_sinks, the window q: the reference against
+    the literal loop, the GPU and TPU kernels (interpreted) against the reference."""
+    monkeypatch.setattr(ragged_tpu, "ragged_paged_attention", functools.partial(ragged_tpu.ragged_paged_attention,
+                                                                                block_tokens=16))
+    options, case = split_options(case)
+    q, pages, meta = make_step(**case)
+    q_sinks = sink_queries(q, meta)
+    want = jax.jit(functools.partial(ragged_paged_attention, **options, backend="reference"))(q, pages, meta,
+                                                                                             q_sinks=q_sinks)
+    np.testing.assert_allclose(np.asarray(want), literal(q, pages, meta, **options, q_sinks=q_sinks), atol=2e-5,
+                               rtol=1e-5, err_msg=f"reference != literal loop with q_sinks for {case} {options}")
+    plain = ragged_paged_attention(q, pages, meta, **options, backend="reference")
+    assert relative_error(plain, want) > 1e-2, "q_sinks changed nothing: the test cannot tell"
+    for backend in ("gpu", "tpu"):
+        got = ragged_paged_attention(q, pages, meta, **options, backend=backend, q_sinks=q_sinks,
+                                     interpret=interpret(backend) if backend == "gpu" else True)
+        assert relative_error(got, want) < 1e-5, f"{backend} kernel != reference with q_sinks for {case} {options}"
+
+
+def test_sink_queries_lower_for_cuda_and_tpu():
+    q, pages, meta = make_step(kv="int8")
+    q_sinks = sink_queries(q, meta)
+    for backend, platform in (("gpu", "cuda"), ("tpu", "tpu")):
+        attend = jax.jit(lambda q, q_sinks, pages, meta, backend=backend: ragged_paged_attention(
+            q, pages, meta, sinks=4, window=16, backend=backend, q_sinks=q_sinks))
+        chip = AbstractMesh((1,), ("chip",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                             platform="tpu"))
+        with jax.sharding.use_abstract_mesh(chip) if backend == "tpu" else contextlib.nullcontext():
+            text = attend.trace(q, q_sinks, pages, meta).lower(lowering_platforms=(platform,)).as_text()
+        assert ("triton" in text.lower()) if backend == "gpu" else "jaxkv_ragged_paged_attention_tpu" in text, backend
 
 
 def test_bad_input_raises_one_line():

@@ -39,6 +39,11 @@ def test_page_groups_follow_what_each_kv_layers_readers_see():
     streaming = ModelConfig(**LOCAL_GLOBAL, streaming_window=16)
     assert page_groups(streaming, PAGE, CHUNK, PER_SEQ) == (
         PageGroup(tuple(range(6)), streaming_pages(streaming, PAGE)),)
+    # speculative verification writes K + 1 tokens before its first query reads: the ring holds that query's window
+    # through the last token (StreamingLLM's ring counts positions modulo its tokens)
+    for k in (4, 8, 20):
+        (group,) = page_groups(streaming, PAGE, CHUNK, PER_SEQ, verify=k + 1)
+        assert (group.ring - -(-streaming.streaming_sinks // PAGE)) * PAGE >= 16 + k, k
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])

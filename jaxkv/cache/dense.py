@@ -64,11 +64,11 @@ class KVCache:
         return self.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,
-               sinks: int, softcap: float | None = None, backend: str = "auto",
-               remat: bool = False) -> tuple[jax.Array, KVCache]:
+               sinks: int, softcap: float | None = None, backend: str = "auto", remat: bool = False,
+               inv_freq=None) -> tuple[jax.Array, KVCache]:
         """q [B, T, H, Dh] at `positions` over KV layer `kv_layer` (`cached_attention`), and the cache (unchanged;
         a paged cache may keep attention scores). remat recomputes the probabilities in the backward pass instead
-        of storing them."""
+        of storing them. inv_freq (StreamingLLM's sink rotation on paged KV) does not apply here."""
         attend = functools.partial(cached_attention, strict=strict, window=window, sinks=sinks, softcap=softcap)
         attend = jax.checkpoint(attend) if remat else attend
         # every query block sees every key: with a "seq" axis this is the all-gather of K/V per layer

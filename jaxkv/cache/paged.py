@@ -190,16 +190,18 @@ class PageGroup:
         return num_pages if self.ring is None else max(self.ring, -(-num_pages * self.ring // pages_per_seq))
 
 
-def page_groups(cfg: ModelConfig, page_size: int, max_chunk: int, pages_per_seq: int) -> tuple[PageGroup, ...]:
+def page_groups(cfg: ModelConfig, page_size: int, max_chunk: int, pages_per_seq: int,
+                verify: int = 1) -> tuple[PageGroup, ...]:
     """The page groups of a model whose steps feed at most max_chunk tokens of a sequence, on tables of
     pages_per_seq columns; full tables first, then rings by size.
 
     A KV layer holds only a window's pages when every layer reading it attends within a window: the widest, w,
     decides its ring of cdiv(w + max_chunk - 1, page_size) + 1 pages (the window of a chunk's first query up to
     its last token, however they straddle pages). A ring as wide as the table gains nothing: a full table then.
-    StreamingLLM: one ring for every layer (`streaming_pages`)."""
+    StreamingLLM: one ring for every layer (`streaming_pages`), wide enough for the longest chunk that may wrap it,
+    `verify` tokens (speculative verification; a prompt ends before the ring wraps)."""
     if cfg.streaming_window is not None:
-        return (PageGroup(tuple(range(cfg.n_kv_layers)), streaming_pages(cfg, page_size)),)
+        return (PageGroup(tuple(range(cfg.n_kv_layers)), streaming_pages(cfg, page_size, verify)),)
     windows: dict[int, list] = {}
     for layer in range(cfg.n_layers):
         windows.setdefault(cfg.kv_index(layer), []).append(cfg.window(layer))
@@ -297,11 +299,13 @@ class StepMetadata:
 @struct.dataclass
 class PagedKV:
     """The pools as one step sees them: what the model writes new K/V into and attends through. pools[g] holds
-    the KV layers groups[g] lists (`page_groups`); a single pool of every KV layer is `PagedKV.whole`."""
+    the KV layers groups[g] lists (`page_groups`); a single pool of every KV layer is `PagedKV.whole`. sink_shift
+    int32 [T] (`slide_sinks`, rows of several queries): how far each query's sinks lag its row's last query's."""
 
     pools: tuple[PagePool, ...]
     meta: StepMetadata
     groups: tuple[tuple[int, ...], ...] = struct.field(pytree_node=False)
+    sink_shift: jax.Array | None = None
 
     @classmethod
     def whole(cls, pool: PagePool, meta: StepMetadata) -> PagedKV:
@@ -336,16 +340,18 @@ class PagedKV:
         return self.replace(pools=self.pools[:group] + (pool,) + self.pools[group + 1:])
 
     def attend(self, kv_layer: int, q: jax.Array, positions: jax.Array, *, strict: bool, window: int | None,
-               sinks: int, softcap: float | None = None, backend: str = "auto",
-               remat: bool = False) -> tuple[jax.Array, PagedKV]:
+               sinks: int, softcap: float | None = None, backend: str = "auto", remat: bool = False,
+               inv_freq=None) -> tuple[jax.Array, PagedKV]:
         """q [1, T, H, Dh] over every row's pages (`ragged_paged_attention`), and the cache: a pool that keeps
         scores (token eviction) adds the attention of this step's scoring queries to them. Float pages of another
-        dtype than q (bfloat16 KV under float32 compute) take q in their dtype, as a model computing in it would."""
+        dtype than q (bfloat16 KV under float32 compute) take q in their dtype, as a model computing in it would.
+        With a sink_shift the sinks meet q rotated on by it (inv_freq: the layer's RoPE)."""
         group, index = self._place(kv_layer)
         pool = self.pools[group]
-        q_in = q[0] if pool.quantized else q[0].astype(pool.k_pages.dtype)
-        out = ragged_paged_attention(q_in, pool.layer(index), self.meta.attention[group], sinks=sinks,
-                                     window=window, softcap=softcap, strict=strict, backend=backend)
+        dtype = q.dtype if pool.quantized else pool.k_pages.dtype
+        q_sinks = None if self.sink_shift is None else apply_rope(q, self.sink_shift[None], inv_freq)[0].astype(dtype)
+        out = ragged_paged_attention(q[0].astype(dtype), pool.layer(index), self.meta.attention[group], sinks=sinks,
+                                     window=window, softcap=softcap, strict=strict, backend=backend, q_sinks=q_sinks)
         if pool.scores is not None and self.meta.score_weights is not None:
             meta = jax.tree.map(jnp.asarray, self.meta)
             pool = pool.replace(scores=add_attention_scores(pool.scores, index, q[0], pool.layer(index),
@@ -379,8 +385,15 @@ class PagedKV:
     def slide_sinks(self, cfg: ModelConfig) -> PagedKV:
         """StreamingLLM's positions: once tokens between the sinks and the window are gone, the sinks must sit
         right before the window, so their keys (as written) are rotated on by the number evicted. Window keys
-        keep their own rotation: a query's distance to them is the same either way."""
+        keep their own rotation: a query's distance to them is the same either way. The keys are rotated for
+        each row's last query; an earlier query of the row (speculative verification) had fewer evicted, so it
+        meets them rotated back: its sink_shift, the difference."""
         meta, pools = jax.tree.map(jnp.asarray, self.meta), list(self.pools)
+        shift = None
+        if meta.rows.max_q_len > 1:
+            kv_lens = meta.rows.kv_lens[meta.token_rows]
+            evicted = jnp.maximum(kv_lens - cfg.streaming_window - cfg.streaming_sinks, 0)  # for the row's last
+            shift = jnp.clip(kv_lens - 1 - meta.positions, 0, evicted)
         for group, (pool, layers) in enumerate(zip(pools, self.groups)):
             if not pool.sinks:
                 continue
@@ -398,10 +411,10 @@ class PagedKV:
                 pool = pool.put(index, pages.reshape(-1), (where % pool.page_size).reshape(-1),
                                 k=rotated.reshape(n_rows * sinks, *rotated.shape[2:]))
             pools[group] = pool
-        return self.replace(pools=tuple(pools))
+        return self.replace(pools=tuple(pools), sink_shift=shift)
 
 
-def streaming_pages(cfg: ModelConfig, page_size: int) -> int:
-    """Pages per sequence under StreamingLLM: the sink pages, then a ring that holds the window
-    however it straddles pages (cdiv(window, page_size) + 1)."""
-    return -(-cfg.attention_sinks // page_size) + -(-cfg.streaming_window // page_size) + 1
+def streaming_pages(cfg: ModelConfig, page_size: int, chunk: int = 1) -> int:
+    """Pages per sequence under StreamingLLM: the sink pages, then a ring that holds the window of a chunk's first
+    query through its last token however they straddle pages (cdiv(window + chunk - 1, page_size) + 1)."""
+    return -(-cfg.attention_sinks // page_size) + -(-(cfg.streaming_window + chunk - 1) // page_size) + 1

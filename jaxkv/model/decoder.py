@@ -89,7 +89,7 @@ class Attention(nn.Module):
             kv = kv.write(kv_layer, k, v, positions, n_new)
         out, kv = kv.attend(kv_layer, q, positions, strict=cfg.kv_sources[self.layer] > self.layer,
                             window=cfg.window(self.layer), sinks=cfg.attention_sinks, softcap=cfg.attn_softcap,
-                            backend=cfg.attention_backend, remat=self.remat)
+                            backend=cfg.attention_backend, remat=self.remat, inv_freq=inv_freq)
         out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1), bias=cfg.o_bias)(out)
         return out, kv
 

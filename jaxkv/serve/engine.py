@@ -93,7 +93,7 @@ class Engine:
         H2O or SnapKV (`jaxkv.cache.eviction.eviction_policy`). Eviction and KIVI dtypes are not for sliding
         windows or StreamingLLM, and make decode_iters 1 (a decode step may evict or flush). speculative: decode
         rows propose tokens and verify them in steps of decode rows, where that pays (`jaxkv.serve.speculative`);
-        not with StreamingLLM, eviction or KIVI yet."""
+        not with eviction or KIVI yet, nor a draft model with StreamingLLM."""
         cfg = llm.config
         if max_context is not None and not 1 < max_context <= cfg.max_seq_len:
             raise JaxkvError(f"max_context must be in [2, {cfg.max_seq_len}], got {max_context}")
@@ -117,15 +117,18 @@ class Engine:
         if what and (self.streaming or any(cfg.window(layer) is not None for layer in range(cfg.n_layers))):
             raise JaxkvError(f"{what} needs every layer to attend to the whole sequence: not with StreamingLLM "
                              "or sliding-window layers")
-        other = "StreamingLLM" if self.streaming else what
-        if speculative and other:
-            raise JaxkvError(f"speculative decoding does not compose with {other} yet")
-        self.speculative, self.payoff, self.acceptance = speculative, Payoff(), Acceptance()
-        self.pages_per_seq = streaming_pages(cfg, page_size) if self.streaming else -(-max_context // page_size)
-        num_pages = num_pages or max_batch * self.pages_per_seq
-        most_fed = max(prefill_chunk, decode_iters, 1 + speculative.k if speculative else 1)  # per row and step
-        self.groups = page_groups(cfg, page_size, most_fed, self.pages_per_seq)
         drafting = speculative is not None and speculative.method == "draft"
+        other = what or ("StreamingLLM" if self.streaming and drafting else None)
+        if speculative and other:
+            raise JaxkvError(f"speculative {'draft models do' if drafting else 'decoding does'} not compose with "
+                             f"{other} yet")
+        self.speculative, self.payoff, self.acceptance = speculative, Payoff(), Acceptance()
+        verify = 1 + speculative.k if speculative else 1  # the most tokens of a row a verification step feeds
+        self.pages_per_seq = (streaming_pages(cfg, page_size, verify) if self.streaming
+                              else -(-max_context // page_size))
+        num_pages = num_pages or max_batch * self.pages_per_seq
+        most_fed = max(prefill_chunk, decode_iters, verify)  # per row and step
+        self.groups = page_groups(cfg, page_size, most_fed, self.pages_per_seq, verify)
         if (not window_pages or drafting) and not self.streaming:  # a draft's KV sits at its sequence's page ids
             self.groups = (PageGroup(tuple(range(cfg.n_kv_layers))),)
         self.group_layers = tuple(g.kv_layers for g in self.groups)
@@ -495,7 +498,8 @@ class Engine:
 
     def _arguments(self, rows, n_tokens: int, n_rows: int, width: int, longest: int, iters: int) -> tuple:
         """The host arrays of one step: packed tokens, their metadata, the sampling values and forced tokens of
-        every sampled position (each row's last token, or with speculation its last 1 + k), and LCKV passes. Block tables: `width` columns in groups of full tables, the ring in the others."""
+        every sampled position (each row's last token, or with speculation its last 1 + k), and LCKV passes. Block
+        tables: `width` columns in groups of full tables, the ring in the others."""
         tables = [np.full((n_rows, g.ring or width), a.num_pages, np.int32)  # unreserved: the scratch page
                   for g, a in zip(self.groups, self.allocators)]
         tokens = np.zeros(n_tokens, np.int32)
@@ -621,7 +625,10 @@ class Engine:
             allocator.reserve(seq.request.request_id, self._group_tokens(group, length))
 
     def _fit(self, seq: EngineSequence, length: int) -> None:
-        """seq now holds `length` tokens: every group gives back its pages past them."""
+        """seq now holds `length` tokens: every group gives back its pages past them (StreamingLLM's ring stays
+        whole: it is reserved at admission)."""
+        if self.streaming:
+            return
         for group, allocator in zip(self.groups, self.allocators):
             allocator.truncate(seq.request.request_id, self._group_tokens(group, length))
 

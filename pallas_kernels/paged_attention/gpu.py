@@ -75,17 +75,20 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap,
 
 
 def attend_pages(carry, q, k_ref, v_ref, k_scales_ref, v_scales_ref, pages, keep, *, scale, softcap, compute_dtype,
-                 used=None):
+                 used=None, sinks=None):
     """One online-softmax step of the rows q [R, Dh] over the pool pages `pages` (block_k tokens together):
     carry (acc [R, Dh], max [R], sum [R]) in float32; keep [R or 1, block_k] masks the logits; int8/fp8 scales
     (refs or None) apply to the logits and to p, int4 and KIVI pages are dequantized as they load. `used`
     [block_k], when given, zeroes V (and its scales) where no row looks, so stale or NaN places of a loaded page
-    cannot reach the output through 0 * NaN."""
+    cannot reach the output through 0 * NaN. sinks: (q_sinks [R, Dh], is_sink [block_k]): the sink tokens meet
+    q_sinks instead of q (StreamingLLM's rows of several queries)."""
     acc, m, l = carry
     block_k, head_dim = keep.shape[-1], q.shape[-1]
     per_token = k_scales_ref is not None and k_ref.dtype != jnp.uint8  # int4, KIVI: _load_tokens applies scales
     k = _load_tokens(k_ref, k_scales_ref, pages, block_k, head_dim, keys=True).astype(compute_dtype)
     logits = plgpu.dot(q, k, trans_b=True)  # [R, block_k] float32
+    if sinks is not None:
+        logits = jnp.where(sinks[1][None, :], plgpu.dot(sinks[0], k, trans_b=True), logits)
     if per_token:
         logits *= k_scales_ref[pages].reshape(1, block_k)
     logits = jnp.where(keep, soft_cap(logits * scale, softcap), MASKED)

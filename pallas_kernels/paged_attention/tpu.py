@@ -66,7 +66,7 @@ def hbm_pools(k_pages, v_pages, k_scales, v_scales, recent, name):
 
 
 def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop, n_sink, window_first, keep, scale,
-                 softcap, sinks, pages_per_seq, flushed=None):
+                 softcap, sinks, pages_per_seq, flushed=None, q_sinks=None):
     """Online softmax of the rows q [R, Dh] over logical pages start..stop-1 of sequence `seq`'s table, in blocks of
     the buffers' pages; returns float32 (acc [R, Dh], max [R, 1], sum [R, 1]). Shared by the decode and the ragged
     kernels: they differ only in which pages they walk and in keep(positions [1, block_k]) -> [R or 1, block_k].
@@ -78,7 +78,8 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
     int4 pools (uint8 bytes [.., S, Dh / 2], scales [.., S, Dh / INT4_GROUP]) are copied packed and dequantized
     in VMEM (`_dequantized_int4`), as are KIVI ones (`_dequantized_kivi`). With KIVI's residual, flushed is the
     sequence's flushed count: a page before it is read from the quantized pools, one from it on from the ring pages
-    the same table entry names (clipped into each array, as the reference gathers).
+    the same table entry names (clipped into each array, as the reference gathers). q_sinks [R, Dh]: the rows the
+    sink positions meet instead of q (StreamingLLM's rows of several queries; both products run on every block).
     """
     quantized = len(pools) >= 4
     kivi = quantized and is_kivi(pools[2])
@@ -170,6 +171,9 @@ def attend_pages(q, pools, buffers, sems, tables_ref, *, seq, head, start, stop,
 
         k, k_scales = block_values(0, half, from_pool)
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if q_sinks is not None:
+            logits = jnp.where(positions < sinks, jax.lax.dot_general(
+                q_sinks, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32), logits)
         if k_scales is not None:
             logits *= k_scales
         logits = jnp.where(seen, soft_cap(logits * scale, softcap), MASKED)

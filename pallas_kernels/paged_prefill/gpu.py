@@ -5,7 +5,8 @@ sequences; the grid has a static upper bound on their number (cdiv(T, block_q) +
 the programs past the last real block write nothing. A program takes its block's queries for every q head of one
 KV head's group together ([block_q * padded group, Dh] rows, so Triton's dot sees >= 16 rows) and loops only
 over the pages some of its queries can see: the sink pages, then the pages from the window start of its first
-query (page 0 without a window) up to the page of its last query. With KIVI's recent pages a sequence's pages
+query (page 0 without a window) up to the page of its last query. With q_sinks (StreamingLLM) the blocks that hold
+sink pages take the sink tokens' logits from q_sinks. With KIVI's recent pages a sequence's pages
 before flushed // page_size come from the quantized pool, the rest from the float recent pages, in two loops.
 """
 
@@ -28,12 +29,13 @@ _BLOCK_TOKENS = 64  # KV tokens per loop step: Triton's dot wants every dimensio
 
 
 def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, sinks, window, pages_per_seq,
-            pages_per_block, group, block_rows, quantized, ring):
+            pages_per_block, group, block_rows, quantized, ring, sink_queries):
     """One (query block, KV head): the block's rows attend over the logical pages 0..n_visible-1 (the sink pages,
     then the window's or causal prefix's pages), so pages no query of the block can see are never loaded. `ring`:
-    KIVI's flushed counts [B] and float pages k/v_recent follow the scales."""
+    KIVI's flushed counts [B] and float pages k/v_recent follow the scales; `sink_queries`: q_sinks, last."""
     k_scales_ref, v_scales_ref, *refs = refs if quantized else (None, None, *refs)
-    flushed_ref, k_recent_ref, v_recent_ref, o_ref = refs if ring else (None, None, None, *refs)
+    flushed_ref, k_recent_ref, v_recent_ref, *refs = refs if ring else (None, None, None, *refs)
+    q_sinks_ref, o_ref = refs if sink_queries else (None, *refs)
     page_size = k_ref.shape[1]
     head_dim = q_ref.shape[-1]
     block_k = pages_per_block * page_size
@@ -55,8 +57,8 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, si
 
     def attend(carry, lo, hi, pool):
         """The online softmax over the logical pages lo..hi-1 (lo a multiple of pages_per_block), read from
-        pool = (k, v, k_scales, v_scales) refs."""
-        def body(i, carry):
+        pool = (k, v, k_scales, v_scales) refs; with q_sinks the blocks of sink pages first, apart."""
+        def body(i, carry, with_sinks=False):
             logical = i * pages_per_block + jnp.arange(pages_per_block)
             page = jnp.where(logical < n_sink, logical, logical - n_sink + window_first)  # position // page_size
             column = table_column(page, pages_per_seq, sinks, page_size)  # past the table: the window's ring
@@ -67,10 +69,16 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, si
             # and the window) may hold anything, NaN included, so it is zeroed before it meets V
             used = in_range & visible(positions, last_pos + 1, sinks, block_window)
             keep = visible(positions[None, :], q_pos[:, None] + 1, sinks, window) & real[:, None] & used[None, :]
+            q_sinks = (q_sinks_ref[pl.ds(first * group, block_rows), :], positions < sinks) if with_sinks else None
             return attend_pages(carry, q, *pool, pages, keep, scale=scale, softcap=softcap,
-                                compute_dtype=compute_dtype, used=used)
+                                compute_dtype=compute_dtype, used=used, sinks=q_sinks)
 
-        return jax.lax.fori_loop(lo // pages_per_block, pl.cdiv(hi, pages_per_block), body, carry)
+        start, stop = lo // pages_per_block, pl.cdiv(hi, pages_per_block)
+        if q_sinks_ref is not None:
+            sink_stop = jnp.clip(pl.cdiv(n_sink, pages_per_block), start, stop)
+            carry = jax.lax.fori_loop(start, sink_stop, functools.partial(body, with_sinks=True), carry)
+            start = sink_stop
+        return jax.lax.fori_loop(start, stop, body, carry)
 
     init = (jnp.zeros((block_rows, head_dim), jnp.float32), jnp.full((block_rows,), MASKED, jnp.float32),
             jnp.zeros((block_rows,), jnp.float32))
@@ -90,8 +98,9 @@ def _kernel(info_ref, tables_ref, q_ref, k_ref, v_ref, *refs, scale, softcap, si
                                              "block_tokens"))
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales, v_scales, scale,
                             softcap, sinks, window, interpret, block_q=None, block_tokens=_BLOCK_TOKENS,
-                            recent=None):
-    """The Triton kernel over (query block, KV head); block_q (queries per program) defaults to fill 64 rows."""
+                            recent=None, q_sinks=None):
+    """The Triton kernel over (query block, KV head); block_q (queries per program) defaults to fill 64 rows.
+    q_sinks: as q, the queries the sink tokens meet (`pallas_kernels.ragged_paged_attention`)."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv, n_pages, page_size, _ = k_pages.shape
     batch, pages_per_seq = block_tables.shape
@@ -120,9 +129,12 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     cu_q_lens = jnp.clip(cu_q_lens, 0, n_tokens)  # keeps every block inside q, whatever cu_q_lens holds
     plan = block_plan(cu_q_lens, lengths, n_blocks, block_q)
     # [K, (T + block_q) * padded group, Dh]: a block's rows are contiguous; block_q spare rows keep reads in bounds
-    qg = q.reshape(n_tokens, n_kv, group, head_dim).transpose(1, 0, 2, 3)
-    qg = jnp.pad(qg, ((0, 0), (0, block_q), (0, padded_group - group), (0, 0)))
-    qg = qg.reshape(n_kv, (n_tokens + block_q) * padded_group, head_dim)
+    def rows(q):
+        q = q.reshape(n_tokens, n_kv, group, head_dim).transpose(1, 0, 2, 3)
+        q = jnp.pad(q, ((0, 0), (0, block_q), (0, padded_group - group), (0, 0)))
+        return q.reshape(n_kv, (n_tokens + block_q) * padded_group, head_dim)
+
+    qg = rows(q)
 
     rows_spec = pl.BlockSpec((None, qg.shape[1], head_dim), lambda j, h: (h, 0, 0))
     pool_spec = kv_head_spec(k_pages)  # int4: Dh / 2 bytes a vector, KIVI Dh x bits / 8
@@ -138,9 +150,13 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     if recent is not None:
         in_specs += [pl.BlockSpec((batch,), lambda j, h: (0,)), kv_head_spec(recent.k), kv_head_spec(recent.v)]
         args += [recent.flushed, recent.k, recent.v]
+    if q_sinks is not None:
+        in_specs.append(rows_spec)
+        args.append(rows(q_sinks))
     kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,
                                pages_per_seq=pages_per_seq, pages_per_block=pages_per_block, group=padded_group,
-                               block_rows=block_rows, quantized=quantized, ring=recent is not None)
+                               block_rows=block_rows, quantized=quantized, ring=recent is not None,
+                               sink_queries=q_sinks is not None)
     out = pl.pallas_call(
         kernel,
         grid=(n_blocks, n_kv),

@@ -63,15 +63,17 @@ class PoolLayer:
 
 def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, softcap: float | None = None,
                            sinks: int = 0, window: int | None = None, strict: bool = False, backend: str = "auto",
-                           interpret: bool = False):
+                           interpret: bool = False, q_sinks=None):
     """Causal attention of every packed query [T, H, Dh] over its row's pages; returns [T, H, Dh] in q.dtype.
 
     With a window only the first `sinks` positions and the last `window` up to the query are visible. strict:
     a query sees the positions strictly before its own (LCKV's upward source, whose KV of the current token is
     not known yet); one that sees nothing gives zeros. GQA maps query head h to KV head h // (H // K); the
-    softmax runs in float32; softcap caps the scaled logits (Gemma 2). backend: "reference", "gpu", "tpu" or "auto"
-    (the platform's kernel, else the reference); interpret=True runs a kernel on CPU. Under a mesh a kernel runs
-    per shard of the heads.
+    softmax runs in float32; softcap caps the scaled logits (Gemma 2). q_sinks [T, H, Dh] (with a window): the
+    queries the sink keys meet, each row's last one equal to q (StreamingLLM rotates a row's sinks for its last
+    query: `jaxkv.cache.paged.PagedKV.slide_sinks`; the row's earlier queries see them rotated back). backend:
+    "reference", "gpu", "tpu" or "auto" (the platform's kernel, else the reference); interpret=True runs a kernel on
+    CPU. Under a mesh a kernel runs per shard of the heads.
     """
     check = checker("ragged_paged_attention")
     meta = jax.tree.map(jnp.asarray, meta)  # host arrays (a step built outside jit) index like traced ones
@@ -82,6 +84,8 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
           f"cu_q_lens must be int32 [rows + 1] = [{meta.kv_lens.shape[0] + 1}], got {meta.cu_q_lens.dtype} "
           f"{meta.cu_q_lens.shape}")
     check(meta.max_q_len >= 1, f"max_q_len must be >= 1, got {meta.max_q_len}")
+    check(q_sinks is None or (q_sinks.shape == q.shape and window is not None),
+          f"q_sinks must be shaped as q {q.shape}, with a window, got {None if q_sinks is None else q_sinks.shape}")
     recent = None
     if pages.k_recent is not None or meta.flushed is not None:
         check(pages.k_recent is not None and pages.v_recent is not None and meta.flushed is not None,
@@ -104,10 +108,11 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
     options = dict(k_scales=pages.k_scales, v_scales=pages.v_scales, sinks=sinks, window=window, softcap=softcap,
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
     if backend == "reference":
-        return reference.ragged_paged_attention(q, pages.k, pages.v, meta, recent=recent, **options)
+        return reference.ragged_paged_attention(q, pages.k, pages.v, meta, recent=recent, q_sinks=q_sinks, **options)
     lengths = jnp.maximum(meta.kv_lens, 0)
-    # Every row one query: the decode kernel, on each row's query. On TPU it beats the ragged kernel there: a
-    # program has `group` rows, not block_q * group mostly empty ones, and long sequences split over 2 programs.
+    # Every row one query: the decode kernel, on each row's query (q_sinks is q there). On TPU it beats the ragged
+    # kernel there: a program has `group` rows, not block_q * group mostly empty ones, and long sequences split over
+    # 2 programs.
     if meta.max_q_len == 1:
         kernel = decode_gpu.paged_attention if backend == "gpu" else decode_tpu.paged_attention
         rows, real = reference.last_queries(meta.cu_q_lens, q.shape[0])
@@ -117,7 +122,7 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
     kernel = (prefill_gpu.paged_prefill_attention if backend == "gpu"
               else functools.partial(ragged_tpu.ragged_paged_attention, max_q_len=meta.max_q_len))
     return per_shard(kernel, q, pages.k, pages.v, meta.block_tables, lengths, meta.cu_q_lens, interpret=interpret,
-                     rows_are_sequences=False, recent=recent, **options)
+                     rows_are_sequences=False, recent=recent, q_sinks=q_sinks, **options)
 
 
 __all__ = ["PoolLayer", "RaggedMetadata", "ragged_paged_attention"]

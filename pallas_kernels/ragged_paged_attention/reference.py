@@ -19,7 +19,7 @@ def last_queries(cu_q_lens: jax.Array, n_tokens: int) -> tuple[jax.Array, jax.Ar
 
 
 def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, scale, softcap, sinks, window,
-                           recent: decode.Recent | None = None):
+                           recent: decode.Recent | None = None, q_sinks=None):
     """q [T, H, Dh] packed rows over their pages; see `pallas_kernels.ragged_paged_attention`."""
     n_tokens = q.shape[0]
     if n_tokens == 0 or meta.kv_lens.shape[0] == 0:
@@ -36,6 +36,7 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
     chunked = q_lens > 1
     rows = jnp.nonzero(chunked, size=q_lens.shape[0], fill_value=0)[0]
     q = jnp.pad(q, ((0, width), (0, 0), (0, 0)))  # a chunk's slice never runs past the end (no clamping)
+    q_sinks = None if q_sinks is None else jnp.pad(q_sinks, ((0, width), (0, 0), (0, 0)))
 
     def one_chunk(i, out):
         row = rows[i]
@@ -44,7 +45,9 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
         chunk = _chunk_attention(jax.lax.dynamic_slice_in_dim(q, start, width), positions, n_q, k_pages, v_pages,
                                  k_scales, v_scales, meta.block_tables[row], scale=scale, softcap=softcap, sinks=sinks,
                                  window=window, recent=None if recent is None else recent._replace(
-                                     flushed=recent.flushed[row][None]))
+                                     flushed=recent.flushed[row][None]),
+                                 q_sinks=None if q_sinks is None else jax.lax.dynamic_slice_in_dim(q_sinks, start,
+                                                                                                   width))
         mine = (jnp.arange(width) < n_q)[:, None, None]
         return jax.lax.dynamic_update_slice_in_dim(
             out, jnp.where(mine, chunk, jax.lax.dynamic_slice_in_dim(out, start, width)), start, 0)
@@ -54,8 +57,9 @@ def ragged_paged_attention(q, k_pages, v_pages, meta, *, k_scales, v_scales, sca
 
 
 def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, table, *, scale, softcap, sinks,
-                     window, recent):
-    """One row's chunk q [C, H, Dh] at `positions` [C] (the first n_q real) over its pages, read once."""
+                     window, recent, q_sinks=None):
+    """One row's chunk q [C, H, Dh] at `positions` [C] (the first n_q real) over its pages, read once; the sink
+    keys meet q_sinks [C, H, Dh] when given."""
     n_kv, _, page_size, _ = k_pages.shape
     head_dim = q.shape[-1]
     width = q.shape[0]
@@ -69,8 +73,14 @@ def _chunk_attention(q, positions, n_q, k_pages, v_pages, k_scales, v_scales, ta
                              recent=None if recent is None else recent.k, **ring)[:, 0]  # [K, C', Dh]
     v = decode.gather_tokens(v_pages, v_scales, table[None], keys[None], sinks, window,
                              recent=None if recent is None else recent.v, **ring)[:, 0]
-    qg = q.astype(jnp.float32).reshape(width, n_kv, -1, head_dim).transpose(1, 2, 0, 3)  # [K, G, C, Dh]
-    logits = decode.soft_cap(jnp.einsum("kgcd,ksd->kgcs", qg, k) * scale, softcap)
+    def grouped(q):  # [K, G, C, Dh]
+        return q.astype(jnp.float32).reshape(width, n_kv, -1, head_dim).transpose(1, 2, 0, 3)
+
+    logits = jnp.einsum("kgcd,ksd->kgcs", grouped(q), k)
+    if q_sinks is not None and window is not None:  # the first `sinks` keys are the sinks
+        logits = jnp.concatenate([jnp.einsum("kgcd,ksd->kgcs", grouped(q_sinks), k[:, :sinks]),
+                                  logits[..., sinks:]], axis=-1)
+    logits = decode.soft_cap(logits * scale, softcap)
     seen = (jnp.arange(width) < n_q)[:, None] & decode.visible(keys[None, :], positions[:, None] + 1, sinks, window)
     logits = jnp.where(seen, logits, decode.MASKED)
     probs = jax.nn.softmax(logits, axis=-1) * seen  # a query that sees nothing: zeros

@@ -26,11 +26,14 @@ _BLOCK_TOKENS = 128  # KV tokens per loop step, as in the decode kernel
 _MAX_BLOCK_Q = 32  # queries per program at most: block_q * group rows of logits [rows, 128] stay small in VMEM
 
 
-def _kernel(plan_ref, tables_ref, *refs, scale, softcap, sinks, window, pages_per_seq, block_q, n_pools):
+def _kernel(plan_ref, tables_ref, *refs, scale, softcap, sinks, window, pages_per_seq, block_q, n_pools,
+            sink_queries):
     """One (query block, KV head): the block's rows (head g of the group, query i at row g * block_q + i)
     attend over the pages the block can see; rows past its real queries (and empty blocks) see nothing. With
-    KIVI's residual (n_pools 6) a third scalar-prefetched array, the rows' flushed counts, precedes q."""
+    KIVI's residual (n_pools 6) a third scalar-prefetched array, the rows' flushed counts, precedes q;
+    `sink_queries`: q_sinks' tile follows q's."""
     flushed_ref, (q_ref, *refs) = (refs[0], refs[1:]) if n_pools == 6 else (None, refs)
+    q_sinks_ref, *refs = refs if sink_queries else (None, *refs)
     pools, o_ref, buffers, sems = refs[:n_pools], refs[n_pools], refs[n_pools + 1:-1], refs[-1]
     page_size = pools[0].shape[2]
     block = pl.program_id(0)
@@ -45,7 +48,8 @@ def _kernel(plan_ref, tables_ref, *refs, scale, softcap, sinks, window, pages_pe
     acc, _, l = attend_pages(q_ref[...], pools, buffers, sems, tables_ref, seq=row, head=pl.program_id(1), start=0,
                              stop=n_visible, n_sink=n_sink, window_first=window_first, keep=keep, scale=scale,
                              softcap=softcap, sinks=sinks, pages_per_seq=pages_per_seq,
-                             flushed=None if flushed_ref is None else flushed_ref[row])
+                             flushed=None if flushed_ref is None else flushed_ref[row],
+                             q_sinks=None if q_sinks_ref is None else q_sinks_ref[...])
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)  # a query that sees nothing: zeros
 
 
@@ -53,14 +57,14 @@ def _kernel(plan_ref, tables_ref, *refs, scale, softcap, sinks, window, pages_pe
                                              "block_tokens"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, *, k_scales, v_scales, scale, softcap,
                            sinks, window, interpret, max_q_len=None, block_q=None, block_tokens=_BLOCK_TOKENS,
-                           recent=None):
+                           recent=None, q_sinks=None):
     """The TPU kernel over (query block, KV head) for q [T, H, Dh] packed by cu_q_lens [R + 1]; see the package.
 
     block_q (a power of two) defaults to max_q_len rounded up, between 8 (whole sublane tiles) and 32: a decode
     row still fills a block of its own. block_q and block_tokens are tuning knobs the tests shrink so tiny
     inputs run several blocks per row and double-buffered KV blocks. interpret=True runs the kernel on CPU in
     Pallas' TPU interpret mode (which reads uninitialized VMEM as NaN, so stray reads show). recent: KIVI's residual
-    (`reference.Recent`), its flushed counts one per row.
+    (`reference.Recent`), its flushed counts one per row. q_sinks: as q, the queries the sink tokens meet.
     """
     n_tokens, n_heads, head_dim = q.shape
     n_kv, _, page_size, _ = k_pages.shape
@@ -83,15 +87,19 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens
     plan = block_plan(cu_q_lens, lengths, n_blocks, block_q)  # per block: row, first token, real queries, position
     first = jnp.where(plan[:, 2] > 0, plan[:, 1], n_tokens)  # real blocks in token order, then the empty ones
     tokens = jnp.minimum(first[:, None] + jnp.arange(block_q), n_tokens - 1)
-    # [blocks, K, G * block_q, Dh]: row g * block_q + i is query i of the block, q head (KV head) * G + g
-    qb = q[tokens].reshape(n_blocks, block_q, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
-    qb = qb.reshape(n_blocks, n_kv, group * block_q, head_dim)
+    def tiles(q):  # [blocks, K, G * block_q, Dh]: row g * block_q + i is query i of the block, q head (KV head) * G + g
+        q = q[tokens].reshape(n_blocks, block_q, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
+        return q.reshape(n_blocks, n_kv, group * block_q, head_dim)
+
+    qb = tiles(q)
+    queries = [qb] if q_sinks is None else [qb, tiles(q_sinks)]
 
     pools = hbm_pools(k_pages, v_pages, k_scales, v_scales, recent, "ragged_paged_attention")
     buffers = [pltpu.VMEM((2, pages_per_block, *pool.shape[2:]), pool.dtype) for pool in pools]
     tile = pl.BlockSpec((None, None, group * block_q, head_dim), lambda j, h, *_: (j, h, 0, 0))
     kernel = functools.partial(_kernel, scale=scale, softcap=softcap, sinks=sinks, window=window,
-                               pages_per_seq=pages_per_seq, block_q=block_q, n_pools=len(pools))
+                               pages_per_seq=pages_per_seq, block_q=block_q, n_pools=len(pools),
+                               sink_queries=q_sinks is not None)
     # in SMEM: the flattened block plan and block tables (1-D: 2-D SMEM pads) [, the residual's flushed counts]
     prefetch = [plan.reshape(-1), block_tables.reshape(-1)] + ([recent.flushed] if recent is not None else [])
     out = pl.pallas_call(
@@ -99,7 +107,7 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
             grid=(n_blocks, n_kv),
-            in_specs=[tile, *[pl.BlockSpec(memory_space=pl.ANY)] * len(pools)],
+            in_specs=[tile] * len(queries) + [pl.BlockSpec(memory_space=pl.ANY)] * len(pools),
             out_specs=tile,
             scratch_shapes=[*buffers, pltpu.SemaphoreType.DMA((2,))],
         ),
@@ -107,7 +115,7 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_lens
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="jaxkv_ragged_paged_attention_tpu",
-    )(*prefetch, qb, *pools)
+    )(*prefetch, *queries, *pools)
 
     out = out.reshape(n_blocks, n_kv, group, block_q, head_dim).transpose(0, 3, 1, 2, 4)
     out = out.reshape(n_blocks * block_q, n_heads, head_dim)
