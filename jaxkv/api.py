@@ -25,7 +25,7 @@ from jaxkv.errors import InvalidRequest, JaxkvError
 from jaxkv.generate.sampling import SamplingParams
 from jaxkv.model.decoder import shard_params
 from jaxkv.parallel.mesh import make_mesh
-from jaxkv.serve.compiled import Executables, bucket
+from jaxkv.serve.compiled import Executables, bucket, enable_compilation_cache
 from jaxkv.serve.engine import Engine
 from jaxkv.serve.requests import Limits, Request
 from jaxkv.serve.speculative import Speculation, speculation
@@ -211,7 +211,11 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, kv_dtype: 
     (SnapKV: its observation window), the first eviction_sinks and the most attended others
     (`jaxkv.cache.eviction`). kv_recent: the last tokens KIVI keeps in float (128). speculative "ngram:K": decoding
     proposes up to K tokens by prompt lookup and verifies them in one step (`jaxkv.serve.speculative`); "draft:MODEL:K"
-    proposes them with a draft model (any model this function loads, or first-N: this model's first N layers)."""
+    proposes them with a draft model (any model this function loads, or first-N: this model's first N layers).
+
+    Loading turns on the compilation cache (`jaxkv.serve.compiled.enable_compilation_cache`): what this process
+    compiles, the next one loads. JAXKV_COMPILATION_CACHE=0 keeps it off."""
+    enable_compilation_cache()
     policy = eviction_policy(eviction, kv_budget, eviction_window, eviction_sinks)  # fails before weights load
     proposer = speculation(speculative)
     if dtype is not None:

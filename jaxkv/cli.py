@@ -167,6 +167,8 @@ def _plan(args) -> None:
     if args.kv_sharing:
         shared = with_sharing(base, args.kv_sharing)
         rows[args.kv_sharing] = plan(shared, args.context, args.batch, args.kv_dtype, memory)
+    if args.plot:
+        _plan_plot(args, base, shared if args.kv_sharing else None, memory)
     if args.json:
         print(json.dumps({"model": base.name, "context": args.context, "batch": args.batch, "memory": memory,
                           "plans": rows}))
@@ -189,6 +191,32 @@ def _plan(args) -> None:
         print(f"kv_sources: {to_string(shared.kv_sources, shared.window_layers)}")
 
 
+def _plan_plot(args, base, shared, memory) -> None:
+    """The plan's figure (`jaxkv.plan.plot_plan`): the baseline in the model's KV dtype, and what the flags chose."""
+    from jaxkv.errors import JaxkvError
+    from jaxkv.plan import plot_plan
+
+    chosen = args.kv_dtype or base.dtype
+    variants = {f"baseline ({base.dtype} KV)": (base, None)}
+    if args.kv_dtype and args.kv_dtype != base.dtype:
+        variants[f"baseline ({chosen} KV)"] = (base, args.kv_dtype)
+    if shared is not None:
+        variants[f"{args.kv_sharing} ({chosen} KV)"] = (shared, args.kv_dtype)
+    figure = plot_plan(variants, args.context, memory)
+    try:
+        figure.savefig(args.plot, dpi=120)
+    except (OSError, ValueError) as e:  # a missing folder, an unknown extension
+        raise JaxkvError(f"cannot write the plot to {args.plot}: {e}") from None
+    print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _env(args) -> None:
+    from jaxkv.env import environment, format_environment
+
+    env = environment()
+    print(json.dumps(env, indent=2) if args.json else format_environment(env))
+
+
 def _train(args) -> None:
     from jaxkv.train import train
 
@@ -202,7 +230,10 @@ MESH_HELP = "shard over devices, e.g. data=2,model=4 (axes data, fsdp, seq, mode
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxkv.env import version
+
     parser = _Parser(prog="jaxkv", description="JAX LLM inference where the KV cache is the limit.")
+    parser.add_argument("--version", action="version", version=f"jaxkv {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
@@ -231,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     _kv_compression(gen)
     _speculative(gen)
+    _compilation_cache(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
@@ -258,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="StreamingLLM: keep only the sinks and this many recent tokens")
     ppl.add_argument("--sinks", type=int, default=4, help="attention sinks kept under --streaming-window")
     _kv_compression(ppl)
+    _compilation_cache(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ppl.set_defaults(func=_perplexity)
 
@@ -292,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "turns the prefix cache back on for models with window layers (Mistral, Gemma)")
     _kv_compression(srv)
     _speculative(srv)
+    _compilation_cache(srv)
     srv.add_argument("--no-prefix-caching", action="store_true",
                      help="do not reuse the KV pages of shared prompt prefixes")
     srv.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -325,9 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=int, default=1)
     plan.add_argument("--kv-dtype", choices=_KV_DTYPES, default=None,
                       help="KV cache dtype (default: the model's compute dtype; quantized ones count their scales)")
-    plan.add_argument("--memory", default=None, metavar="BYTES", help="device memory, e.g. 24GiB: report the largest batch")
+    plan.add_argument("--memory", default=None, metavar="BYTES",
+                      help="device memory, e.g. 24GiB: report the largest batch")
     plan.add_argument("--json", action="store_true")
+    plan.add_argument("--plot", default=None, metavar="FILE.png",
+                      help="also draw KV memory against context and the largest batch against device memory for the "
+                           "baseline and the chosen --kv-sharing/--kv-dtype (any extension matplotlib writes)")
     plan.set_defaults(func=_plan)
+
+    env = sub.add_parser("env", help="versions, devices, caches and the kernels jaxkv picks (for a bug report)")
+    env.add_argument("--json", action="store_true")
+    env.set_defaults(func=_env)
 
     tr = sub.add_parser("train", help="train or uptrain a model from a YAML train config (resumes automatically)")
     tr.add_argument("--config", required=True, metavar="FILE", help="train config (see configs/train/)")
@@ -344,6 +386,12 @@ def _speculative(parser) -> None:
                              "model sharing the tokenizer (a model as --model takes, or first-N: this model's first "
                              "N layers) and verify them in one step: the same output, fewer steps when proposals "
                              "are kept")
+
+
+def _compilation_cache(parser) -> None:
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="compile every step shape afresh instead of loading what an earlier run kept in "
+                             "$JAXKV_HOME/xla-cache (JAXKV_COMPILATION_CACHE=0 does the same)")
 
 
 def _kv_compression(parser) -> None:
@@ -376,10 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             from jaxkv.parallel.distributed import initialize_from_env
 
             initialize_from_env()  # one of several processes: JAX_COORDINATOR_ADDRESS etc. say so
-        if args.func in (_generate, _serve, _perplexity):
-            from jaxkv.serve.compiled import enable_compilation_cache
-
-            enable_compilation_cache()
+        if getattr(args, "no_compilation_cache", False):  # jaxkv.load turns the cache on unless this says no
+            os.environ["JAXKV_COMPILATION_CACHE"] = "0"
         args.func(args)
     except (JaxkvError, KernelInputError) as e:
         print(f"jaxkv: error: {e}", file=sys.stderr)

@@ -2,6 +2,8 @@
 # Write the committed lock files from pyproject.toml, every pin with its sha256 hashes:
 #   requirements/runtime.lock   [project.dependencies]
 #   requirements/test.lock      the dependencies plus the `test` extra
+#   requirements/cuda12.lock, cuda13.lock, tpu.lock   the dependencies plus that accelerator's extra
+#                               (the JAX build for it; every pin it shares with runtime.lock the same)
 # Both also pin the build requirement (setuptools), so that scripts/setup.sh can install the
 # project itself with --no-build-isolation and nothing it installs goes unpinned.
 #
@@ -65,7 +67,7 @@ write() {  # write NAME WHAT: header + pip-compile's output -> requirements/NAME
         echo "# requirements/$name.lock: $what, pinned with hashes."
         echo "# target: $TARGET   (CPython 3.11 on Linux x86_64; made with $made)"
         echo "# regenerate: bash scripts/lock.sh   (or: bash scripts/lock.sh --keep)"
-        echo "# install: bash scripts/setup.sh$([ "$name" = test ] && echo " test")" \
+        echo "# install: bash scripts/setup.sh$([ "$name" != runtime ] && echo " $name")" \
              "  (pip install --require-hashes --no-deps -r requirements/$name.lock)"
         cat "$tmp/$name.lock"
     } > "requirements/$name.lock.new"
@@ -86,5 +88,10 @@ compile "$tmp/runtime.lock"
 
 write test "the dependencies of jaxkv plus its test extra"
 write runtime "the dependencies of jaxkv (no extras)"
-echo "lock.sh: wrote requirements/runtime.lock and requirements/test.lock;" \
-     "now run the tests (bash scripts/test.sh) and commit both"
+for accelerator in cuda12 cuda13 tpu; do  # each starts from the runtime pins: the same jax, more packages
+    cp "$tmp/runtime.lock" "$tmp/$accelerator.lock"
+    compile "$tmp/$accelerator.lock" --extra="$accelerator"
+    write "$accelerator" "the dependencies of jaxkv plus its $accelerator extra (JAX for that accelerator)"
+done
+echo "lock.sh: wrote requirements/{runtime,test,cuda12,cuda13,tpu}.lock;" \
+     "now run the tests (bash scripts/test.sh) and commit them"

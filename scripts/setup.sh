@@ -3,7 +3,9 @@
 #   bash scripts/setup.sh                runtime only, pinned by requirements/runtime.lock
 #   bash scripts/setup.sh test           plus the test extra (pytest, transformers, torch CPU, ...),
 #                                        pinned by requirements/test.lock
-#   bash scripts/setup.sh [test] --fresh resolve fresh from pyproject.toml instead (newest
+#   bash scripts/setup.sh cuda12|cuda13|tpu   plus JAX for that accelerator, pinned by
+#                                        requirements/<accelerator>.lock (with test: both)
+#   bash scripts/setup.sh [...] --fresh  resolve fresh from pyproject.toml instead (newest
 #                                        releases, untested by CI); JAXKV_FRESH=1 does the same
 # The locks are made for CPython 3.11 on Linux x86_64 (their "# target:" line); any other
 # Python (3.12, macOS, aarch64, ...) says so in one line and resolves fresh. Refresh the locks
@@ -12,14 +14,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 kind=runtime
+accelerator=""
 fresh=0
 case "${JAXKV_FRESH:-0}" in "" | 0 | false | no) ;; *) fresh=1 ;; esac
 for arg in "$@"; do
     case "$arg" in
         test) kind=test ;;
+        cpu) accelerator="" ;;
+        cuda12|cuda13|tpu) accelerator="$arg" ;;
         --fresh) fresh=1 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-        *) echo "setup.sh: unknown argument '$arg' (usage: bash scripts/setup.sh [test] [--fresh])" >&2
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument '$arg' (usage: bash scripts/setup.sh [test] [cpu|cuda12|cuda13|tpu]" \
+                "[--fresh])" >&2
            exit 2 ;;
     esac
 done
@@ -45,12 +51,15 @@ print(f"{sys.implementation.name}-{v[0]}.{v[1]}-{sys.platform}-{platform.machine
 fi
 
 if [ "$fresh" = 1 ]; then
-    extra=""
-    [ "$kind" = test ] && extra="[test]"
-    "${pip_install[@]}" -e ".${extra}"
+    extras=$(echo "$([ "$kind" = test ] && echo test) $accelerator" | xargs | tr ' ' ',')
+    "${pip_install[@]}" -e ".${extras:+[$extras]}"
 else
     # Every package at its locked version and hash (the lock also pins the build requirement,
-    # setuptools, so the project builds with it, without fetching anything unpinned).
+    # setuptools, so the project builds with it, without fetching anything unpinned). An
+    # accelerator's lock shares every pin it has with the others, so it adds only its JAX build.
     "${pip_install[@]}" --require-hashes --no-deps -r "$lock"
+    if [ -n "$accelerator" ]; then
+        "${pip_install[@]}" --require-hashes --no-deps -r "requirements/$accelerator.lock"
+    fi
     "${pip_install[@]}" --no-deps --no-build-isolation -e .
 fi

@@ -21,7 +21,8 @@ except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCKS = {"runtime": ROOT / "requirements" / "runtime.lock", "test": ROOT / "requirements" / "test.lock"}
+ACCELERATORS = ("cuda12", "cuda13", "tpu")  # extras whose locks add JAX for that accelerator (scripts/setup.sh)
+LOCKS = {kind: ROOT / "requirements" / f"{kind}.lock" for kind in ("runtime", "test", *ACCELERATORS)}
 REFRESH = ("refresh the locks with `bash scripts/lock.sh` (or `bash scripts/lock.sh --keep` to move "
            "only what pyproject.toml changed), run the tests, and commit requirements/*.lock")
 HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})(?!\S)")
@@ -81,8 +82,8 @@ def locks() -> dict:
 
 def declared(pyproject: dict, kind: str) -> list[Requirement]:
     reqs = pyproject["project"]["dependencies"] + pyproject["build-system"]["requires"]
-    if kind == "test":
-        reqs = reqs + pyproject["project"]["optional-dependencies"]["test"]
+    if kind != "runtime":
+        reqs = reqs + pyproject["project"]["optional-dependencies"][kind]
     return [Requirement(r) for r in reqs]
 
 
@@ -141,6 +142,22 @@ def test_runtime_and_test_locks_agree(locks):
         elif pinned_version(LOCKS["runtime"], req) != pinned_version(LOCKS["test"], test[name][0]):
             broken.append(f"{req.name}: runtime.lock has {req.specifier}, test.lock {test[name][0].specifier}")
     assert not broken, "; ".join(broken) + f"; {REFRESH}"
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_accelerator_locks_add_to_the_runtime_pins(locks, accelerator):
+    """scripts/setup.sh cuda12 installs runtime/test.lock, then the accelerator's lock over it with --no-deps:
+    every pin the two share must be the same version (the same jax), and the lock must add JAX's plugin."""
+    _, runtime = locks["runtime"]
+    _, pins = locks[accelerator]
+    broken = [f"{req.name}: runtime.lock has {req.specifier}, {accelerator}.lock {pins[name][0].specifier}"
+              for name, (req, _) in runtime.items()
+              if name in pins and pinned_version(LOCKS["runtime"], req) != pinned_version(LOCKS[accelerator],
+                                                                                        pins[name][0])]
+    missing = [name for name in runtime if name not in pins]
+    assert not broken and not missing, "; ".join(broken + [f"{m} missing" for m in missing]) + f"; {REFRESH}"
+    plugin = {"cuda12": "jax-cuda12-plugin", "cuda13": "jax-cuda13-plugin", "tpu": "libtpu"}[accelerator]
+    assert plugin in pins, f"{accelerator}.lock does not pin {plugin}; {REFRESH}"
 
 
 def test_installed_versions_match_test_lock(locks):

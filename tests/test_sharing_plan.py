@@ -20,7 +20,7 @@ from jaxkv.checkpoints.registry import resolve_config
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.model.decoder import forward, init_params
-from jaxkv.plan import parameter_count, parse_bytes, plan
+from jaxkv.plan import parameter_count, parse_bytes, plan, plot_plan
 from jaxkv.sharing import cla, from_string, lckv, parse_spec, to_string, yoco
 
 JAXKV = str(Path(sys.executable).parent / "jaxkv")
@@ -106,3 +106,31 @@ def test_plan_cli():
     assert plans["baseline"]["kv_bytes"] == 2 * 1024**3 and plans["cla2"]["kv_bytes"] == 1024**3
     bad = subprocess.run([JAXKV, "plan", "--memory", "12XB"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "memory size" in bad.stderr
+
+
+def test_plan_plot_draws_what_the_plan_says(tmp_path):
+    """`jaxkv plan --plot`: a PNG; its curves are the plan's numbers (KV per sequence at the context, the largest
+    batch at the memory), one curve per variant; an unwritable file is one line."""
+    out = tmp_path / "plan.png"
+    done = subprocess.run([JAXKV, "plan", "--model", "llama-2-7b", "--kv-sharing", "cla2", "--kv-dtype", "int8",
+                           "--context", "4096", "--memory", "80GB", "--plot", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    base = resolve_config("llama-2-7b")
+    shared = base.replace(kv_sources=cla(base.n_layers, 2))
+    variants = {"baseline": (base, None), "int8": (base, "int8"), "cla2 int8": (shared, "int8")}
+    figure = plot_plan(variants, 4096, parse_bytes("80GB"))
+    by_context, by_memory = figure.axes
+    for (label, (cfg, kv_dtype)), kv_line, batch_line in zip(variants.items(), by_context.get_lines(),
+                                                              by_memory.get_lines()):
+        assert kv_line.get_label() == label
+        contexts, mib = kv_line.get_data()
+        want = plan(cfg, 4096, 1, kv_dtype)["kv_bytes_per_sequence"] / 2**20
+        assert mib[list(contexts).index(4096)] == pytest.approx(want), label
+        memories, batches = batch_line.get_data()
+        at = len(memories) // 2  # 80 GB is half way along the axis
+        assert memories[at] * 2**30 == pytest.approx(parse_bytes("80GB"), rel=0.01)
+        assert batches[at] == plan(cfg, 4096, 1, kv_dtype, int(memories[at] * 2**30))["max_batch"], label
+    bad = subprocess.run([JAXKV, "plan", "--plot", str(tmp_path / "no" / "such" / "dir.png")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "cannot write the plot" in bad.stderr

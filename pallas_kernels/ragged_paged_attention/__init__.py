@@ -61,6 +61,18 @@ class PoolLayer:
     v_recent: jax.Array | None = None
 
 
+def auto_backend() -> str:
+    """What backend="auto" runs here: the platform's kernels on GPU and TPU, else the reference."""
+    return jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "reference"
+
+
+KERNELS = {  # what each backend runs, for a bug report (`jaxkv env`)
+    "reference": "pure-JAX reference (pallas_kernels.ragged_paged_attention.reference)",
+    "gpu": "Pallas Triton: paged_prefill for steps with chunks, paged_attention for decode steps",
+    "tpu": "Pallas Mosaic: the ragged kernel for steps with chunks, paged_attention for decode steps",
+}
+
+
 def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=None, softcap: float | None = None,
                            sinks: int = 0, window: int | None = None, strict: bool = False, backend: str = "auto",
                            interpret: bool = False, q_sinks=None):
@@ -97,8 +109,7 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
         check(meta.flushed.shape == meta.kv_lens.shape, f"flushed must be [rows] = {meta.kv_lens.shape}, got "
                                                          f"{meta.flushed.shape}")
         recent = Recent(pages.k_recent, pages.v_recent, meta.flushed)
-    if backend == "auto":
-        backend = jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "reference"
+    backend = auto_backend() if backend == "auto" else backend
     if backend not in BACKENDS:
         raise KernelInputError(f"ragged_paged_attention: unknown backend {backend!r}; choose auto, "
                                f"{', '.join(BACKENDS)}")
@@ -125,4 +136,4 @@ def ragged_paged_attention(q, pages: PoolLayer, meta: RaggedMetadata, *, scale=N
                      rows_are_sequences=False, recent=recent, q_sinks=q_sinks, **options)
 
 
-__all__ = ["PoolLayer", "RaggedMetadata", "ragged_paged_attention"]
+__all__ = ["KERNELS", "PoolLayer", "RaggedMetadata", "auto_backend", "ragged_paged_attention"]
