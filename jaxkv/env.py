@@ -25,7 +25,7 @@ def environment() -> dict:
 
     from jaxkv.checkpoints.hub import _hub_options
     from jaxkv.checkpoints.registry import jaxkv_home
-    from jaxkv.serve.compiled import compilation_cache_enabled
+    from jaxkv.serve.compiled import compilation_cache_dir, compilation_cache_enabled
     from pallas_kernels.ragged_paged_attention import KERNELS, auto_backend
 
     home, hub = jaxkv_home(), _hub_options()
@@ -33,7 +33,7 @@ def environment() -> dict:
     return {
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
-        "packages": {name: version(name) for name in PACKAGES if version(name) is not None},
+        "packages": {name: v for name in PACKAGES if (v := version(name)) is not None},
         "backend": jax.default_backend(),
         "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in devices],
         "process": f"{jax.process_index()} of {jax.process_count()}",
@@ -41,8 +41,8 @@ def environment() -> dict:
         "models": str(home / "models"),
         "hf_hub_cache": str(hub["cache_dir"] or constants.HF_HUB_CACHE) + (" (offline)" if hub["local_files_only"]
                                                                           else ""),
-        "compilation_cache": (str(jax.config.jax_compilation_cache_dir or home / "xla-cache")
-                              if compilation_cache_enabled() else "off (JAXKV_COMPILATION_CACHE=0)"),
+        "compilation_cache": (str(compilation_cache_dir()) if compilation_cache_enabled()
+                              else "off (JAXKV_COMPILATION_CACHE=0)"),
         "attention_kernels": f"{auto_backend()}: {KERNELS[auto_backend()]}",
     }
 

@@ -28,6 +28,14 @@ def compilation_cache_enabled() -> bool:
     return os.environ.get("JAXKV_COMPILATION_CACHE", "1") != "0"
 
 
+def compilation_cache_dir() -> Path:
+    """Where the cache lives: the directory jax is already given (JAX_COMPILATION_CACHE_DIR), else
+    $JAXKV_HOME/xla-cache."""
+    from jaxkv.checkpoints.registry import jaxkv_home
+
+    return Path(jax.config.jax_compilation_cache_dir or jaxkv_home() / "xla-cache")
+
+
 def enable_compilation_cache() -> Path | None:
     """Keep compiled executables and traces on disk ($JAXKV_HOME/xla-cache, or the directory jax is already
     given): a restarted server or a repeated command loads its step shapes instead of compiling them again.
@@ -35,10 +43,7 @@ def enable_compilation_cache() -> Path | None:
     global _traces
     if not compilation_cache_enabled():
         return None
-    from jaxkv.checkpoints.registry import jaxkv_home
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(jaxkv_home() / "xla-cache"))
+    jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every step shape, however quick
     _traces = Path(jax.config.jax_compilation_cache_dir) / "jaxkv-traces"
     return _traces.parent
