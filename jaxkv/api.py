@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from jaxkv.model.decoder import shard_params
 from jaxkv.parallel.mesh import make_mesh
 from jaxkv.serve.compiled import Executables, bucket, enable_compilation_cache
 from jaxkv.serve.engine import Engine
-from jaxkv.serve.requests import Limits, Request
+from jaxkv.serve.requests import Limits, Request, RequestOutput
 from jaxkv.serve.speculative import Speculation, speculation
 from jaxkv.tokenizer import Tokenizer
 
@@ -127,49 +127,81 @@ class LLM:
         max_new_tokens."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
-        if not texts:
-            raise InvalidRequest("no prompts given", "prompt")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         ids = [self.encode(t, chat) for t in texts]
         out = self.generate_ids(ids, max_new_tokens, sampling, stops, ignore_eos)
         return out[0] if single else out
 
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, stop: str | Sequence[str] | None = None, chat: bool = False,
+               ignore_eos: bool = False) -> Iterator[str]:
+        """`generate` for one prompt, yielding its text as the engine emits it (whole characters, a step's tokens
+        at a time); the same tokens as `generate`, and `stats` once the iterator is done."""
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        requests = self._requests([self.encode(prompt, chat)], max_new_tokens, sampling, stops, ignore_eos)
+        for out in self._outputs(requests):
+            if out.text:
+                yield out.text
+
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                      stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Completion]:
         """`generate` from token ids."""
+        requests = self._requests(prompts, max_new_tokens, sampling, stop, ignore_eos)
+        texts, ids, reasons = {}, {}, {}
+        for out in self._outputs(requests):
+            texts[out.request_id] = texts.get(out.request_id, "") + out.text
+            ids.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        return [Completion(texts[r.request_id], ids[r.request_id], len(r.prompt_ids), reasons[r.request_id])
+                for r in requests]
+
+    def _requests(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
+                  stop: Sequence[str], ignore_eos: bool) -> list[Request]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}", "max_tokens")
-        requests = [Request(list(p), sampling, max_new_tokens, tuple(stop), ignore_eos=ignore_eos, request_id=str(i))
-                    for i, p in enumerate(prompts)]
-        engine = self._engine_for(len(requests), max((len(p) for p in prompts), default=1), max_new_tokens)
+        if not prompts:
+            raise InvalidRequest("no prompts given", "prompt")
+        return [Request(list(p), sampling, max_new_tokens, tuple(stop), ignore_eos=ignore_eos, request_id=str(i))
+                for i, p in enumerate(prompts)]
+
+    def _outputs(self, requests: list[Request]) -> Iterator[RequestOutput]:
+        """Run `requests` on the engine to the end, yielding every output as its step returns; `stats` at the end.
+        A request that ends in error raises its error."""
+        engine = self._engine_for(len(requests), max(len(r.prompt_ids) for r in requests),
+                                  requests[0].max_tokens)
         for request in requests:  # all or nothing
             engine.check(request)
         compile_before, start, before = self.executables.compile_s, time.perf_counter(), engine.metrics()
         for request in requests:
             engine.add(request)
-        texts, ids, reasons, first_at = {}, {}, {}, None
-        while engine.has_work():
-            for out in engine.step():
-                texts[out.request_id] = texts.get(out.request_id, "") + out.text
-                ids.setdefault(out.request_id, []).extend(out.token_ids)
-                if out.error is not None:
-                    raise out.error
-                if out.finished:
-                    reasons[out.request_id] = out.finish_reason
-            if first_at is None and len(ids) == len(requests):
-                first_at = (time.perf_counter(), self.executables.compile_s)
+        started, first_at, new_tokens = set(), None, 0
+        try:
+            while engine.has_work():
+                for out in engine.step():
+                    if out.error is not None:
+                        raise out.error
+                    started.add(out.request_id)
+                    new_tokens += len(out.token_ids)
+                    yield out
+                if first_at is None and len(started) == len(requests):
+                    first_at = (time.perf_counter(), self.executables.compile_s)
+        finally:  # a caller that stopped early (or an error): the rest leave the engine, ready for the next call
+            for request in requests:
+                engine.abort(request.request_id)
+            while engine.has_work():
+                engine.step()
         end, compiled, after = time.perf_counter(), self.executables.compile_s, engine.metrics()
         first_at = first_at or (end, compiled)
         self.stats = GenerationStats(
-            new_tokens=sum(len(v) for v in ids.values()), compile_s=compiled - compile_before,
+            new_tokens=new_tokens, compile_s=compiled - compile_before,
             prefill_s=first_at[0] - start - (first_at[1] - compile_before),
             decode_s=end - first_at[0] - (compiled - first_at[1]),
             **{name: after[f"{key}_total"] - before[f"{key}_total"] for name, key in (
                 ("steps", "steps"), ("proposed", "speculative_proposed"), ("accepted", "speculative_accepted"),
                 ("verified", "speculative_verified_rows"))})
-        return [Completion(texts[r.request_id], ids[r.request_id], len(r.prompt_ids), reasons[r.request_id])
-                for r in requests]
 
     def _engine_for(self, n_prompts: int, longest: int, max_new_tokens: int):
         """An engine with a row per prompt and pages for the longest prompt plus max_new_tokens (sizes bucketed,

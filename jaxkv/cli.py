@@ -31,22 +31,26 @@ def _generate(args) -> None:
     llm = jaxkv.load(args.model, dtype=args.dtype, kv_dtype=args.kv_dtype, page_size=args.page_size,
                      streaming_window=args.streaming_window, sinks=args.sinks, mesh=args.mesh,
                      speculative=args.speculative, **_kv_arguments(args))
-    out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat,
-                       ignore_eos=args.ignore_eos)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat, ignore_eos=args.ignore_eos)
+    if not args.json:  # the text as it is generated
+        for piece in llm.stream(args.prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+        stats = llm.stats
+        print(f"[{len(llm.encode(args.prompt, args.chat))} prompt tokens, {stats.new_tokens} generated, "
+              f"{stats.tokens_per_s:.1f} tok/s (compile {stats.compile_s:.1f}s), KV {llm.kv_bytes_per_token} B/token]",
+              file=sys.stderr)
+        return
+    out = llm.generate(args.prompt, **options)
     stats = llm.stats
-    if args.json:
-        print(json.dumps({
-            "text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
-            "tokens_per_s": round(stats.tokens_per_s, 3), "kv_bytes_per_token": llm.kv_bytes_per_token,
-            "finish_reason": out.finish_reason, "steps": stats.steps,
-            **({"speculative_acceptance_rate": round(stats.acceptance_rate, 4),
-                "speculative_tokens_per_verify": round(stats.tokens_per_verify, 4)} if llm.speculative else {}),
-        }))
-    else:
-        print(out.text)
-        print(f"[{out.prompt_tokens} prompt tokens, {len(out.token_ids)} generated, {stats.tokens_per_s:.1f} tok/s "
-              f"(compile {stats.compile_s:.1f}s), KV {llm.kv_bytes_per_token} B/token]", file=sys.stderr)
+    print(json.dumps({
+        "text": out.text, "token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens,
+        "tokens_per_s": round(stats.tokens_per_s, 3), "kv_bytes_per_token": llm.kv_bytes_per_token,
+        "finish_reason": out.finish_reason, "steps": stats.steps,
+        **({"speculative_acceptance_rate": round(stats.acceptance_rate, 4),
+            "speculative_tokens_per_verify": round(stats.tokens_per_verify, 4)} if llm.speculative else {}),
+    }))
 
 
 def _perplexity(args) -> None:

@@ -23,12 +23,12 @@ def environment() -> dict:
     import jax
     from huggingface_hub import constants
 
-    from jaxkv.checkpoints.hub import _hub_options
+    from jaxkv.checkpoints.hub import hub_options
     from jaxkv.checkpoints.registry import jaxkv_home
     from jaxkv.serve.compiled import compilation_cache_dir, compilation_cache_enabled
     from pallas_kernels.ragged_paged_attention import KERNELS, auto_backend
 
-    home, hub = jaxkv_home(), _hub_options()
+    home, hub = jaxkv_home(), hub_options()
     devices = jax.devices()
     return {
         "python": f"{platform.python_version()} ({sys.executable})",

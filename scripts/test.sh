@@ -14,7 +14,7 @@ if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
 # Longest first (as measured on a 2-core machine); files not named here run after, in name order.
-LONGEST=(test_engine test_paged_cache test_sharded test_smollm2 test_architectures test_eviction test_kv_sharing
+LONGEST=(test_notebook test_engine test_paged_cache test_sharded test_smollm2 test_architectures test_eviction test_kv_sharing
          test_cli test_train test_server test_gguf_families test_perplexity test_speculative test_draft test_kivi
          test_ragged_attention test_paged_prefill test_compare_kv_sharing test_paged_attention_tpu test_server_hardening
          test_paged_attention test_generate test_kivi_kernels test_gguf test_lckv_format)

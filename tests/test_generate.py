@@ -78,6 +78,23 @@ def test_batched_prompts_match_each_alone(llm):
         assert out.prompt_tokens == len(llm.tokenizer.encode(prompt))
 
 
+def test_stream_yields_generates_text_and_an_early_stop_leaves_the_engine_clean(llm):
+    """LLM.stream runs generate's engine loop, yielding as steps return: its pieces join into generate's text, in
+    more than one piece, with stats set; a caller that stops after the first piece aborts its request, so the next
+    call on the same engine starts clean and gives the same tokens."""
+    kw = dict(max_new_tokens=20, ignore_eos=True)
+    want = llm.generate("stream me", **kw)
+    pieces = list(llm.stream("stream me", **kw))
+    assert "".join(pieces) == want.text
+    assert len(pieces) > 1, "stream delivered the whole text at once"
+    assert llm.stats.new_tokens == 20
+    early = llm.stream("stream me", **kw)
+    next(early)
+    early.close()
+    assert not llm._engine.has_work()
+    assert llm.generate("stream me", **kw).token_ids == want.token_ids
+
+
 def test_seed_reproducible_and_varied(llm):
     kw = dict(max_new_tokens=16, temperature=20.0, top_p=0.95)  # the sharpened model needs heat to vary
     a = llm.generate("seed test", seed=7, **kw).token_ids

@@ -34,7 +34,7 @@ def parse_hub_id(name: str) -> tuple[str, str | None] | None:
     return match[1], match[2]
 
 
-def _hub_options() -> dict:
+def hub_options() -> dict:
     """HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME/HF_HUB_CACHE as they are now: huggingface_hub reads them once, into
     huggingface_hub.constants, when first imported (by transformers, say), and would ignore later changes."""
     env = os.environ
@@ -50,7 +50,7 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    options = _hub_options()
+    options = hub_options()
     endpoint = options["endpoint"] or constants.ENDPOINT
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:  # subfolders hold other formats (onnx/, original/) that jaxkv does not read

@@ -103,13 +103,16 @@ class Executables:
                 start = time.perf_counter()
                 self._compiled[key] = self._compile(fn, donate, args, static, key)
                 self.compile_s += time.perf_counter() - start
-            return self._compiled[key](*args)
+            return self._compiled[key](args, leaves)
 
     def _compile(self, fn, donate, args, static, key):
-        """The executable of fn on args: through its exported trace when the cache is on (one device: a trace
-        under a mesh carries its shardings, so those compile directly), loaded if an earlier run exported it."""
+        """The executable of fn on args, called as (args, their leaves): through its exported trace when the cache
+        is on (one device: a trace under a mesh carries its shardings, so those compile directly), loaded if an
+        earlier run exported it."""
         def trace_here():
-            return jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate).lower(*args, **static).compile()
+            compiled = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate).lower(*args, **static)
+            compiled = compiled.compile()
+            return lambda args, leaves: compiled(*args)
 
         if _traces is None or self.mesh is not None:
             return trace_here()
@@ -128,7 +131,7 @@ class Executables:
         owners = [i for i, arg in enumerate(args) for _ in jax.tree.leaves(arg)]  # each leaf's argument
         compiled = jax.jit(exported.call, donate_argnums=tuple(j for j, i in enumerate(owners) if i in donate))
         compiled = compiled.lower(*leaves).compile()
-        return lambda *args: jax.tree.unflatten(out_tree, compiled(*jax.tree.leaves(args)))
+        return lambda args, leaves: jax.tree.unflatten(out_tree, compiled(*leaves))
 
     @staticmethod
     def _export(fn, args, static, path: Path):

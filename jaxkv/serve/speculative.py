@@ -21,11 +21,16 @@ where it would slow decoding down (plain continuation, large batches on a CPU).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxkv.cache.pages import OutOfPages
 from jaxkv.errors import JaxkvError
+
+if TYPE_CHECKING:  # (it holds an Acceptance: imported here at run time would be a cycle)
+    from jaxkv.serve.sequence import EngineSequence
 
 METHODS = ("ngram", "draft")
 NGRAM_MAX = 3  # the longest suffix prompt lookup matches
@@ -152,6 +157,91 @@ class Payoff:
         speculating, plainly = sum(expected) / verify, len(expected) * iters / plain  # tokens per second
         explore = self._decisions % EXPLORE == 0 and min(speculating, plainly) >= max(speculating, plainly) / 2
         return (speculating > plainly) != explore
+
+
+class Speculating:
+    """The engine's speculative steps, mixed into `jaxkv.serve.engine.Engine` (whose state they use: its
+    speculation, draft, acceptance and payoff, pages and shapes): which decode rows propose, whether verifying
+    pays, the draft model's call, and what each verification kept."""
+
+    def _speculate(self, rows: list[tuple[EngineSequence, int]]) -> list[tuple[EngineSequence, int]]:
+        """Rows with proposals fed, where the step holds decode rows only (a prompt's step is never made longer by
+        them) and `Payoff` expects verifying them to beat plain decoding without slowing a request that does not
+        speculate (num_speculative_tokens 0) beside them by more than 5%. Prompt lookup proposes for every decode
+        row anyway (it costs nothing; the tokens sampled tell its `Acceptance` how the proposal would have fared);
+        the draft model only for a step that verifies. A row that finds no pages for its proposals feeds none
+        (speculation never preempts)."""
+        if self.speculative is None:
+            return rows
+        if self.draft is None:
+            for seq, _ in rows:
+                if seq.decoding:
+                    seq.candidate, seq.source = self._lookup(seq)
+            lengths = [len(s.candidate) for s, _ in rows]
+        else:
+            lengths = [self._room(s) for s, _ in rows]
+        if not all(s.decoding for s, _ in rows) or not any(lengths):
+            return rows
+        expected = [s.acceptance.expected_tokens(s.source, n, self.acceptance.rate(s.source))
+                    for (s, _), n in zip(rows, lengths)]
+        bystander = any(s.request.num_speculative_tokens == 0 for s, _ in rows)
+        if self.speculative.adaptive and not self.payoff.verify(self._row_bucket(len(rows)), self.speculative.k,
+                                                                expected, 1 if self.waiting else self.decode_iters,
+                                                                bystander):
+            return rows
+        room = []
+        for (seq, _), k in zip(rows, lengths):
+            try:  # a draft writes K + 1 tokens past the last whatever the row's own k
+                self._reserve(seq, seq.held + 1 + (self.speculative.k if self.draft else k))
+            except OutOfPages:
+                self._fit(seq, seq.held + 1)
+                k = 0
+            room.append(k)
+        if self.draft is not None:
+            self._draft([(seq, k) for (seq, _), k in zip(rows, room) if k])
+        for (seq, _), k in zip(rows, room):
+            seq.proposal = seq.candidate if k else []
+        return [(seq, 1 + len(seq.proposal)) for seq, _ in rows]
+
+    def _room(self, seq: EngineSequence) -> int:
+        """How many tokens seq may propose: up to its request's K (default the engine's), none for a scored text
+        or where its request has room for no more than the token the step samples anyway. A draft writes K + 1
+        tokens: none where the context has no room for them."""
+        request = seq.request
+        k = self.speculative.k if request.num_speculative_tokens is None else request.num_speculative_tokens
+        if request.forced_ids is not None or (self.draft is not None and seq.held + 1 + self.speculative.k >
+                                              self.pages_per_seq * self.page_size):
+            return 0
+        return max(0, min(k, request.max_tokens - seq.generated - 1))
+
+    def _lookup(self, seq: EngineSequence) -> tuple[list[int], int]:
+        """Prompt lookup's proposal for seq and its source (the match's length)."""
+        k = self._room(seq)
+        return self.speculative.propose(seq.tokens, k) if k else ([], 0)
+
+    def _draft(self, rows: list[tuple[EngineSequence, int]]) -> None:
+        """The draft model's proposals (candidates) for rows (sequence, k), in block tables of the narrowest width
+        that holds what it writes; timed for the payoff, with the step that verifies them."""
+        if not rows:
+            return
+        shapes, allocator = self._shapes(), self.allocators[0]
+        need = max(-(-(s.held + 1 + self.speculative.k) // self.page_size) for s, _ in rows)
+        width = min(w for w in shapes.decode_widths if w >= need or w == self.pages_per_seq)
+        tables = np.full((len(rows), width), allocator.num_pages, np.int32)
+        for r, (seq, _) in enumerate(rows):
+            pages = allocator.pages(seq.request.request_id)[:width]
+            tables[r, :len(pages)] = pages
+        compiled, start = self.executables.count, time.perf_counter()
+        proposals = self.draft.propose(rows, tables, allocator.num_pages, shapes.tokens, self._row_bucket(len(rows)))
+        self._drafting_s = time.perf_counter() - start if self.executables.count == compiled else None
+        for (seq, _), proposal in zip(rows, proposals):
+            seq.candidate = proposal
+
+    def _accepted(self, seq: EngineSequence, proposal: list[int], sampled) -> int:
+        """How many of seq's proposals the tokens sampled after them keep, counted in its acceptance and the
+        engine's (every sequence's prior)."""
+        self.acceptance.update(seq.source, proposal, sampled)
+        return seq.acceptance.update(seq.source, proposal, sampled)
 
 
 def sampling_positions(rows, n_rows: int, verify: int, iters: int):
