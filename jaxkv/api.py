@@ -7,6 +7,7 @@ a request and one sampling rule (the same seed gives the same text everywhere).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -141,9 +142,10 @@ class LLM:
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         requests = self._requests([self.encode(prompt, chat)], max_new_tokens, sampling, stops, ignore_eos)
-        for out in self._outputs(requests):
-            if out.text:
-                yield out.text
+        with contextlib.closing(self._outputs(requests)) as outputs:  # a caller that stops early ends its request
+            for out in outputs:
+                if out.text:
+                    yield out.text
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                      stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Completion]:

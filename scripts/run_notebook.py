@@ -3,6 +3,10 @@ section took and printed to a Markdown file (docs/results/quickstart.md): how lo
 and its measured tables (compressed KV, speculative decoding, training).
 
     python scripts/run_notebook.py [--out docs/results/quickstart.md] [--executed /tmp/quickstart.ipynb]
+                                   [--set NAME=VALUE ...]
+
+--set replaces a parameter (a Python literal), e.g. --set "HUB_MODEL='/tmp/smollm2-hf'" where no Hub is reachable
+(an HF folder, such as `jaxkv convert --model smollm2-135m --to-hf /tmp/smollm2-hf` writes).
 
 The run happens in a temporary folder (the server's log, the training runs); the server listens on the notebook's
 SERVE_PORT. Set-up first: bash scripts/setup.sh test (nbclient and ipykernel come with the test extra).
@@ -60,8 +64,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "quickstart.md"))
     parser.add_argument("--executed", default=None, help="also write the executed notebook here")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="replace a parameter")
     args = parser.parse_args()
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    if args.set:  # a cell after the parameters, as papermill injects them
+        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        nb.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(args.set)))
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # its `!jaxkv` lines
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="jaxkv-notebook-") as run:
@@ -76,7 +84,8 @@ def main() -> None:
                             text=True).stdout.strip()
     lines = [f"# The quick-start notebook at its defaults ({platform.machine()}, {_devices()})", "",
              f"Command: `python scripts/run_notebook.py`. Run {time.strftime('%Y-%m-%d')} at commit {commit}: "
-             f"{total / 60:.1f} minutes in all, the kernel's start and the model's first load included.", "",
+             f"{total / 60:.1f} minutes in all, the kernel's start and the model's first load included"
+             + (f"; parameters set: {', '.join(f'`{a}`' for a in args.set)}" if args.set else "") + ".", "",
              "| section | seconds |", "|---|---:|"]
     found = sections(nb)
     lines += [f"| {heading} | {seconds:.0f} |" for heading, seconds, _ in found]

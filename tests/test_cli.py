@@ -133,6 +133,7 @@ IN_PROCESS_RUNS = {
     "seed4": gen_args(PROMPT, *SAMPLING, "--seed", "4"),
     "seed5": gen_args(PROMPT, *SAMPLING, "--seed", "5"),
     "seed-2**31": gen_args(PROMPT, *SAMPLING, "--seed", str(2**31)),
+    "text": ["generate", "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW)],  # no --json: streamed
 }
 # Bad inputs also run as subprocesses of the console script: argparse's exit, and argv bytes that are not UTF-8
 # as the OS passes them (an error after JAX started and the model loaded: nothing else may reach stderr)
@@ -264,6 +265,17 @@ def test_generate_json_equals_python_api(runs, llm):
     assert out["token_ids"] == want.token_ids
     assert out["text"] == want.text
     assert out["prompt_tokens"] == want.prompt_tokens
+
+
+def test_generate_without_json_prints_the_text_as_it_comes_and_counts_on_stderr(runs, llm):
+    """Without --json, stdout is the text (written piece by piece by LLM.stream) and a newline, the same as
+    LLM.generate's; the token counts and speed go to stderr."""
+    proc = runs["text"]
+    assert proc.returncode == 0, proc.stderr
+    want = llm.generate(PROMPT, max_new_tokens=MAX_NEW)
+    assert proc.stdout == want.text + "\n"
+    assert re.search(rf"^\[{want.prompt_tokens} prompt tokens, {len(want.token_ids)} generated, [\d.]+ tok/s",
+                     proc.stderr, re.M), proc.stderr
 
 
 def test_streaming_before_any_eviction_generates_like_the_full_cache(runs):
