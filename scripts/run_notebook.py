@@ -19,6 +19,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -83,9 +84,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     lines = [f"# The quick-start notebook at its defaults ({platform.machine()}, {_devices()})", "",
-             f"Command: `python scripts/run_notebook.py`. Run {time.strftime('%Y-%m-%d')} at commit {commit}: "
-             f"{total / 60:.1f} minutes in all, the kernel's start and the model's first load included"
-             + (f"; parameters set: {', '.join(f'`{a}`' for a in args.set)}" if args.set else "") + ".", "",
+             f"Command: `python scripts/run_notebook.py{''.join(' ' + shlex.quote(a) for a in sys.argv[1:])}`. Run "
+             f"{time.strftime('%Y-%m-%d')} at commit {commit}: {total / 60:.1f} minutes in all, the kernel's start "
+             "and the model's first load included.", "",
              "| section | seconds |", "|---|---:|"]
     found = sections(nb)
     lines += [f"| {heading} | {seconds:.0f} |" for heading, seconds, _ in found]
