@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.resources
 import json
 import os
 import subprocess
@@ -36,9 +35,10 @@ def jaxkv_home() -> Path:
 
 
 def _presets_dir() -> Path:
-    """configs/models of a source checkout (editable install), else the copy a wheel ships."""
+    """configs/models of a source checkout (editable install), else the copy a wheel ships as jaxkv/presets (a
+    folder without __init__.py: importlib.resources would hand back a MultiplexedPath, which is no Path)."""
     checkout = Path(__file__).resolve().parents[2] / "configs" / "models"
-    return checkout if checkout.is_dir() else Path(str(importlib.resources.files("jaxkv.presets")))
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parents[1] / "presets"
 
 
 def preset_files() -> dict[str, Path]:
