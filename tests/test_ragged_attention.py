@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractDevice, AbstractMesh
 
+from pallas_kernels.backend import auto_backend, triton_supported
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.ragged_paged_attention import PoolLayer, RaggedMetadata, ragged_paged_attention
 from pallas_kernels.ragged_paged_attention import tpu as ragged_tpu
@@ -205,3 +207,17 @@ def test_bad_input_raises_one_line():
         ragged_paged_attention(q, pages, RaggedMetadata(meta.cu_q_lens[:-1], meta.kv_lens, meta.block_tables, 16))
     with pytest.raises(KernelInputError, match="unknown backend"):
         ragged_paged_attention(q, pages, meta, backend="cuda")
+
+
+@pytest.mark.parametrize("capability, kernels", [("7.5", "reference"), ("8.0", "gpu"), ("9.0", "gpu"),
+                                                 ("10.0", "gpu"), (None, "gpu")])
+def test_auto_runs_the_reference_on_a_gpu_pallas_triton_refuses(monkeypatch, capability, kernels):
+    """Pallas's Triton lowering refuses compute capability below 8.0 (Colab's T4 is 7.5): there "auto" runs the
+    reference instead of failing at the first step; on 8.0 and up (compared as numbers: 10.0 > 8.0) the Triton
+    kernels, and a GPU that reports no CUDA capability is let through."""
+    device = SimpleNamespace(compute_capability=capability)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *args: [device])
+    assert triton_supported(device) == (kernels == "gpu")
+    assert auto_backend() == kernels
+    assert auto_backend(("tpu",)) == "reference"  # (paged_prefill has no TPU kernel; the decode one has both)

@@ -6,9 +6,9 @@ pages in token order. Every backend computes the same thing; the reference is th
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import auto_backend
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import gpu, reference, tpu
 from pallas_kernels.sharded import per_shard
@@ -37,13 +37,14 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None
     first `sinks` and the last `window` positions are visible. Query head h reads KV head h // (H // K); softmax
     is float32.
     backend: "reference", "gpu" (Pallas Triton), "tpu" (Pallas Mosaic TPU) or "auto" (the kernel for
-    jax.default_backend() when there is one, else the reference); interpret=True runs a kernel on CPU.
+    jax.default_backend() when there is one and the device takes it, else the reference: `pallas_kernels.backend`);
+    interpret=True runs a kernel on CPU.
     Under a mesh (`jax.set_mesh`) a kernel runs per shard (`pallas_kernels.sharded.per_shard`); the reference
     is plain JAX, which the compiler partitions itself.
     """
     _validate(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window)
     if backend == "auto":
-        backend = jax.default_backend() if jax.default_backend() in _KERNELS else "reference"
+        backend = auto_backend(_KERNELS)
     options = dict(k_scales=k_scales, v_scales=v_scales, sinks=sinks, window=window, softcap=softcap,
                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
     if backend == "reference":

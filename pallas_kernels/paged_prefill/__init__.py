@@ -7,9 +7,9 @@ computes the same thing; the reference is the ground truth.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import auto_backend
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import checker, validate_pages
 from pallas_kernels.paged_prefill import gpu, reference
@@ -31,11 +31,12 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, cu_q_len
     (with a window: the first `sinks` and the last `window` of them). A query that sees nothing gives zeros.
     k_scales, v_scales, scale, GQA, the float32 softmax and the page ring past the table are as in
     pallas_kernels.paged_attention. backend: "reference", "gpu" (Pallas Triton; interpret=True runs it on
-    CPU) or "auto" (the kernel for jax.default_backend() when there is one, else the reference).
+    CPU) or "auto" (the kernel for jax.default_backend() when there is one and the device takes it, else the
+    reference: `pallas_kernels.backend`).
     """
     _validate(q, k_pages, v_pages, block_tables, lengths, cu_q_lens, k_scales, v_scales, sinks, window)
     if backend == "auto":
-        backend = jax.default_backend() if jax.default_backend() in _KERNELS else "reference"
+        backend = auto_backend(_KERNELS)
     if backend != "reference" and backend not in _KERNELS:
         raise KernelInputError(f"paged_prefill_attention: unknown backend {backend!r}; choose auto, reference or "
                          f"{', '.join(_KERNELS)}")

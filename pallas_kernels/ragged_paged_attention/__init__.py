@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import auto_backend
 from pallas_kernels.errors import KernelInputError
 from pallas_kernels.paged_attention import checker, gpu as decode_gpu, tpu as decode_tpu, validate_pages
 from pallas_kernels.paged_attention.reference import Recent
@@ -61,13 +62,9 @@ class PoolLayer:
     v_recent: jax.Array | None = None
 
 
-def auto_backend() -> str:
-    """What backend="auto" runs here: the platform's kernels on GPU and TPU, else the reference."""
-    return jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else "reference"
-
-
 KERNELS = {  # what each backend runs, for a bug report (`jaxkv env`)
-    "reference": "pure-JAX reference (pallas_kernels.ragged_paged_attention.reference)",
+    "reference": "pure-JAX reference (pallas_kernels.ragged_paged_attention.reference; on a GPU: Pallas's Triton "
+                 "needs compute capability 8.0+)",
     "gpu": "Pallas Triton: paged_prefill for steps with chunks, paged_attention for decode steps",
     "tpu": "Pallas Mosaic: the ragged kernel for steps with chunks, paged_attention for decode steps",
 }
