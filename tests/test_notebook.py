@@ -10,12 +10,12 @@ import ast
 import os
 import re
 import socket
-import subprocess
 import sys
 import threading
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import write_tiny_hf_llama
@@ -41,6 +41,14 @@ def small_parameters(port: int) -> dict:
                 SERVE_ARGS=["--max-batch", "2", "--max-context", "128", "--prefill-chunk", "16"], SERVE_PORT=port,
                 CLIENTS=2, KV_DTYPES=["int8"], STREAMING_WINDOW=32, PPL_CONTEXT=96, PPL_WINDOWS=1,
                 SPECULATIVE="ngram:4", SPEC_TOKENS=40, TRAIN_STEPS=6, TRAIN_BATCH=4)
+
+
+def _stop_servers(port: int) -> None:
+    """Kill any `jaxkv serve ... --port PORT` still running."""
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info["cmdline"] or []
+        if "serve" in args and any(a == "--port" and b == str(port) for a, b in zip(args, args[1:])):
+            process.kill()
 
 
 def _notebook():
@@ -114,7 +122,7 @@ def test_quickstart_notebook_runs_on_cpu(tmp_path, fake_hub, monkeypatch, smollm
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"a notebook cell failed:\n{str(e)[-4000:]}")
     finally:
-        subprocess.run(["pkill", "-f", f"--port {port}"], check=False)  # a server left by a failed cell
+        _stop_servers(port)  # one a failed cell left running
         nbformat.write(nb, run / "quickstart.executed.ipynb")  # to read what each cell printed
     cells = {i: c for i, c in enumerate(nb.cells) if c.cell_type == "code"}
     out = "\n".join(_text(c) for c in cells.values())
