@@ -49,6 +49,26 @@ def _printed(cell) -> str:
     return ANSI.sub("", text).strip()
 
 
+def parameters_cell(nb) -> int:
+    """The index of the notebook's one cell tagged `parameters`."""
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    if len(tagged) != 1:
+        raise ValueError(f"the notebook needs exactly one cell tagged 'parameters', found {len(tagged)}")
+    return tagged[0]
+
+
+def execute(nb, assignments: list[str], folder: Path, timeout: int) -> None:
+    """Run `nb` cell by cell in a Jupyter kernel working in `folder`: `assignments` ("NAME = VALUE" lines) go in a
+    cell after the parameters, as papermill injects them, and this interpreter's scripts come first on the kernel's
+    PATH (its `!jaxkv` lines). A failing cell raises nbclient's CellExecutionError; `nb` keeps every output."""
+    if assignments:
+        nb.cells.insert(parameters_cell(nb) + 1, nbformat.v4.new_code_cell(
+            "\n".join(assignments), metadata={"tags": ["injected-parameters"]}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(folder)}}).execute(env=env)
+
+
 def sections(nb) -> list[tuple[str, float, list[str]]]:
     """(heading, seconds, what its cells printed) per `##` section of an executed notebook."""
     out = [("(before the first section)", 0.0, [])]
@@ -57,7 +77,7 @@ def sections(nb) -> list[tuple[str, float, list[str]]]:
             out.append((m.group(1), 0.0, []))
         elif cell.cell_type == "code":
             heading, seconds, printed = out[-1]
-            out[-1] = (heading, seconds + _seconds(cell), printed + ([_printed(cell)] if _printed(cell) else []))
+            out[-1] = (heading, seconds + _seconds(cell), printed + ([text] if (text := _printed(cell)) else []))
     return [s for s in out if s[1] or s[2]]
 
 
@@ -68,15 +88,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="replace a parameter")
     args = parser.parse_args()
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    if args.set:  # a cell after the parameters, as papermill injects them
-        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-        nb.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(args.set)))
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # its `!jaxkv` lines
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="jaxkv-notebook-") as run:
         try:
-            nbclient.NotebookClient(nb, timeout=3600, kernel_name="python3",
-                                    resources={"metadata": {"path": run}}).execute()
+            execute(nb, args.set, Path(run), timeout=3600)
         finally:
             if args.executed:
                 nbformat.write(nb, args.executed)

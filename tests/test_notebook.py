@@ -7,10 +7,9 @@ Hub of tests/fake_hub.py through HF_ENDPOINT; its server is a real `jaxkv serve`
 from __future__ import annotations
 
 import ast
-import os
+import importlib.util
 import re
 import socket
-import sys
 import threading
 import tomllib
 from pathlib import Path
@@ -26,6 +25,9 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+_spec = importlib.util.spec_from_file_location("run_notebook", ROOT / "scripts" / "run_notebook.py")
+run_notebook = importlib.util.module_from_spec(_spec)  # the runner scripts/run_notebook.py uses at full size
+_spec.loader.exec_module(run_notebook)
 HUB_REPO = "tiny-org/tiny-llama"
 
 
@@ -53,12 +55,6 @@ def _stop_servers(port: int) -> None:
 
 def _notebook():
     return nbformat.read(NOTEBOOK, as_version=4)
-
-
-def _parameters_cell(nb) -> int:
-    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
-    assert len(tagged) == 1, f"the notebook needs exactly one cell tagged 'parameters', found {len(tagged)}"
-    return tagged[0]
 
 
 def _assigned(source: str) -> set[str]:
@@ -91,7 +87,7 @@ def test_parameters_cover_every_value_ci_shrinks():
     """CI's values replace names the parameter cell assigns, all of them: a renamed parameter fails here, not by
     silently running the full-size work in CI."""
     nb = _notebook()
-    assert _assigned(nb.cells[_parameters_cell(nb)].source) == set(small_parameters(0))
+    assert _assigned(nb.cells[run_notebook.parameters_cell(nb)].source) == set(small_parameters(0))
 
 
 @pytest.fixture
@@ -107,18 +103,14 @@ def fake_hub(tmp_path):
 def test_quickstart_notebook_runs_on_cpu(tmp_path, fake_hub, monkeypatch, smollm2_checkpoint):
     port = _free_port()
     nb = _notebook()
-    at = _parameters_cell(nb)
-    injected = "\n".join(f"{name} = {value!r}" for name, value in small_parameters(port).items())
-    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # `!jaxkv`
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     run = tmp_path / "run"
     run.mkdir()
-    client = nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": run}})
     try:
-        client.execute()
+        run_notebook.execute(nb, [f"{name} = {value!r}" for name, value in small_parameters(port).items()], run,
+                             timeout=1200)
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"a notebook cell failed:\n{str(e)[-4000:]}")
     finally:
