@@ -47,6 +47,7 @@ class Completion:
 class GenerationStats:
     """Timings of the last generate call; run times exclude compilation."""
 
+    prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0  # until every prompt had its first token
     decode_s: float = 0.0
@@ -127,11 +128,8 @@ class LLM:
         range raise InvalidRequest naming the parameter (as the server's 400s do); ignore_eos generates exactly
         max_new_tokens."""
         single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        ids = [self.encode(t, chat) for t in texts]
-        out = self.generate_ids(ids, max_new_tokens, sampling, stops, ignore_eos)
+        out = self._completions(self._text_requests([prompts] if single else list(prompts), max_new_tokens,
+                                                     temperature, top_k, top_p, seed, stop, chat, ignore_eos))
         return out[0] if single else out
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -139,9 +137,8 @@ class LLM:
                ignore_eos: bool = False) -> Iterator[str]:
         """`generate` for one prompt, yielding its text as the engine emits it (whole characters, a step's tokens
         at a time); the same tokens as `generate`, and `stats` once the iterator is done."""
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        requests = self._requests([self.encode(prompt, chat)], max_new_tokens, sampling, stops, ignore_eos)
+        requests = self._text_requests([prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, chat,
+                                       ignore_eos)
         with contextlib.closing(self._outputs(requests)) as outputs:  # a caller that stops early ends its request
             for out in outputs:
                 if out.text:
@@ -150,7 +147,16 @@ class LLM:
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                      stop: Sequence[str] = (), ignore_eos: bool = False) -> list[Completion]:
         """`generate` from token ids."""
-        requests = self._requests(prompts, max_new_tokens, sampling, stop, ignore_eos)
+        return self._completions(self._requests(prompts, max_new_tokens, sampling, stop, ignore_eos))
+
+    def _text_requests(self, texts: list[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                       seed: int, stop: str | Sequence[str] | None, chat: bool, ignore_eos: bool) -> list[Request]:
+        """The requests of `generate` and `stream`: prompt texts with their sampling values and stop strings."""
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return self._requests([self.encode(t, chat) for t in texts], max_new_tokens, sampling, stops, ignore_eos)
+
+    def _completions(self, requests: list[Request]) -> list[Completion]:
         texts, ids, reasons = {}, {}, {}
         for out in self._outputs(requests):
             texts[out.request_id] = texts.get(out.request_id, "") + out.text
@@ -198,7 +204,8 @@ class LLM:
         end, compiled, after = time.perf_counter(), self.executables.compile_s, engine.metrics()
         first_at = first_at or (end, compiled)
         self.stats = GenerationStats(
-            new_tokens=new_tokens, compile_s=compiled - compile_before,
+            prompt_tokens=sum(len(r.prompt_ids) for r in requests), new_tokens=new_tokens,
+            compile_s=compiled - compile_before,
             prefill_s=first_at[0] - start - (first_at[1] - compile_before),
             decode_s=end - first_at[0] - (compiled - first_at[1]),
             **{name: after[f"{key}_total"] - before[f"{key}_total"] for name, key in (

@@ -38,7 +38,7 @@ def _generate(args) -> None:
             print(piece, end="", flush=True)
         print()
         stats = llm.stats
-        print(f"[{len(llm.encode(args.prompt, args.chat))} prompt tokens, {stats.new_tokens} generated, "
+        print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} generated, "
               f"{stats.tokens_per_s:.1f} tok/s (compile {stats.compile_s:.1f}s), KV {llm.kv_bytes_per_token} B/token]",
               file=sys.stderr)
         return
