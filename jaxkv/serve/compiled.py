@@ -101,11 +101,11 @@ class Executables:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             if key not in self._compiled:
                 start = time.perf_counter()
-                self._compiled[key] = self._compile(fn, donate, args, static, key)
+                self._compiled[key] = self._compile(fn, donate, args, leaves, static, key)
                 self.compile_s += time.perf_counter() - start
             return self._compiled[key](args, leaves)
 
-    def _compile(self, fn, donate, args, static, key):
+    def _compile(self, fn, donate, args, leaves, static, key):
         """The executable of fn on args, called as (args, their leaves): through its exported trace when the cache
         is on (one device: a trace under a mesh carries its shardings, so those compile directly), loaded if an
         earlier run exported it."""
@@ -116,7 +116,6 @@ class Executables:
 
         if _traces is None or self.mesh is not None:
             return trace_here()
-        leaves = jax.tree.leaves(args)
         name = hashlib.sha256(repr((_code_version(), jax.default_backend(), [d.device_kind for d in jax.devices()],
                                     fn.__module__, fn.__qualname__, donate, key[1:])).encode()).hexdigest()
         path = _traces / f"{name}.trace"
