@@ -26,10 +26,16 @@ def environment() -> dict:
     from jaxkv.checkpoints.hub import hub_options
     from jaxkv.checkpoints.registry import jaxkv_home
     from jaxkv.serve.compiled import compilation_cache_dir, compilation_cache_enabled
+    from pallas_kernels.backend import TRITON_MIN_CAPABILITY
     from pallas_kernels.ragged_paged_attention import KERNELS, auto_backend
 
     home, hub = jaxkv_home(), hub_options()
     devices = jax.devices()
+    backend = auto_backend()
+    kernels = f"{backend}: {KERNELS[backend]}"
+    if backend == "reference" and jax.default_backend() == "gpu":  # the GPU is too old for Pallas's Triton
+        kernels += (f" (compute capability {getattr(devices[0], 'compute_capability', '?')}; Pallas's Triton needs "
+                    f"{'.'.join(map(str, TRITON_MIN_CAPABILITY))}+)")
     return {
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
@@ -43,7 +49,7 @@ def environment() -> dict:
                                                                           else ""),
         "compilation_cache": (str(compilation_cache_dir()) if compilation_cache_enabled()
                               else "off (JAXKV_COMPILATION_CACHE=0)"),
-        "attention_kernels": f"{auto_backend()}: {KERNELS[auto_backend()]}",
+        "attention_kernels": kernels,
     }
 
 

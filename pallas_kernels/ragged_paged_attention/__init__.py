@@ -63,8 +63,7 @@ class PoolLayer:
 
 
 KERNELS = {  # what each backend runs, for a bug report (`jaxkv env`)
-    "reference": "pure-JAX reference (pallas_kernels.ragged_paged_attention.reference; on a GPU: Pallas's Triton "
-                 "needs compute capability 8.0+)",
+    "reference": "pure-JAX reference (pallas_kernels.ragged_paged_attention.reference)",
     "gpu": "Pallas Triton: paged_prefill for steps with chunks, paged_attention for decode steps",
     "tpu": "Pallas Mosaic: the ragged kernel for steps with chunks, paged_attention for decode steps",
 }
