@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     _kv_compression(gen)
     _speculative(gen)
     _compilation_cache(gen)
-    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout when done (default: the "
+                     "text as it is generated, then counts and speed on stderr)")
     gen.add_argument("--mesh", default=None, metavar="SPEC", help=MESH_HELP)
     gen.set_defaults(func=_generate)
 
